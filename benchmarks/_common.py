@@ -1,0 +1,72 @@
+"""Shared helpers of the benchmark scripts: run metadata and the results-file format of DESIGN.md.
+
+Results file: ``{"meta": {hardware, versions, date, command}, "rows": [flat dicts, snake_case keys with units]}``.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception:  # noqa: BLE001 - a missing or broken optional package is recorded as absent
+        return None
+
+
+def meta(**extra: Any) -> dict[str, Any]:
+    import torch
+
+    hardware: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        hardware.update(gpu=props.name, gpu_memory_bytes=props.total_memory, gpu_count=torch.cuda.device_count(),
+                        cuda=torch.version.cuda)
+    return {
+        "hardware": hardware,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "transformers": _version("transformers"),
+            "peft": _version("peft"),
+            "bitsandbytes": _version("bitsandbytes"),
+            "memgraph": _version("memgraph"),
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        **extra,
+    }
+
+
+def write_results(name: str, rows: Iterable[dict[str, Any]], out_dir: str | os.PathLike | None = None,
+                  **extra_meta: Any) -> Path:
+    """Write ``NAME.json`` into ``out_dir`` (default: $OUT if set, else benchmarks/results)."""
+    out = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"meta": meta(**extra_meta), "rows": list(rows)}, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """A markdown table of the rows (the last thing a GPU run prints)."""
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(fmt(row.get(k, "")) for k in keys) + " |")

@@ -1,0 +1,15 @@
+"""memgraph: a torch.compile backend that plans the whole training graph for memory-lean fine-tuning."""
+from __future__ import annotations
+
+from memgraph import config
+from memgraph.options import Options
+
+__version__ = "0.1.0"
+
+__all__ = ["Options", "config", "__version__"]
+
+from memgraph.api import partitioner, plan  # noqa: E402
+from memgraph.plan import Plan  # noqa: E402
+from memgraph.pipeline import compiled_graphs  # noqa: E402
+
+__all__ += ["partitioner", "plan", "Plan", "compiled_graphs"]

@@ -1,0 +1,82 @@
+"""``TrainingGraph``: the AOTAutograd joint forward+backward graph and what is known about it.
+
+This is the one data type that passes between the cost model, the solvers and the partition pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import torch.fx as fx
+
+from memgraph import _compat
+
+
+@dataclasses.dataclass
+class TrainingGraph:
+    """A joint graph ``(primals..., tangents...) -> (forward outputs..., gradients...)``.
+
+    joint: the AOTAutograd joint GraphModule (aten ops; ``node.meta["val"]`` holds fake values).
+    example_inputs: one value (usually fake) per placeholder, in order.
+    num_fwd_outputs: how many of the outputs are the forward's.
+    static_input_indices: primal indices of parameters and buffers (alive for the whole step).
+    """
+
+    joint: fx.GraphModule
+    example_inputs: Sequence[Any]
+    num_fwd_outputs: int
+    static_input_indices: tuple[int, ...] = ()
+
+    @functools.cached_property
+    def nodes_by_name(self) -> dict[str, fx.Node]:
+        return {node.name: node for node in self.joint.graph.nodes}
+
+    @functools.cached_property
+    def placeholders(self) -> list[fx.Node]:
+        return list(self.joint.graph.find_nodes(op="placeholder"))
+
+    @functools.cached_property
+    def primals(self) -> list[fx.Node]:
+        return [n for n in self.placeholders if _compat.is_primal(n)]
+
+    @functools.cached_property
+    def tangents(self) -> list[fx.Node]:
+        return [n for n in self.placeholders if _compat.is_tangent(n)]
+
+    @functools.cached_property
+    def _node_info(self):
+        return _compat.classify_nodes(self.joint, list(self.static_input_indices), self.num_fwd_outputs)
+
+    @functools.cached_property
+    def forward_nodes(self) -> list[fx.Node]:
+        """Nodes the forward outputs need (primals included), in graph order."""
+        required = self._node_info.required_fw_nodes
+        return [n for n in self.joint.graph.nodes if n in required]
+
+    @functools.cached_property
+    def backward_nodes(self) -> list[fx.Node]:
+        """Nodes that run in backward by default: those depending on tangents and those only gradients need."""
+        forward = set(self.forward_nodes)
+        return [n for n in self.joint.graph.nodes if n not in forward and n.op not in ("placeholder", "output")]
+
+    @functools.cached_property
+    def static_inputs(self) -> list[fx.Node]:
+        return [p for i, p in enumerate(self.primals) if i in set(self.static_input_indices)]
+
+    def is_forward(self, node: fx.Node) -> bool:
+        return node in self._forward_set
+
+    @functools.cached_property
+    def _forward_set(self) -> set[fx.Node]:
+        return set(self.forward_nodes)
+
+    def value(self, node: fx.Node) -> Any:
+        """The (fake) value a node produces, from the tracing metadata."""
+        return node.meta.get("val")
+
+    def node(self, name: str) -> fx.Node:
+        try:
+            return self.nodes_by_name[name]
+        except KeyError:
+            raise KeyError(f"no node named {name!r} in the joint graph") from None

@@ -1,0 +1,173 @@
+"""Typed, validated options of the memgraph backend.
+
+Options reach the backend three ways, in this order of precedence:
+``torch.compile(..., options={...})`` > ``memgraph.config`` (module-level defaults) >
+``MEMGRAPH_*`` environment variables > the built-in defaults below. Every source is validated the same
+way; unknown keys and bad values raise ``ValueError`` naming the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from memgraph.errors import MemgraphError
+from typing import Any, Mapping
+
+__all__ = ["Options", "parse_bytes", "resolve_options", "ENV_PREFIX"]
+
+ENV_PREFIX = "MEMGRAPH_"
+CODEGENS = ("inductor", "eager")
+KV_BITS = (16, 8, 4)
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(value: Any, *, name: str = "memory_budget") -> int | None:
+    """``None``, an int number of bytes, or a string such as ``"8GiB"``, ``"512 MB"``, ``"1.5e9"``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise MemgraphError(f"{name} must be None, an int number of bytes or a string like '8GiB'; got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise MemgraphError(f"{name} must be positive; got {value}")
+        return value
+    if isinstance(value, float) and value.is_integer() and value > 0:
+        return int(value)
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "none"):
+            return None
+        match = _SIZE.match(value)
+        if match and match.group(2).lower() in _UNITS:
+            number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+            if number >= 1:
+                return int(number)
+        raise MemgraphError(
+            f"{name}={value!r} is not a size; use bytes or a number with a unit, one of "
+            "B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2), e.g. '8GiB'"
+        )
+    raise MemgraphError(f"{name} must be None, an int number of bytes or a string like '8GiB'; got {value!r}")
+
+
+def _registered_solvers() -> tuple[str, ...]:
+    from memgraph.cost_model import solvers
+
+    return tuple(solvers.available())
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the backend does. See README's options table.
+
+    memory_budget: predicted peak bytes the step must fit in; None = the fastest plan.
+    solver: name of a registered recompute solver (``memgraph.cost_model.solvers.available()``).
+    kv_bits: bits of the K/V that attention keeps for backward (16 = exact).
+    codegen: "inductor" compiles the planned graphs; "eager" runs them as FX (for debugging).
+    report: path stem for a JSON (+ PNG) report of each compiled graph's plan, or None.
+    rewrites: whether graph rewrites (attention, NF4, ...) run before planning.
+    """
+
+    memory_budget: int | None = None
+    solver: str = "mincut"
+    kv_bits: int = 16
+    codegen: str = "inductor"
+    report: str | None = None
+    rewrites: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
+        solvers = _registered_solvers()
+        if self.solver not in solvers:
+            raise MemgraphError(f"solver={self.solver!r} is not a registered solver; choose one of {list(solvers)}")
+        if isinstance(self.kv_bits, bool) or self.kv_bits not in KV_BITS:
+            raise MemgraphError(f"kv_bits={self.kv_bits!r} is not supported; choose one of {list(KV_BITS)}")
+        if self.codegen not in CODEGENS:
+            raise MemgraphError(f"codegen={self.codegen!r} is not supported; choose one of {list(CODEGENS)}")
+        if self.report is not None and not isinstance(self.report, (str, os.PathLike)):
+            raise MemgraphError(f"report must be a path or None; got {self.report!r}")
+        if not isinstance(self.rewrites, bool):
+            raise MemgraphError(f"rewrites must be True or False; got {self.rewrites!r}")
+        if self.memory_budget is not None:
+            from memgraph.cost_model import solvers as registry
+
+            if not registry.get(self.solver).uses_budget:
+                budgeted = [n for n in solvers if registry.get(n).uses_budget]
+                raise MemgraphError(
+                    f"solver={self.solver!r} does not plan under a memory_budget; "
+                    + (f"use one of {budgeted}" if budgeted else "no budget-aware solver is installed yet")
+                    + " or leave memory_budget=None"
+                )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], *, source: str = "options") -> "Options":
+        unknown = sorted(set(mapping) - set(cls.field_names()))
+        if unknown:
+            raise MemgraphError(f"unknown {source} key(s) {unknown}; valid keys are {list(cls.field_names())}")
+        return cls(**mapping)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce_env(name: str, text: str) -> Any:
+    field_type = {f.name: f.type for f in dataclasses.fields(Options)}[name]
+    if name == "kv_bits":
+        try:
+            return int(text)
+        except ValueError:
+            raise MemgraphError(f"{ENV_PREFIX}KV_BITS={text!r} is not supported; choose one of {list(KV_BITS)}") from None
+    if name == "rewrites":
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise MemgraphError(f"{ENV_PREFIX}REWRITES={text!r}; use 1/0, true/false, yes/no or on/off")
+    if "None" in str(field_type) and text.strip().lower() in ("", "none"):
+        return None
+    return text
+
+
+def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The ``MEMGRAPH_*`` variables that name Options fields (others starting with the prefix are errors)."""
+    environ = os.environ if environ is None else environ
+    found: dict[str, Any] = {}
+    names = Options.field_names()
+    for key, text in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in names:
+            valid = [ENV_PREFIX + n.upper() for n in names]
+            raise MemgraphError(f"unknown environment variable {key}; valid ones are {valid}")
+        found[name] = _coerce_env(name, text)
+    return found
+
+
+def resolve_options(options: Mapping[str, Any] | Options | None = None, **overrides: Any) -> Options:
+    """Merge options > memgraph.config > environment > defaults, validating every layer's keys."""
+    from memgraph import config
+
+    if isinstance(options, Options):
+        explicit = options.to_dict()
+    else:
+        explicit = dict(options or {})
+        unknown = sorted(set(explicit) - set(Options.field_names()))
+        if unknown:
+            raise MemgraphError(f"unknown option(s) {unknown}; valid options are {list(Options.field_names())}")
+    explicit.update(overrides)
+    merged: dict[str, Any] = {}
+    merged.update(env_settings())
+    merged.update(config.settings())
+    merged.update(explicit)
+    return Options.from_mapping(merged)

@@ -1,0 +1,65 @@
+"""``Plan``: what a solver decided for one training graph — the data type between planning and partition."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass
+class Plan:
+    """Which forward values backward gets by keeping them (``saved``) and which by recomputing (``recomputed``).
+
+    Node names refer to the joint forward+backward graph the plan was made for. Predicted figures come from
+    the cost model and are None where it was not run.
+    """
+
+    solver: str
+    saved: list[str]
+    recomputed: list[str]
+    peak_bytes: int | None = None
+    recompute_seconds: float | None = None
+    budget_bytes: int | None = None
+    solve_seconds: float | None = None
+    optimality_gap: float | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        kwargs.setdefault("indent", 2)
+        return json.dumps(self.to_dict(), default=str, **kwargs)
+
+    def summary(self) -> str:
+        def gib(n: int | None) -> str:
+            return "n/a" if n is None else f"{n / 2**30:.3f} GiB"
+
+        parts = [f"solver={self.solver}", f"saved={len(self.saved)}", f"recomputed={len(self.recomputed)}",
+                 f"predicted peak={gib(self.peak_bytes)}"]
+        if self.recompute_seconds is not None:
+            parts.append(f"recompute={self.recompute_seconds * 1e3:.3f} ms")
+        if self.budget_bytes is not None:
+            parts.append(f"budget={gib(self.budget_bytes)}")
+        return "Plan(" + ", ".join(parts) + ")"
+
+    @classmethod
+    def merge(cls, plans: list["Plan"]) -> "Plan":
+        """One plan for a step made of several compiled graphs (graph breaks): names are prefixed by graph index."""
+        if len(plans) == 1:
+            return plans[0]
+        if not plans:
+            raise ValueError("no plan to merge: nothing was compiled for training (was the model run with grads?)")
+        peaks = [p.peak_bytes for p in plans]
+        costs = [p.recompute_seconds for p in plans]
+        return cls(
+            solver=plans[0].solver,
+            saved=[f"g{i}.{n}" for i, p in enumerate(plans) for n in p.saved],
+            recomputed=[f"g{i}.{n}" for i, p in enumerate(plans) for n in p.recomputed],
+            peak_bytes=None if None in peaks else max(peaks),
+            recompute_seconds=None if None in costs else sum(costs),
+            budget_bytes=plans[0].budget_bytes,
+            notes=[f"merged from {len(plans)} graphs (graph breaks)"] + [n for p in plans for n in p.notes],
+            details={"parts": [p.to_dict() for p in plans]},
+        )

@@ -1,0 +1,53 @@
+"""FX graph rewrites that run on Dynamo's graph before AOTAutograd.
+
+A rewrite is a function ``(gm: fx.GraphModule, example_inputs: list, options: memgraph.Options) ->
+fx.GraphModule``. It pattern-matches on torch/aten ops (never on HF module class names), replaces what it can
+prove equivalent, leaves the rest untouched and logs why. A rewrite that raises is logged and skipped: the
+step then runs the unrewritten graph (a fallback, never a crash).
+
+Rewrites are listed in ``REWRITES`` by name; each is imported lazily so a missing optional dependency
+(triton, bitsandbytes) only disables that rewrite.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Callable
+
+import torch.fx as fx
+
+log = logging.getLogger("memgraph.passes")
+
+# name -> "module:function"; order matters (attention before nf4 is irrelevant, both are local rewrites).
+REWRITES: dict[str, str] = {
+    "attention": "memgraph.passes.attention:rewrite_attention",
+    "nf4": "memgraph.passes.nf4:rewrite_bnb_linears",
+}
+
+
+def _load(spec: str) -> Callable | None:
+    module_name, function_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:  # the rewrite's module or one of its optional dependencies is missing
+        log.debug("rewrite %s unavailable: %s", spec, error)
+        return None
+    return getattr(module, function_name)
+
+
+def apply_rewrites(gm: fx.GraphModule, example_inputs: list, options) -> tuple[fx.GraphModule, list[str]]:
+    """Run every available rewrite in order; return the graph and the names of the rewrites that changed it."""
+    applied: list[str] = []
+    for name, spec in REWRITES.items():
+        rewrite = _load(spec)
+        if rewrite is None:
+            continue
+        before = len(gm.graph.nodes), str(gm.graph)
+        try:
+            gm = rewrite(gm, example_inputs, options)
+        except Exception as error:  # noqa: BLE001 - a failing rewrite must not break training
+            log.warning("memgraph: rewrite %r failed and was skipped (%s: %s)", name, type(error).__name__, error)
+            continue
+        if (len(gm.graph.nodes), str(gm.graph)) != before:
+            applied.append(name)
+    return gm, applied

@@ -1,0 +1,39 @@
+"""Apply a ``Plan`` to a joint graph: the forward graph returns the saved values, the backward graph
+recomputes everything else it needs from them."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from memgraph import _compat
+from memgraph.graph import TrainingGraph
+from memgraph.plan import Plan
+
+
+class InvalidPlanError(RuntimeError):
+    """The plan's saved set does not let backward compute its outputs."""
+
+
+def partition(graph: TrainingGraph, plan: Plan) -> tuple[fx.GraphModule, fx.GraphModule]:
+    saved_nodes = [graph.node(name) for name in plan.saved]
+    saved_values = [n for n in saved_nodes if not _compat.is_sym_node(n)]
+    saved_sym_nodes = [n for n in saved_nodes if _compat.is_sym_node(n)]
+    try:
+        fw, bw = _compat.extract_fwd_bwd_modules(
+            graph.joint, saved_values, saved_sym_nodes, num_fwd_outputs=graph.num_fwd_outputs,
+            static_lifetime_input_nodes=set(graph.static_inputs))
+    except Exception as error:  # torch reports an unreachable value as an AssertionError/RuntimeError
+        raise InvalidPlanError(
+            f"plan of solver {plan.solver!r} cannot be applied: {type(error).__name__}: {error}") from error
+    return fw, bw
+
+
+def recomputed_nodes(graph: TrainingGraph, bw: fx.GraphModule) -> list[str]:
+    """Names of forward ops that the backward graph computes again."""
+    forward = {n.name for n in graph.forward_nodes}
+    return [n.name for n in bw.graph.nodes if n.op == "call_function" and n.name in forward]
+
+
+def saved_nodes(graph: TrainingGraph, fw: fx.GraphModule) -> list[str]:
+    """Names of the values a forward graph hands to backward (its outputs after the forward's own)."""
+    outputs = fw.graph.find_nodes(op="output")[0].args[0]
+    return [n.name for n in list(outputs)[graph.num_fwd_outputs:] if isinstance(n, fx.Node)]
