@@ -16,6 +16,7 @@ TINY: dict[str, dict[str, Any]] = {
                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=128,
                   max_position_embeddings=128),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                  bos_token_id=0, eos_token_id=0),
     "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,

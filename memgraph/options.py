@@ -45,7 +45,9 @@ def parse_bytes(value: Any, *, name: str = "memory_budget") -> int | None:
             return None
         match = _SIZE.match(value)
         if match and match.group(2).lower() in _UNITS:
-            number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+            digits, scale = match.group(1), _UNITS[match.group(2).lower()]
+            # integers stay exact (floats lose bytes above 2**53); fractions like "1.5GiB" go through float
+            number = int(digits) * scale if digits.isdigit() else float(digits) * scale
             if number >= 1:
                 return int(number)
         raise MemgraphError(

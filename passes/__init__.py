@@ -30,7 +30,10 @@ def _load(spec: str) -> Callable | None:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:  # the rewrite's module or one of its optional dependencies is missing
-        log.debug("rewrite %s unavailable: %s", spec, error)
+        log.info("memgraph: rewrite %s unavailable: %s", spec, error)
+        return None
+    except Exception as error:  # noqa: BLE001 - a broken rewrite module must not break training
+        log.warning("memgraph: rewrite %s failed to load (%s: %s); skipped", spec, type(error).__name__, error)
         return None
     return getattr(module, function_name)
 

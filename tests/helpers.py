@@ -1,0 +1,42 @@
+"""Shared test helpers: reference comparisons against eager PyTorch."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return float((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def trainable_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    module = getattr(model, "_orig_mod", model)
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def lm_step(model, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward+backward of a causal LM; returns the loss and the trainable gradients."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def compare_to_eager(model, ids, options, *, seed: int | None = None, loss_rtol=1e-4, grad_rtol=1e-3):
+    """Train one step eagerly and compiled (on a deep copy); assert equal loss and gradients."""
+    compiled_model = copy.deepcopy(model)
+    if seed is not None:
+        torch.manual_seed(seed)
+    eager_loss, eager_grads = lm_step(model, ids)
+    compiled = torch.compile(compiled_model, backend="memgraph", options=options)
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss, grads = lm_step(compiled, ids)
+    assert abs(float(loss) - float(eager_loss)) <= loss_rtol * abs(float(eager_loss)), (float(loss), float(eager_loss))
+    assert grads.keys() == eager_grads.keys()
+    worst = max((relative_error(grads[n], g), n) for n, g in eager_grads.items())
+    assert worst[0] < grad_rtol, worst
+    return compiled

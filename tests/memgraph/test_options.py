@@ -1,0 +1,99 @@
+"""Options: validation with clear messages, and precedence options > memgraph.config > environment > defaults."""
+import pytest
+from hypothesis import given, strategies as st
+
+import memgraph
+from memgraph.options import Options, parse_bytes, resolve_options
+
+
+@pytest.fixture(autouse=True)
+def _clean_config(monkeypatch):
+    memgraph.config.reset()
+    for key in [k for k in __import__("os").environ if k.startswith("MEMGRAPH_")]:
+        monkeypatch.delenv(key)
+    yield
+    memgraph.config.reset()
+
+
+def test_defaults():
+    options = resolve_options()
+    assert options == Options()
+    assert (options.solver, options.kv_bits, options.codegen, options.memory_budget) == ("mincut", 16, "inductor", None)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"solvr": "none"}, r"unknown option\(s\) \['solvr'\]; valid options are \['memory_budget'"),
+    ({"solver": "fastest"}, r"solver='fastest' is not a registered solver; choose one of \[.*'mincut'"),
+    ({"kv_bits": 3}, r"kv_bits=3 is not supported; choose one of \[16, 8, 4\]"),
+    ({"kv_bits": True}, r"kv_bits=True is not supported"),
+    ({"codegen": "cuda"}, r"codegen='cuda' is not supported; choose one of \['inductor', 'eager'\]"),
+    ({"memory_budget": "8 parsecs"}, r"not a size; use bytes or a number with a unit"),
+    ({"memory_budget": -5}, r"must be positive"),
+    ({"rewrites": "yes"}, r"rewrites must be True or False"),
+])
+def test_bad_options_name_the_valid_choices(bad, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_options(bad)
+
+
+def test_budget_with_a_solver_that_ignores_budgets_is_rejected():
+    with pytest.raises(ValueError, match="does not plan under a memory_budget"):
+        resolve_options({"solver": "mincut", "memory_budget": "1GiB"})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("8GiB", 8 * 2**30), ("512 MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("1e9", 10**9), ("4096", 4096),
+    ("none", None), (None, None), (123, 123),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@given(st.integers(min_value=1, max_value=2**50), st.sampled_from(["B", "KiB", "MiB", "GiB", "KB", "MB", "GB"]))
+def test_parse_bytes_round_trips_units(count, unit):
+    scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit]
+    assert parse_bytes(f"{count}{unit}") == count * scale
+
+
+def test_precedence_options_over_config_over_environment(monkeypatch):
+    monkeypatch.setenv("MEMGRAPH_SOLVER", "none")
+    monkeypatch.setenv("MEMGRAPH_KV_BITS", "8")
+    monkeypatch.setenv("MEMGRAPH_CODEGEN", "eager")
+    assert resolve_options().solver == "none" and resolve_options().kv_bits == 8
+    memgraph.config.kv_bits = 4
+    assert resolve_options().kv_bits == 4  # config beats environment
+    assert resolve_options().codegen == "eager"  # environment still beats defaults
+    assert resolve_options({"kv_bits": 16}).kv_bits == 16  # options beat config
+    with memgraph.config.patch(codegen="inductor"):
+        assert resolve_options().codegen == "inductor"
+    assert resolve_options().codegen == "eager"
+
+
+def test_config_validates_on_assignment():
+    with pytest.raises(ValueError, match="choose one of"):
+        memgraph.config.codegen = "tvm"
+    with pytest.raises(ValueError, match="has no setting 'budget'"):
+        memgraph.config.budget = 1
+    assert memgraph.config.codegen == "inductor"  # unassigned: the default
+
+
+def test_environment_is_validated(monkeypatch):
+    monkeypatch.setenv("MEMGRAPH_KV_BITS", "five")
+    with pytest.raises(ValueError, match="MEMGRAPH_KV_BITS='five'"):
+        resolve_options()
+    monkeypatch.delenv("MEMGRAPH_KV_BITS")
+    monkeypatch.setenv("MEMGRAPH_SOLVERR", "none")
+    with pytest.raises(ValueError, match="unknown environment variable MEMGRAPH_SOLVERR"):
+        resolve_options()
+
+
+def test_environment_reaches_a_compile_without_options(monkeypatch):
+    """HF Trainer passes no options: MEMGRAPH_* variables must still take effect."""
+    import torch
+
+    monkeypatch.setenv("MEMGRAPH_SOLVER", "none")
+    monkeypatch.setenv("MEMGRAPH_CODEGEN", "eager")
+    linear = torch.nn.Linear(4, 4)
+    torch.compile(linear, backend="memgraph")(torch.randn(2, 4)).sum().backward()
+    record = memgraph.compiled_graphs()[-1]
+    assert record.options.solver == "none" and record.plan.solver == "none"
