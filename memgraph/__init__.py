@@ -13,3 +13,7 @@ from memgraph.plan import Plan  # noqa: E402
 from memgraph.pipeline import compiled_graphs  # noqa: E402
 
 __all__ += ["partitioner", "plan", "Plan", "compiled_graphs"]
+
+from memgraph.integrations import register_with_accelerate as _register_with_accelerate  # noqa: E402
+
+_register_with_accelerate()
