@@ -1,0 +1,208 @@
+"""The NF4 pass: bitsandbytes 4-bit linears in Dynamo's graph become memgraph.nf4_linear (QLoRA, no code change)."""
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from torch._dynamo.backends.debugging import aot_eager  # noqa: E402
+
+from memgraph import passes  # noqa: E402
+from memgraph.passes.nf4 import rewrite_bnb_linears  # noqa: E402
+
+NF4_LINEAR = (torch.ops.memgraph.nf4_linear, torch.ops.memgraph.nf4_linear.default)
+LAYERS, LINEARS_PER_LAYER = 2, 7  # q, k, v, o, gate, up, down
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# On CPU bitsandbytes runs dequantize + F.linear exactly as we do, so results are bit-equal; on CUDA it may
+# pick its own fused 4-bit GEMM for small M, which rounds differently.
+EXACT = DEVICE == "cpu"
+GRAD_TOLERANCE = 1e-6 if EXACT else 1e-3
+
+
+def assert_same(actual, expected):
+    if EXACT:
+        assert torch.equal(actual, expected)
+    else:
+        assert torch.allclose(actual, expected, rtol=1e-3, atol=1e-4)
+
+
+def tiny_llama(layers=LAYERS, **overrides):
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=64, **overrides)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float()
+    for module in model.modules():  # HF initializes biases to zero, which would hide a dropped bias
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.normal_(module.bias, std=0.1)
+    return model
+
+
+def to_bnb_4bit(model, *, quant_type="nf4", double_quant=True, weight_dtype=torch.float32,
+                compute_dtype=torch.float32):
+    """What from_pretrained(BitsAndBytesConfig(load_in_4bit=True, ...)) builds, without a download."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or name == "lm_head":
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=double_quant,
+                                      quant_type=quant_type)
+            layer.weight = bnb.nn.Params4bit(child.weight.data.to(weight_dtype), requires_grad=False,
+                                             quant_type=quant_type, compress_statistics=double_quant, module=layer)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            setattr(parent, name, layer.to(DEVICE))
+    return model.to(DEVICE)
+
+
+def qlora(model):
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
+    return peft.get_peft_model(model, config)
+
+
+def all_graph_nodes(gm):
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            yield from module.graph.nodes
+
+
+def bnb_nodes(gm):
+    return [n for n in all_graph_nodes(gm) if isinstance(n.target, torch._ops.OpOverload)
+            and n.target.namespace == "bitsandbytes"]
+
+
+def capture(fn, *args, rewrite=False, **kwargs):
+    """Run ``fn`` under torch.compile; return the Dynamo graphs (rewritten if asked) and the result.
+
+    Each graph carries ``bnb_ops_before``: how many bitsandbytes ops Dynamo captured before any rewrite.
+    """
+    graphs = []
+
+    def backend(gm, example_inputs):
+        captured = len(bnb_nodes(gm))
+        if rewrite:
+            gm = rewrite_bnb_linears(gm, example_inputs, None)
+        gm.bnb_ops_before = captured
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    result = torch.compile(fn, backend=backend)(*args, **kwargs)
+    return graphs, result
+
+
+@pytest.mark.parametrize("double_quant,bias", [(True, False), (False, True)])
+def test_qlora_model_is_rewritten_and_trains_identically(double_quant, bias):
+    model = qlora(to_bnb_4bit(tiny_llama(attention_bias=bias, mlp_bias=bias), double_quant=double_quant))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    loss_eager = model(input_ids=ids, labels=ids).loss
+    loss_eager.backward()
+    grads_eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    graphs, loss = capture(lambda **kw: model(**kw).loss, input_ids=ids, labels=ids, rewrite=True)
+    (gm,) = graphs  # one graph: no graph breaks
+    assert gm.bnb_ops_before > 0  # what Dynamo captured: bitsandbytes gemm/dequantize ops
+    assert not bnb_nodes(gm)
+    assert not any(n.target is torch.ops.higher_order.autograd_function_apply for n in gm.graph.nodes)
+    rewritten = [n for n in gm.graph.nodes if n.target in NF4_LINEAR]
+    assert len(rewritten) == LAYERS * LINEARS_PER_LAYER
+    assert all(isinstance(n.meta.get("example_value"), torch.Tensor) for n in rewritten)  # later passes read it
+    assert_same(loss, loss_eager.detach())
+    loss.backward()
+    assert grads_eager
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            error = (param.grad - grads_eager[name]).norm() / grads_eager[name].norm()
+            assert error < GRAD_TOLERANCE, name
+
+
+class OneLayer(nn.Module):
+    def __init__(self, **to_bnb):
+        super().__init__()
+        self.proj = nn.Linear(64, 32)
+        to_bnb_4bit(self, **to_bnb)
+
+    def forward(self, x):
+        return self.proj(x).square().sum()
+
+
+def rewritten_copy_and_log(module, x, caplog):
+    graphs, _ = capture(module, x)
+    (gm,) = graphs
+    before = str(gm.graph)
+    with caplog.at_level(logging.INFO, logger="memgraph.passes.nf4"):
+        out = rewrite_bnb_linears(copy.deepcopy(gm), [], None)
+    return before, out, caplog.text
+
+
+def test_fp4_is_left_unchanged(caplog):
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    before, gm, text = rewritten_copy_and_log(OneLayer(quant_type="fp4"), x, caplog)
+    assert str(gm.graph) == before and bnb_nodes(gm)
+    assert "fp4" in text
+
+
+def test_weight_rounded_to_another_dtype_is_left_unchanged(caplog):
+    # bf16 weights with float32 compute: bitsandbytes' backward rounds W to bf16 first; ours would not.
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    before, gm, text = rewritten_copy_and_log(OneLayer(weight_dtype=torch.bfloat16), x, caplog)
+    assert str(gm.graph) == before
+    assert "rounds W to torch.bfloat16" in text
+
+
+def test_inference_gemm_is_rewritten():
+    module = OneLayer()
+    x = torch.randn(3, 64, device=DEVICE)  # no grad needed: bitsandbytes calls gemm_4bit directly
+    with torch.no_grad():
+        graphs, expected = capture(module, x, rewrite=True)
+    (gm,) = graphs
+    assert not bnb_nodes(gm) and sum(n.target in NF4_LINEAR for n in gm.graph.nodes) == 1
+    assert_same(expected, module(x))
+
+
+def test_other_autograd_functions_are_untouched():
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad
+
+    graphs, _ = capture(lambda x: Double.apply(x).sum(), torch.randn(4, requires_grad=True))
+    (gm,) = graphs
+    before = str(gm.graph)
+    assert str(rewrite_bnb_linears(gm, [], None).graph) == before
+
+
+def test_registered_as_rewrite():
+    assert passes._load(passes.REWRITES["nf4"]) is rewrite_bnb_linears
+
+
+@pytest.mark.slow
+def test_qlora_recipe_through_memgraph_backend(caplog):
+    """The standard QLoRA model under backend="memgraph": rewritten, compiled, same gradients as eager."""
+    model = qlora(to_bnb_4bit(tiny_llama(layers=1)))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    model(input_ids=ids, labels=ids).loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    with caplog.at_level(logging.INFO, logger="memgraph"):
+        torch.compile(model, backend="memgraph")(input_ids=ids, labels=ids).loss.backward()
+    assert f"{LINEARS_PER_LAYER} bitsandbytes 4-bit linear(s) -> memgraph.nf4_linear" in caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("memgraph") and r.levelno >= logging.WARNING]
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert (param.grad - eager[name]).norm() / eager[name].norm() < 1e-3, name
