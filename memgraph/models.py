@@ -89,3 +89,27 @@ def add_lora(model, *, rank: int = 16, alpha: int = 16):
 
 def _is_projection(module, nn) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def to_bnb_4bit(model, *, compute_dtype=None, double_quant: bool = True, skip=("lm_head",)):
+    """Replace frozen ``nn.Linear`` layers by bitsandbytes NF4 ``Linear4bit`` in place: what
+    ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))``
+    builds, without a download. Quantization happens on the layer's device (CUDA for speed)."""
+    import bitsandbytes as bnb
+    import torch.nn as nn
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or name in skip:
+                continue
+            device, dtype = child.weight.device, child.weight.dtype
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype or dtype, compress_statistics=double_quant,
+                                      quant_type="nf4", device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=double_quant, module=layer)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer.to(device))
+            del child
+    return model

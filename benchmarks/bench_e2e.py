@@ -1,0 +1,167 @@
+"""End-to-end training steps of a reference model under several recipes, side by side.
+
+A recipe is ``WEIGHTS/COMPILER[?option=value&...]``:
+  WEIGHTS  bf16 (LoRA on bf16 weights) | bnb (QLoRA: bitsandbytes NF4 Linear4bit) | nf4 (memgraph.quantize_)
+  COMPILER eager | inductor (torch.compile default) | memgraph (options after '?', e.g. solver=mincut&kv_bits=4)
+Each recipe runs in its own process with compile caches off, so none inherits another's warm caches or
+allocator state. Measures compile time (first step minus a steady step), median step time of timed steps
+after a warm-up step, and peak memory (max_memory_allocated after reset following the warm-up step).
+
+    python benchmarks/bench_e2e.py --name pipeline_overhead --recipes bf16/inductor,bf16/memgraph?solver=mincut
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_results  # noqa: E402
+
+WEIGHTS = ("bf16", "bnb", "nf4")
+COMPILERS = ("eager", "inductor", "memgraph")
+
+
+def parse_recipe(recipe: str) -> tuple[str, str, dict]:
+    head, _, query = recipe.partition("?")
+    weights, _, compiler = head.partition("/")
+    if weights not in WEIGHTS or compiler not in COMPILERS:
+        raise SystemExit(f"bad recipe {recipe!r}: use WEIGHTS/COMPILER with WEIGHTS in {WEIGHTS}, COMPILER in "
+                         f"{COMPILERS}")
+    options = {}
+    for pair in filter(None, query.split("&")):
+        key, _, value = pair.partition("=")
+        options[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
+    return weights, compiler, options
+
+
+def build_model(name: str, weights: str, layers: int | None):
+    from memgraph import models
+
+    overrides = {"num_hidden_layers": layers} if layers else {}
+    model = models.build(name, dtype=torch.bfloat16, device="cuda", **overrides)
+    model.requires_grad_(False)
+    if weights == "bnb":
+        models.to_bnb_4bit(model)
+    elif weights == "nf4":
+        import memgraph
+
+        memgraph.quantize_(model, "nf4")
+    gc.collect()
+    torch.cuda.empty_cache()
+    return models.add_lora(model)
+
+
+def compile_model(model, compiler: str, options: dict):
+    torch._dynamo.reset()
+    if compiler == "eager":
+        return model
+    if compiler == "inductor":
+        return torch.compile(model)
+    return torch.compile(model, backend="memgraph", options=options)
+
+
+def run_recipe(args, recipe: str) -> dict:
+    weights, compiler, options = parse_recipe(recipe)
+    model = build_model(args.model, weights, args.layers)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
+    step_model = compile_model(model, compiler, options)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = step_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    first_loss = float(step())
+    torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - started
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    step_s = statistics.median(times)
+    row = {"recipe": recipe, "seq": args.seq, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "tok_s": ids.numel() / step_s, "step_ms": step_s * 1e3, "compile_s": first_step_s - step_s,
+           "first_loss": first_loss}
+    if compiler == "memgraph":
+        import memgraph
+
+        records = [r for r in memgraph.compiled_graphs() if r.plan is not None]
+        if records:
+            row.update(graphs=len(records), solve_s=sum(r.plan.solve_seconds or 0 for r in records),
+                       rewrites=sorted({name for r in records for name in r.rewrites}),
+                       fallbacks=sum(r.fallback is not None for r in records))
+            peaks = [r.plan.peak_bytes for r in records]
+            if None not in peaks:
+                row["predicted_peak_gib"] = max(peaks) / 2**30
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama3-8b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=None, help="override the layer count (smoke tests)")
+    parser.add_argument("--recipes", default="bf16/eager,bf16/inductor,bf16/memgraph?solver=mincut")
+    parser.add_argument("--name", default="pipeline_overhead", help="results file name")
+    parser.add_argument("--baseline", default=None, help="recipe the ratios are taken against")
+    parser.add_argument("--only", help=argparse.SUPPRESS)
+    parser.add_argument("--row-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_e2e needs a CUDA GPU")
+    if args.only:
+        Path(args.row_out).write_text(json.dumps(run_recipe(args, args.only)))
+        return
+    recipes = args.recipes.split(",")
+    for recipe in recipes:
+        parse_recipe(recipe)  # fail before any GPU work on a typo
+    environment = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    rows = []
+    for recipe in recipes:
+        with tempfile.NamedTemporaryFile(suffix=".json") as row_file:
+            command = [sys.executable, __file__, "--only", recipe, "--row-out", row_file.name, "--model", args.model,
+                       "--seq", str(args.seq), "--steps", str(args.steps)]
+            if args.layers:
+                command += ["--layers", str(args.layers)]
+            result = subprocess.run(command, env=environment)
+            if result.returncode != 0:
+                rows.append({"recipe": recipe, "seq": args.seq, "error": f"exit code {result.returncode}"})
+            else:
+                rows.append(json.loads(Path(row_file.name).read_text()))
+        print_table(rows[-1:])
+    baseline = next((r for r in rows if r["recipe"] == (args.baseline or recipes[0]) and "tok_s" in r), None)
+    if baseline:
+        for row in rows:
+            if "tok_s" in row:
+                row["tok_s_vs_baseline"] = row["tok_s"] / baseline["tok_s"]
+                row["peak_vs_baseline"] = row["peak_gib"] / baseline["peak_gib"]
+    write_results(args.name, rows, model=args.model, batch=1, layers=args.layers or "all",
+                  lora="r16 alpha16 dropout0 on every projection", baseline=baseline["recipe"] if baseline else None)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
