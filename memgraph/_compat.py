@@ -93,3 +93,142 @@ def fake_mode_of(values: Sequence[Any]):
     from torch._guards import detect_fake_mode
 
     return detect_fake_mode(list(values))
+
+
+# --- cost model: symbolic sizes and fake values (added by the cost model) ---
+
+def symint_expr(value: Any):
+    """The sympy expression behind a SymInt (``s0*64``), or None for anything else."""
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    return None
+
+
+def shape_env_of(values: Sequence[Any]):
+    """The ShapeEnv the (fake) values' symbolic sizes belong to, or None when all sizes are static."""
+    mode = fake_mode_of(values)
+    return getattr(mode, "shape_env", None) if mode is not None else None
+
+
+def size_hints(shape_env, symbols) -> dict:
+    """The concrete value Dynamo traced with for each size symbol (its "hint").
+
+    Unbacked symbols (data-dependent sizes) have none; they get torch's own fallback value.
+    """
+    from torch._inductor import config as inductor_config
+
+    hints = {}
+    # torch 2.13 renamed var_to_val (backed symbols' values) to backed_var_to_val.
+    var_to_val = {}
+    if shape_env is not None:
+        var_to_val = getattr(shape_env, "backed_var_to_val", None) or getattr(shape_env, "var_to_val", {})
+    for symbol in symbols:
+        value = var_to_val.get(symbol)
+        hints[symbol] = int(value) if value is not None else int(inductor_config.unbacked_symint_fallback)
+    return hints
+
+
+def storage_key(tensor: torch.Tensor) -> int | None:
+    """An id of the (fake or real) storage a tensor views; equal ids mean aliasing. None if it has none."""
+    try:
+        return tensor.untyped_storage()._cdata
+    except (NotImplementedError, RuntimeError, AttributeError):  # sparse, some subclasses, functional wrappers
+        return None
+
+
+def fake_tensor_prop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Fill ``node.meta["val"]`` of a plain GraphModule by running it on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = fake_mode_of(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*[
+        mode.from_tensor(x) if isinstance(x, torch.Tensor) and fake_mode_of([x]) is None else x
+        for x in example_inputs])
+
+
+def concrete_int(value: Any) -> int:
+    """An int for an int or a SymInt (its traced value), without adding a guard."""
+    if isinstance(value, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import hint_int
+
+        return int(hint_int(value))
+    return int(value)
+
+
+def aot_function(fn: Callable, *, fw_compiler: Callable, bw_compiler: Callable, partition_fn: Callable,
+                 decompositions: dict | None = None) -> Callable:
+    """AOTAutograd over a plain function of tensors (no Dynamo): for tests and offline planning."""
+    from torch._functorch.aot_autograd import aot_function as _aot_function
+
+    kwargs: dict[str, Any] = dict(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn)
+    if decompositions is not None:
+        kwargs["decompositions"] = decompositions
+    return _aot_function(fn, **_accepted(_aot_function, kwargs))
+
+
+def must_be_in(node: fx.Node) -> str | None:
+    """"forward" / "backward" when torch's partitioner pins the node to that graph (mutations, tags), else None."""
+    in_forward = getattr(_partitioners, "_must_be_in_forward", None)
+    in_backward = getattr(_partitioners, "_must_be_in_backward", None)
+    if in_backward is not None and in_backward(node):
+        return "backward"
+    if in_forward is not None and in_forward(node):
+        return "forward"
+    return None
+
+
+def survives_dead_code_elimination(node: fx.Node) -> bool:
+    """Whether ``Graph.eliminate_dead_code`` keeps ``node`` although nothing uses it, judged as it judges now:
+    random ops count as impure unless running under a Dynamo compile with Inductor's ``fallback_random`` off."""
+    impure_random = True
+    import torch._guards
+
+    if torch._guards.TracingContext.try_get():
+        from torch._inductor import config as inductor_config
+
+        impure_random = bool(inductor_config.fallback_random)
+    try:
+        return bool(node.is_impure(impure_random))
+    except TypeError:  # an older Node.is_impure without the argument
+        return bool(node.is_impure())
+
+
+def is_backward_seed(node: fx.Node) -> bool:
+    """A placeholder carrying the backward's RNG seed/offset (functionalized RNG): an input of backward."""
+    check = getattr(_partitioners, "_is_bwd_seed_offset", None)
+    return bool(check(node)) if check is not None else False
+
+
+# --- recompute solvers (added by the planner) ---
+
+def activation_memory_budget(fraction: float):
+    """A context in which torch's min-cut partitioner runs its knapsack under ``activation_memory_budget``
+    = ``fraction`` (0 = recompute all it may, 1 = its default cut)."""
+    from torch._functorch import config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=fraction)
+
+
+# --- pipeline: joint-graph canonicalization and copies ---
+
+def canonicalize_joint(joint: fx.GraphModule) -> fx.GraphModule:
+    """Dead-code elimination and common-subexpression elimination, as torch's min-cut partitioner does first,
+    so every solver sees (and every plan names nodes of) the same graph torch's own would."""
+    from torch._functorch import config as functorch_config
+    from torch._functorch.compile_utils import fx_graph_cse
+
+    joint.graph.eliminate_dead_code()
+    if functorch_config.cse:
+        joint.graph = fx_graph_cse(joint.graph)
+    joint.recompile()
+    return joint
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of ``gm``'s graph (same node names, meta shallow-copied, same submodules),
+    for running a torch partitioner that rewrites its input graph in place."""
+    graph = fx.Graph(owning_module=gm)
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)

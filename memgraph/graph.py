@@ -18,7 +18,7 @@ class TrainingGraph:
     """A joint graph ``(primals..., tangents...) -> (forward outputs..., gradients...)``.
 
     joint: the AOTAutograd joint GraphModule (aten ops; ``node.meta["val"]`` holds fake values).
-    example_inputs: one value (usually fake) per placeholder, in order.
+    example_inputs: the joint inputs as AOTAutograd passes them: ``[primals, tangents]`` (lists of fake values).
     num_fwd_outputs: how many of the outputs are the forward's.
     static_input_indices: primal indices of parameters and buffers (alive for the whole step).
     """
@@ -27,6 +27,11 @@ class TrainingGraph:
     example_inputs: Sequence[Any]
     num_fwd_outputs: int
     static_input_indices: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Every solver, and torch's partitioners run on copies, must see one graph: dead code removed and
+        # common subexpressions merged, as torch's min-cut does before it partitions.
+        self.joint = _compat.canonicalize_joint(self.joint)
 
     @functools.cached_property
     def nodes_by_name(self) -> dict[str, fx.Node]:

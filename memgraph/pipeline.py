@@ -121,7 +121,15 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
 
 
 def _eager_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    return _compat.make_boxed_func(gm.forward)
+    """Run the graph node by node with the boxed convention, freeing each value (inputs included) after its last
+    use as Inductor's code does, so eager codegen has the memory the cost model predicts."""
+    from memgraph.cost_model.tracker import GraphRunner
+
+    def run(args: list) -> Any:
+        return GraphRunner(gm).boxed_run(args)
+
+    run._boxed_call = True
+    return run
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:

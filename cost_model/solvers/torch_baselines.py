@@ -1,6 +1,6 @@
 """PyTorch's own partitioners as solvers: the baselines every memgraph solver is compared against.
 
-Each runs the torch partitioner on the joint graph and reads its decision back as a ``Plan``: the forward
+Each runs the torch partitioner on a copy of the joint graph (they rewrite their input in place) and reads its decision back as a ``Plan``: the forward
 graph's extra outputs are the saved values; forward ops that reappear in the backward graph are recomputed.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ def plan_from_partition(graph: TrainingGraph, fw: fx.GraphModule, bw: fx.GraphMo
 @register("none")
 def save_everything(graph: TrainingGraph, estimate=None, budget=None, **_) -> Plan:
     """Keep every forward value backward uses; recompute nothing (torch's default_partition)."""
-    fw, bw = _compat.default_partition(graph.joint, list(graph.example_inputs),
+    fw, bw = _compat.default_partition(_compat.copy_graph_module(graph.joint), list(graph.example_inputs),
                                        num_fwd_outputs=graph.num_fwd_outputs,
                                        static_lifetime_input_indices=list(graph.static_input_indices))
     return plan_from_partition(graph, fw, bw, "none")
@@ -31,7 +31,7 @@ def save_everything(graph: TrainingGraph, estimate=None, budget=None, **_) -> Pl
 @register("mincut")
 def torch_min_cut(graph: TrainingGraph, estimate=None, budget=None, **_) -> Plan:
     """torch's min-cut rematerialization: recompute cheap pointwise ops fused into backward (Inductor's default)."""
-    fw, bw = _compat.min_cut_partition(graph.joint, list(graph.example_inputs),
+    fw, bw = _compat.min_cut_partition(_compat.copy_graph_module(graph.joint), list(graph.example_inputs),
                                        num_fwd_outputs=graph.num_fwd_outputs,
                                        static_lifetime_input_indices=list(graph.static_input_indices))
     return plan_from_partition(graph, fw, bw, "mincut")

@@ -1,0 +1,119 @@
+"""Per-node runtime: FLOPs from torch's registered formulas, bytes moved, roofline seconds, node kinds."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+
+from memgraph import cost_model
+from memgraph.cost_model import runtime
+from memgraph.cost_model.capture import capture_function
+
+
+def _joint_of(fn, *inputs):
+    (captured,) = capture_function(fn, *inputs, solvers=("mincut",))
+    return captured
+
+
+def test_matmul_flops_and_roofline():
+    a = torch.randn(64, 32, requires_grad=True)
+    b = torch.randn(32, 48, requires_grad=True)
+    captured = _joint_of(lambda x, y: (x @ y).relu().sum(), a, b)
+    costs = captured.costs
+    mm = next(n for n in captured.graph.joint.graph.nodes if n.target is torch.ops.aten.mm.default)
+    assert costs.flops(mm.name) == 2 * 64 * 32 * 48
+    device = cost_model.DeviceSpec(fp32_matmul_flops_per_s=1e9, bandwidth_bytes_per_s=1e15)
+    assert runtime.node_seconds(mm, device) == pytest.approx(2 * 64 * 32 * 48 / 1e9)
+    # Memory-bound when bandwidth is the ceiling: bytes read + written over bandwidth.
+    slow_memory = cost_model.DeviceSpec(fp32_matmul_flops_per_s=1e18, bandwidth_bytes_per_s=1e6)
+    moved = (64 * 32 + 32 * 48 + 64 * 48) * 4
+    assert runtime.node_bytes_moved(mm) == moved
+    assert runtime.node_seconds(mm, slow_memory) == pytest.approx(moved / 1e6)
+    assert costs.kind(mm.name) == runtime.MATMUL
+
+
+def test_views_cost_nothing_and_kinds():
+    x = torch.randn(8, 16, requires_grad=True)
+    captured = _joint_of(lambda t: torch.nn.functional.dropout(t.t().relu(), 0.5).sum(), x)
+    costs = captured.costs
+    by_target = {}
+    for node in captured.graph.joint.graph.nodes:  # the first (forward) node of each op
+        by_target.setdefault(node.target, node.name)
+    transpose = by_target[torch.ops.aten.t.default]
+    assert costs.seconds(transpose) == 0.0 and costs.kind(transpose) == runtime.VIEW
+    assert costs.allocated_bytes(transpose) == 0
+    relu = by_target[torch.ops.aten.relu.default]
+    assert costs.kind(relu) == runtime.POINTWISE and costs.seconds(relu) > 0
+    dropout = by_target[torch.ops.aten.native_dropout.default]
+    assert costs.kind(dropout) == runtime.RANDOM
+    assert costs.kind(by_target[torch.ops.aten.sum.default]) == runtime.REDUCTION
+    # A view keeps its base's storage: saving it costs the base's bytes; running it allocates nothing.
+    assert costs.output_bytes(transpose) == costs.output_bytes(captured.graph.primals[0].name)
+    assert costs.storage_base(transpose) == captured.graph.primals[0].name
+
+
+def test_recompute_seconds_sums_the_recomputed_nodes():
+    x = torch.randn(128, 64, requires_grad=True)
+    w = torch.randn(64, 64, requires_grad=True)
+    captured = _joint_of(lambda a, b: torch.sin(a @ b).pow(2).sum(), x, w)
+    part = captured.partitions["mincut"]
+    assert part.plan.recomputed == ["sin"], "min-cut keeps mm and recomputes sin from it"
+    device = cost_model.DeviceSpec()
+    expected = sum(runtime.node_seconds(part.graph.node(n), device) for n in part.plan.recomputed)
+    assert cost_model.recompute_seconds(part.graph, part.plan) == pytest.approx(expected)
+    assert cost_model.estimate_training_graph(part.graph).recompute_seconds(part.plan.saved) == pytest.approx(expected)
+
+
+def test_custom_op_flop_formula_is_used():
+    from torch.utils.flop_counter import register_flop_formula
+
+    @torch.library.custom_op("memgraph_test::scaled_mm", mutates_args=())
+    def scaled_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ b) * 2
+
+    @scaled_mm.register_fake
+    def _(a, b):
+        return a.new_empty(a.shape[0], b.shape[1])
+
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return scaled_mm(grad, b.t()), scaled_mm(a.t(), grad)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    scaled_mm.register_autograd(backward, setup_context=setup)
+
+    @register_flop_formula(torch.ops.memgraph_test.scaled_mm)
+    def _flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    a = torch.randn(16, 8, requires_grad=True)
+    b = torch.randn(8, 4, requires_grad=True)
+    captured = _joint_of(lambda x, y: scaled_mm(x, y).sum(), a, b)
+    node = next(n for n in captured.graph.joint.graph.nodes
+                if n.target is torch.ops.memgraph_test.scaled_mm.default)
+    assert captured.costs.flops(node.name) == 2 * 16 * 8 * 4
+    assert captured.costs.kind(node.name) == runtime.CUSTOM
+    # Its memory comes from its fake implementation, and nothing about it is unknown.
+    assert captured.costs.allocated_bytes(node.name) == 512  # 16*4 floats, rounded to the allocator's 512 bytes
+    estimate = cost_model.estimate_partitioned(captured.graph, captured.fw, captured.bw)
+    assert not estimate.unknown_ops
+
+
+def test_device_spec_defaults_and_dtype_ceilings():
+    spec = cost_model.DeviceSpec()
+    assert spec.flops_per_s(torch.bfloat16) == pytest.approx(790e12)
+    assert spec.bandwidth_bytes_per_s == pytest.approx(4.0e12)
+    assert spec.flops_per_s(torch.float32) < spec.flops_per_s(torch.bfloat16) < spec.flops_per_s(torch.float8_e4m3fn)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            cost_model.DeviceSpec.measure()
+
+
+def test_placeholder_and_output_have_no_cost():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(x)
+    (node,) = [n for n in graph.nodes if n.op == "placeholder"]
+    assert runtime.node_seconds(node) == 0.0
