@@ -59,7 +59,7 @@ def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Plan, A
     """Estimate the graph, run the chosen solver and attach the cost model's predictions to the plan."""
     from memgraph import cost_model
 
-    estimate = cost_model.estimate_training_graph(graph) if hasattr(cost_model, "estimate_training_graph") else None
+    estimate = cost_model.estimate_training_graph(graph)
     entry = solvers.get(options.solver)
     started = time.perf_counter()
     plan = entry.function(graph, estimate, options.memory_budget)
@@ -73,8 +73,6 @@ def _annotate(graph: TrainingGraph, plan: Plan, fw: fx.GraphModule, bw: fx.Graph
     from memgraph import cost_model
 
     plan.recomputed = recomputed_nodes(graph, bw)
-    if not hasattr(cost_model, "estimate_partitioned"):
-        return None
     predicted = cost_model.estimate_partitioned(graph, fw, bw)
     plan.peak_bytes = int(predicted.peak_bytes_hint)
     plan.recompute_seconds = cost_model.recompute_seconds(graph, plan)

@@ -15,6 +15,21 @@ Register your own::
         return Plan(solver="mine", saved=[...], recomputed=[...])
 
 and select it with ``options={"solver": "mine"}``.
+
+Built-in solvers (one module each; shared helpers in ``common``: the graph as a save-or-recompute
+``Problem``, valid saved sets, pinned ops, repeated-block detection, plans and infeasibility errors):
+
+* ``none``, ``mincut`` (``torch_baselines``): torch's default and min-cut partitions;
+* ``checkpoint``: layer-boundary checkpointing, the repeated blocks found from graph structure;
+* ``greedy``: evict what is alive at the predicted peak by bytes per recompute-second (+ a bottom-up pass);
+* ``ilp``: the cheapest recomputation under the predicted-peak budget, a MILP solved by scipy/HiGHS;
+* ``torch-budget``: torch's ``activation_memory_budget`` knapsack, its fraction bisected to the byte budget.
+
+A budgeted solver returns a Plan whose predicted peak (``plan.peak_bytes``, the cost model's simulation of
+the partitioned step) is within the budget, or raises ``memgraph.errors.InfeasibleBudgetError`` naming the
+smallest predicted-feasible peak and what dominates it. With ``budget=None`` it returns its fastest plan.
+A solver must never recompute random, impure, mutating or collective ops: ``common.Problem.make_valid``
+turns any saved set into one that keeps them.
 """
 from __future__ import annotations
 
@@ -35,7 +50,13 @@ class SolverEntry:
 
 _REGISTRY: dict[str, SolverEntry] = {}
 # Built-in solvers live in these modules; they register themselves on import.
-_BUILTIN_MODULES = ("memgraph.cost_model.solvers.torch_baselines",)
+_BUILTIN_MODULES = (
+    "memgraph.cost_model.solvers.torch_baselines",
+    "memgraph.cost_model.solvers.checkpoint",
+    "memgraph.cost_model.solvers.greedy",
+    "memgraph.cost_model.solvers.ilp",
+    "memgraph.cost_model.solvers.torch_budget",
+)
 
 
 def register(name: str, *, uses_budget: bool = False, replace: bool = False) -> Callable[[Callable], Callable]:
