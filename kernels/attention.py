@@ -1,0 +1,1236 @@
+"""Fused attention whose backward keeps K/V in 4 (or 8) bits: Triton kernels, custom ops, FLOP formulas, references.
+
+    out = attention(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None)
+
+q is ``[B, Hq, S, D]``, k and v are ``[B, Hkv, S, D]`` with ``Hq % Hkv == 0`` (GQA/MQA: query head ``h`` reads
+KV head ``h // (Hq // Hkv)``, the order HF's ``repeat_kv`` produces). ``window=W`` (Mistral-style sliding window)
+lets query ``i`` see key ``j`` only when ``i - W < j`` (and ``j < i + W`` when not causal): the W most recent
+keys, itself included. ``softcap=c`` (Gemma-2 style) replaces each scaled logit ``x`` by ``c * tanh(x / c)``.
+
+How the pieces fit (one direction, top to bottom in this file):
+
+1. Forward kernel (``_attn_fwd_kernel``): flash attention with an online softmax in base 2; it writes O and the
+   natural-log LSE per query row. With ``kv_bits < 16`` a small kernel (``_quantize_kv_kernel``) also packs K and
+   V: K per channel over blocks of ``K_GROUP_TOKENS`` tokens, V per token over groups of ``V_GROUP_CHANNELS``
+   channels, asymmetric min/max, fp16 step and minimum, two 4-bit codes per byte. The forward output itself is
+   exact (computed from the unquantized K/V).
+2. What the backward keeps: ``kv_bits=16``: q, k, v, O, LSE (as flash attention does). ``kv_bits<16``: q and the
+   packed K/V only (no bf16 K or V, no O, no LSE): 4.75 bits per K/V element, 0.297x the bf16 bytes.
+3. Backward pre-pass: ``kv_bits=16``: ``delta = rowsum(dO * O)`` (``_attn_bwd_delta_kernel``). ``kv_bits<16``:
+   ``_attn_bwd_stats_kernel`` recomputes LSE' and ``delta' = rowsum(P' * dP')`` from the *dequantized* K'/V', so
+   the backward is the exact gradient of attention(q, K', V') (straight-through for dK/dV). Reusing the exact
+   forward's LSE/O with quantized K/V makes gradient errors explode on outlier channels (see NOTES.md).
+4. ``_attn_bwd_dkdv_kernel``: one program per KV head and key block, looping over the query heads of its GQA
+   group and the query blocks that can see the keys (no atomics). ``_attn_bwd_dq_kernel``: one program per
+   query head and query block, looping over the visible key blocks. Both dequantize K/V in-kernel.
+
+Every kernel splits its loop into at most three ranges: blocks that need the causal/window/tail mask, the
+unmasked middle, and masked blocks again; the unmasked middle is the bulk of the work and pays for no mask.
+
+Where the kernels run: on CUDA tensors; on CPU tensors when ``TRITON_INTERPRET=1`` was set before this module
+was imported (the test suite does that). Otherwise (CPU without the interpreter, or triton not importable) a
+plain-torch implementation of the same math runs (float32, chunked over queries), and a warning is logged once.
+
+Custom ops (traceable by torch.compile/AOTAutograd, no graph break):
+``torch.ops.memgraph.attention(q, k, v, causal, scale, kv_bits, window, softcap) -> (out, lse, k_codes, k_meta,
+v_codes, v_meta)`` is the forward (the packed tensors are empty when ``kv_bits=16``), and
+``torch.ops.memgraph.attention_backward`` the backward, so AOTAutograd sees the packed K/V as the saved tensors.
+"""
+import functools
+import logging
+import math
+import os
+import types
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the kernels below are still defined (as plain functions) but never launched
+    HAS_TRITON = False
+    triton = types.SimpleNamespace(jit=lambda fn=None, **_: fn, cdiv=lambda a, b: -(-a // b))
+    tl = types.SimpleNamespace(constexpr=lambda value=None: value)
+
+__all__ = [
+    "attention",
+    "attention_flops",
+    "dequantize_kv",
+    "packed_kv_shapes",
+    "quantize_kv",
+    "quantize_kv_reference",
+    "reference_attention",
+    "reference_quantized_grads",
+    "saved_bytes",
+    "visible_pairs",
+    "SUPPORTED_HEAD_DIMS",
+    "KV_BITS",
+]
+
+log = logging.getLogger("memgraph.kernels.attention")
+
+# triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two: tl.arange needs them; 16 is tl.dot's minimum
+KV_BITS = (16, 8, 4)
+K_GROUP_TOKENS = 32  # K: one (step, min) per channel per 32 tokens; per-channel groups survive outlier channels
+V_GROUP_CHANNELS = 64  # V: one (step, min) per token per 64 channels (or the whole head when D < 64)
+META_DTYPE = torch.float16  # step and minimum of a group; 2 x 2 bytes per group
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TORCH_FALLBACK_QUERY_CHUNK = 512  # query rows per step of the plain-torch path: bounds its S x S temporaries
+
+# Module constants visible inside kernels (triton only lets jitted code read constexpr globals).
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels work in base 2
+LN2 = tl.constexpr(0.6931471805599453)
+# Initial running max: finite, so that a row whose keys are all masked (only padding rows past the sequence end)
+# gives exp2(-inf - NEG_LARGE) = 0 and exp2(NEG_LARGE - NEG_LARGE) = 1 instead of NaN.
+NEG_LARGE = tl.constexpr(-1.0e30)
+KG = tl.constexpr(K_GROUP_TOKENS)
+VG = tl.constexpr(V_GROUP_CHANNELS)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton: shared helpers
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """a @ b (+ acc) in float32. DOT_PRECISION "upcast" works around the triton 3.9 interpreter, whose tl.dot
+    multiplies bfloat16's uint16 storage as integers: the operands are widened first (exact, same result)."""
+    if DOT_PRECISION == "upcast":
+        result = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        result = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return result
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x.to(dtype). Under "upcast" (the interpreter with bfloat16) float32 -> bfloat16 is rounded to nearest even
+    by hand: the triton 3.9 interpreter truncates there, the GPU rounds; this keeps CPU errors GPU-like."""
+    if DOT_PRECISION == "upcast":
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _tanh(x):
+    # tl.sigmoid exists in the interpreter and every triton >= 3.0; tanh(x) = 2 sigmoid(2x) - 1.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Logits in base-2 units from raw q.k, and tanh(scaled / softcap) (needed by the softcap derivative)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * (scale / softcap))
+        s = t * (softcap * LOG2E)
+    else:
+        t = qk
+        s = qk * (scale * LOG2E)
+    return s, t
+
+
+@triton.jit
+def _visible(q_idx, k_idx, seq_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which (query, key) pairs attend; q_idx/k_idx are broadcastable index tiles (either orientation)."""
+    vis = (k_idx < seq_len) & (q_idx < seq_len)
+    if CAUSAL:
+        vis = vis & (k_idx <= q_idx)
+    if HAS_WINDOW:
+        vis = vis & (k_idx > q_idx - window)
+        if not CAUSAL:
+            vis = vis & (k_idx < q_idx + window)
+    return vis
+
+
+@triton.jit
+def _key_block_ranges(start_m, seq_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks seen by queries [start_m, start_m + BLOCK_M): [lo, full_lo) and [full_hi, hi) need masks,
+    [full_lo, full_hi) is visible to every row (inside the sequence, causal and window satisfied)."""
+    lo = 0
+    hi = seq_len
+    full_hi = (seq_len // BLOCK_N) * BLOCK_N  # blocks past this one run off the end of the sequence
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+        full_hi = tl.minimum(full_hi, ((start_m + 1) // BLOCK_N) * BLOCK_N)  # last key <= first query
+    full_lo = lo
+    if HAS_WINDOW:
+        lo = (tl.maximum(start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
+        # first key > last query - window
+        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(start_m + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N)
+        if not CAUSAL:
+            hi = tl.minimum(hi, start_m + BLOCK_M - 1 + window)
+            full_hi = tl.minimum(full_hi, ((start_m + window) // BLOCK_N) * BLOCK_N)  # last key < first q + window
+    full_lo = tl.minimum(full_lo, tl.cdiv(hi, BLOCK_N) * BLOCK_N)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_block_ranges(start_n, seq_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query blocks that see keys [start_n, start_n + BLOCK_N), split like _key_block_ranges."""
+    lo = 0
+    hi = seq_len
+    full_lo = 0
+    full_hi = (seq_len // BLOCK_M) * BLOCK_M  # query rows past the end must be masked when loaded
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M  # first query >= last key
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, start_n + BLOCK_N - 1 + window)
+        full_hi = tl.minimum(full_hi, ((start_n + window) // BLOCK_M) * BLOCK_M)  # last query < first key + window
+        if not CAUSAL:
+            lo = (tl.maximum(start_n - window + 1, 0) // BLOCK_M) * BLOCK_M
+            full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - window, 0), BLOCK_M) * BLOCK_M
+    full_lo = tl.maximum(full_lo, lo)
+    full_lo = tl.minimum(full_lo, tl.cdiv(hi, BLOCK_M) * BLOCK_M)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _load_rows(base, offs_rows, stride_row, offs_cols, seq_len, MASKED: tl.constexpr):
+    """A [rows, cols] tile; rows past seq_len read as 0 when MASKED (only blocks at the sequence end need it)."""
+    ptrs = base + offs_rows[:, None] * stride_row + offs_cols[None, :]
+    if MASKED:
+        tile = tl.load(ptrs, mask=(offs_rows < seq_len)[:, None], other=0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _load_codes(codes_base, offs_n, seq_len, MASKED: tl.constexpr, KV_BITS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Integer codes of a [BLOCK_N, HEAD_DIM] tile as float32. 4-bit: byte c holds channel 2c (low nibble)
+    and channel 2c + 1 (high nibble)."""
+    if KV_BITS == 8:
+        raw = _load_rows(codes_base, offs_n, HEAD_DIM, tl.arange(0, HEAD_DIM), seq_len, MASKED)
+        codes = raw.to(tl.float32)
+    else:
+        raw = _load_rows(codes_base, offs_n, HEAD_DIM // 2, tl.arange(0, HEAD_DIM // 2), seq_len, MASKED)
+        low = (raw & 0xF).to(tl.float32)
+        high = (raw >> 4).to(tl.float32)
+        codes = tl.reshape(tl.join(low, high), (BLOCK_N, HEAD_DIM))
+    return codes
+
+
+@triton.jit
+def _load_k(K, stride_ks, KC, KM, bhkv, start_n, seq_len, MASKED: tl.constexpr, KV_BITS: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K tile [BLOCK_N, HEAD_DIM] (K points at this head's first row), dequantized when KV_BITS < 16."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if KV_BITS == 16:
+        k = _load_rows(K, offs_n, stride_ks, offs_d, seq_len, MASKED)
+    else:
+        bh = bhkv.to(tl.int64)
+        codes = _load_codes(KC + bh * seq_len * (HEAD_DIM * KV_BITS // 8), offs_n, seq_len, MASKED, KV_BITS,
+                            HEAD_DIM, BLOCK_N)
+        # One (step, min) row per K_GROUP_TOKENS tokens: load BLOCK_N // KG rows and broadcast them.
+        num_groups = tl.cdiv(seq_len, KG)
+        groups = start_n // KG + tl.arange(0, BLOCK_N // KG)
+        meta = KM + (bh * num_groups + groups[:, None]) * (2 * HEAD_DIM) + offs_d[None, :]
+        in_seq = (groups < num_groups)[:, None]
+        step = tl.load(meta, mask=in_seq, other=0).to(tl.float32)
+        low = tl.load(meta + HEAD_DIM, mask=in_seq, other=0).to(tl.float32)
+        step = tl.reshape(tl.broadcast_to(step[:, None, :], (BLOCK_N // KG, KG, HEAD_DIM)), (BLOCK_N, HEAD_DIM))
+        low = tl.reshape(tl.broadcast_to(low[:, None, :], (BLOCK_N // KG, KG, HEAD_DIM)), (BLOCK_N, HEAD_DIM))
+        k = codes * step + low
+    return k
+
+
+@triton.jit
+def _load_v(V, stride_vs, VC, VM, bhkv, start_n, seq_len, MASKED: tl.constexpr, KV_BITS: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """V tile [BLOCK_N, HEAD_DIM], dequantized when KV_BITS < 16 (one (step, min) per token per channel group)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if KV_BITS == 16:
+        v = _load_rows(V, offs_n, stride_vs, offs_d, seq_len, MASKED)
+    else:
+        bh = bhkv.to(tl.int64)
+        codes = _load_codes(VC + bh * seq_len * (HEAD_DIM * KV_BITS // 8), offs_n, seq_len, MASKED, KV_BITS,
+                            HEAD_DIM, BLOCK_N)
+        GROUP: tl.constexpr = VG if HEAD_DIM > VG else HEAD_DIM
+        NUM_GROUPS: tl.constexpr = HEAD_DIM // GROUP
+        meta_base = VM + bh * seq_len * (2 * NUM_GROUPS)
+        step = _load_rows(meta_base, offs_n, 2 * NUM_GROUPS, tl.arange(0, NUM_GROUPS), seq_len, MASKED)
+        low = _load_rows(meta_base + NUM_GROUPS, offs_n, 2 * NUM_GROUPS, tl.arange(0, NUM_GROUPS), seq_len, MASKED)
+        step = tl.reshape(tl.broadcast_to(step.to(tl.float32)[:, :, None], (BLOCK_N, NUM_GROUPS, GROUP)),
+                          (BLOCK_N, HEAD_DIM))
+        low = tl.reshape(tl.broadcast_to(low.to(tl.float32)[:, :, None], (BLOCK_N, NUM_GROUPS, GROUP)),
+                         (BLOCK_N, HEAD_DIM))
+        v = codes * step + low
+    return v
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton: K/V quantization (forward, kv_bits < 16)
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _quant_params(lo, hi, QMAX: tl.constexpr):
+    """(step, min) rounded through fp16 exactly as they are stored, so codes are computed against stored values."""
+    low = lo.to(tl.float16).to(tl.float32)
+    step = ((hi - low) / QMAX).to(tl.float16).to(tl.float32)
+    inv_step = tl.where(step > 0, 1.0 / tl.where(step > 0, step, 1.0), 0.0)  # a constant group codes to 0
+    return step, low, inv_step
+
+
+@triton.jit
+def _codes_of(x, low, inv_step, QMAX: tl.constexpr):
+    return tl.minimum(tl.maximum(tl.floor((x - low) * inv_step + 0.5), 0.0), QMAX)
+
+
+@triton.jit
+def _store_codes(codes_base, codes, offs_n, seq_len, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 ROWS: tl.constexpr):
+    in_seq = (offs_n < seq_len)[:, None]
+    if KV_BITS == 8:
+        ptrs = codes_base + offs_n[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+        tl.store(ptrs, codes.to(tl.uint8), mask=in_seq)
+    else:
+        even, odd = tl.split(tl.reshape(codes.to(tl.uint8), (ROWS, HEAD_DIM // 2, 2)))
+        ptrs = codes_base + offs_n[:, None] * (HEAD_DIM // 2) + tl.arange(0, HEAD_DIM // 2)[None, :]
+        tl.store(ptrs, even | (odd << 4), mask=in_seq)
+
+
+@triton.jit
+def _quantize_kv_kernel(K, V, KC, KM, VC, VM, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                        num_kv_heads, seq_len, HEAD_DIM: tl.constexpr, KV_BITS: tl.constexpr):
+    """One program per (batch * KV head, block of K_GROUP_TOKENS tokens): K per channel over the block, V per
+    token per channel group; asymmetric min/max."""
+    QMAX: tl.constexpr = (1 << KV_BITS) - 1
+    block = tl.program_id(1)
+    bhkv = tl.program_id(0)
+    b = (bhkv // num_kv_heads).to(tl.int64)
+    h = (bhkv % num_kv_heads).to(tl.int64)
+    bh = bhkv.to(tl.int64)
+    offs_n = block * KG + tl.arange(0, KG)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_seq = (offs_n < seq_len)[:, None]
+    codes_per_head = seq_len * (HEAD_DIM * KV_BITS // 8)
+
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_ks, offs_d, seq_len, True).to(tl.float32)
+    k_lo = tl.min(tl.where(in_seq, k, float("inf")), 0)
+    k_hi = tl.max(tl.where(in_seq, k, float("-inf")), 0)
+    step, low, inv_step = _quant_params(k_lo, k_hi, QMAX)
+    codes = _codes_of(k, low[None, :], inv_step[None, :], QMAX)
+    _store_codes(KC + bh * codes_per_head, codes, offs_n, seq_len, KV_BITS, HEAD_DIM, KG)
+    meta = KM + (bh * tl.cdiv(seq_len, KG) + block) * (2 * HEAD_DIM) + offs_d
+    tl.store(meta, step.to(tl.float16))
+    tl.store(meta + HEAD_DIM, low.to(tl.float16))
+
+    GROUP: tl.constexpr = VG if HEAD_DIM > VG else HEAD_DIM
+    NUM_GROUPS: tl.constexpr = HEAD_DIM // GROUP
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vs, offs_d, seq_len, True).to(tl.float32)
+    v = tl.reshape(v, (KG, NUM_GROUPS, GROUP))
+    step, low, inv_step = _quant_params(tl.min(v, 2), tl.max(v, 2), QMAX)
+    codes = tl.reshape(_codes_of(v, low[:, :, None], inv_step[:, :, None], QMAX), (KG, HEAD_DIM))
+    _store_codes(VC + bh * codes_per_head, codes, offs_n, seq_len, KV_BITS, HEAD_DIM, KG)
+    offs_g = tl.arange(0, NUM_GROUPS)
+    meta = VM + (bh * seq_len + offs_n[:, None]) * (2 * NUM_GROUPS) + offs_g[None, :]
+    tl.store(meta, step.to(tl.float16), mask=in_seq)
+    tl.store(meta + NUM_GROUPS, low.to(tl.float16), mask=in_seq)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton: forward
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, seq_len, scale, window,
+              softcap, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the online softmax: rescale the running sum/accumulator to the new row max, add P V."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = _load_rows(k_base, offs_n, stride_ks, offs_d, seq_len, MASKED)
+    v = _load_rows(v_base, offs_n, stride_vs, offs_d, seq_len, MASKED)
+    s, _ = _scores(_dot(q, tl.trans(k), None, DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+    if MASKED:
+        s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seq_len, window, CAUSAL, HAS_WINDOW), s,
+                     float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(_cast(p, v.dtype, DOT_PRECISION), v, acc * alpha[:, None], DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                     stride_vb, stride_vh, stride_vs, num_heads, group, seq_len, scale, window, softcap,
+                     seq_bucket, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """One program per (batch * query head, query block). seq_bucket is only an autotuning key."""
+    bh = tl.program_id(0)
+    # Causal rows near the end see the most keys: launch them first so the last wave is made of short ones.
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    hkv = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, offs_d, seq_len, True)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+
+    m_i = tl.full([BLOCK_M], NEG_LARGE, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo, full_lo, full_hi, hi = _key_block_ranges(start_m, seq_len, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, seq_len,
+                                  scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION,
+                                  BLOCK_N, True)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, seq_len,
+                                  scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION,
+                                  BLOCK_N, False)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, seq_len,
+                                  scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION,
+                                  BLOCK_N, True)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # only rows past the sequence end have no visible key
+    row = bh.to(tl.int64) * seq_len
+    in_seq = offs_m < seq_len
+    tl.store(LSE + row + offs_m, (m_i + tl.log2(l_safe)) * LN2, mask=in_seq)
+    out = _cast(acc / l_safe[:, None], O.dtype.element_ty, DOT_PRECISION)
+    tl.store(O + (row + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], out, mask=in_seq[:, None])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton: backward pre-passes (delta, or LSE' and delta' from the quantized K/V)
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) per query row (kv_bits=16; O and dO contiguous [B*Hq, S, D])."""
+    row = tl.program_id(0).to(tl.int64) * seq_len
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = _load_rows(O + row * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_len, True).to(tl.float32)
+    do = _load_rows(DO + row * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_len, True).to(tl.float32)
+    tl.store(DELTA + row + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_len)
+
+
+@triton.jit
+def _stats_step(m_i, l_i, u_i, q, do, K, V, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n, offs_m, seq_len,
+                scale, window, softcap, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Online logsumexp and u = sum_j p_ij dp_ij (unnormalised), with dequantized K', V'."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _cast(_load_k(K, stride_ks, KC, KM, bhkv, start_n, seq_len, MASKED, KV_BITS, HEAD_DIM, BLOCK_N), q.dtype,
+              DOT_PRECISION)
+    v = _cast(_load_v(V, stride_vs, VC, VM, bhkv, start_n, seq_len, MASKED, KV_BITS, HEAD_DIM, BLOCK_N), q.dtype,
+              DOT_PRECISION)
+    s, _ = _scores(_dot(q, tl.trans(k), None, DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+    if MASKED:
+        s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seq_len, window, CAUSAL, HAS_WINDOW), s,
+                     float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    u_i = u_i * alpha + tl.sum(p * dp, 1)
+    return m_new, l_i, u_i
+
+
+@triton.jit
+def _attn_bwd_stats_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs, stride_kb,
+                           stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, group, seq_len, scale,
+                           window, softcap, seq_bucket, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """LSE' and delta' = rowsum(P' * dP') with P', dP' from the dequantized K', V' (kv_bits < 16).
+
+    delta' is formed from the same dP = dO V'^T the dK/dV and dQ kernels compute, so rowsum(dS) = 0 holds to
+    rounding: the backward is the exact gradient of attention with K', V'."""
+    bh = tl.program_id(0)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    hkv = (h // group).to(tl.int64)
+    bhkv = b * (num_heads // group) + hkv
+    h = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row = bh.to(tl.int64) * seq_len
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, offs_d, seq_len, True)
+    do = _load_rows(DO + row * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_len, True)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+
+    m_i = tl.full([BLOCK_M], NEG_LARGE, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    u_i = tl.zeros([BLOCK_M], tl.float32)
+    lo, full_lo, full_hi, hi = _key_block_ranges(start_m, seq_len, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        m_i, l_i, u_i = _stats_step(m_i, l_i, u_i, q, do, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv,
+                                    start_n, offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL,
+                                    HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, True)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        m_i, l_i, u_i = _stats_step(m_i, l_i, u_i, q, do, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv,
+                                    start_n, offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL,
+                                    HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, False)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        m_i, l_i, u_i = _stats_step(m_i, l_i, u_i, q, do, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv,
+                                    start_n, offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL,
+                                    HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, True)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    in_seq = offs_m < seq_len
+    tl.store(LSE + row + offs_m, (m_i + tl.log2(l_safe)) * LN2, mask=in_seq)
+    tl.store(DELTA + row + offs_m, u_i / l_safe, mask=in_seq)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton: backward, dK/dV per key block
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_base, stride_qs, DO_row, LSE_row, DELTA_row, start_m, offs_n, seq_len, scale,
+               window, softcap, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Add one query block's share to dK, dV; works on transposed tiles ([keys, queries]) to avoid transposes."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_rows(q_base, offs_m, stride_qs, offs_d, seq_len, MASKED)
+    do = _load_rows(DO_row, offs_m, HEAD_DIM, offs_d, seq_len, MASKED)
+    if MASKED:
+        in_seq = offs_m < seq_len
+        lse2 = tl.load(LSE_row + offs_m, mask=in_seq, other=0.0) * LOG2E
+        delta = tl.load(DELTA_row + offs_m, mask=in_seq, other=0.0)
+    else:
+        lse2 = tl.load(LSE_row + offs_m) * LOG2E
+        delta = tl.load(DELTA_row + offs_m)
+    s_t, t_t = _scores(_dot(k, tl.trans(q), None, DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+    p_t = tl.exp2(s_t - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], seq_len, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
+    dv = _dot(_cast(p_t, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
+    dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)  # d/dx of softcap * tanh(x / softcap)
+    dk = _dot(_cast(ds_t, q.dtype, DOT_PRECISION), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stride_qs,
+                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, num_kv_heads,
+                          heads_per_program, seq_len, scale, window, softcap, seq_bucket, KV_BITS: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                          HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """One program per (split, batch * KV head, key block). Each loops over `heads_per_program` query heads of
+    the GQA group; with a split > 1 (short sequences, too few programs to fill the GPU) every split writes a
+    float32 partial dK/dV that the launcher sums."""
+    num_splits = (num_heads // num_kv_heads) // heads_per_program
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    bhkv = pid // num_splits
+    b = (bhkv // num_kv_heads).to(tl.int64)
+    hkv = bhkv % num_kv_heads
+    start_n = tl.program_id(1) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_base = K + b * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + hkv.to(tl.int64) * stride_vh
+    compute_dtype = Q.dtype.element_ty
+    k = _load_k(k_base, stride_ks, KC, KM, bhkv, start_n, seq_len, True, KV_BITS, HEAD_DIM, BLOCK_N)
+    v = _load_v(v_base, stride_vs, VC, VM, bhkv, start_n, seq_len, True, KV_BITS, HEAD_DIM, BLOCK_N)
+    k = _cast(k, compute_dtype, DOT_PRECISION)
+    v = _cast(v, compute_dtype, DOT_PRECISION)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    lo, full_lo, full_hi, hi = _query_block_ranges(start_n, seq_len, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    first_head = (hkv * (num_heads // num_kv_heads) + split * heads_per_program).to(tl.int64)
+    for offset in range(0, heads_per_program):
+        h = first_head + offset
+        q_base = Q + b * stride_qb + h * stride_qh
+        row = (b * num_heads + h) * seq_len
+        do_row = DO + row * HEAD_DIM
+        for start_m in range(lo, full_lo, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, stride_qs, do_row, LSE + row, DELTA + row, start_m, offs_n,
+                                seq_len, scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                DOT_PRECISION, BLOCK_M, True)
+        for start_m in range(full_lo, full_hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, stride_qs, do_row, LSE + row, DELTA + row, start_m, offs_n,
+                                seq_len, scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                DOT_PRECISION, BLOCK_M, False)
+        for start_m in range(full_hi, hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, stride_qs, do_row, LSE + row, DELTA + row, start_m, offs_n,
+                                seq_len, scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                DOT_PRECISION, BLOCK_M, True)
+    out = ((split * (tl.num_programs(0) // num_splits) + bhkv).to(tl.int64) * seq_len + offs_n[:, None]) * HEAD_DIM
+    out = out + offs_d[None, :]
+    in_seq = (offs_n < seq_len)[:, None]
+    tl.store(DK + out, _cast(dk * scale, DK.dtype.element_ty, DOT_PRECISION), mask=in_seq)
+    tl.store(DV + out, _cast(dv, DV.dtype.element_ty, DOT_PRECISION), mask=in_seq)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton: backward, dQ per query block
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n, offs_m, seq_len,
+             scale, window, softcap, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _cast(_load_k(K, stride_ks, KC, KM, bhkv, start_n, seq_len, MASKED, KV_BITS, HEAD_DIM, BLOCK_N), q.dtype,
+              DOT_PRECISION)
+    v = _cast(_load_v(V, stride_vs, VC, VM, bhkv, start_n, seq_len, MASKED, KV_BITS, HEAD_DIM, BLOCK_N), q.dtype,
+              DOT_PRECISION)
+    s, t = _scores(_dot(q, tl.trans(k), None, DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seq_len, window, CAUSAL, HAS_WINDOW), p, 0.0)
+    dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return _dot(_cast(ds, k.dtype, DOT_PRECISION), k, dq, DOT_PRECISION)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qs, stride_kb,
+                        stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, group, seq_len, scale,
+                        window, softcap, seq_bucket, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (batch * query head, query block); same key ranges as the forward."""
+    bh = tl.program_id(0)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    hkv = (h // group).to(tl.int64)
+    bhkv = b * (num_heads // group) + hkv
+    h = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row = bh.to(tl.int64) * seq_len
+    in_seq = offs_m < seq_len
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, offs_d, seq_len, True)
+    do = _load_rows(DO + row * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_len, True)
+    lse2 = tl.load(LSE + row + offs_m, mask=in_seq, other=0.0) * LOG2E
+    delta = tl.load(DELTA + row + offs_m, mask=in_seq, other=0.0)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo, full_lo, full_hi, hi = _key_block_ranges(start_m, seq_len, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n,
+                      offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                      DOT_PRECISION, BLOCK_N, True)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n,
+                      offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                      DOT_PRECISION, BLOCK_N, False)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n,
+                      offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                      DOT_PRECISION, BLOCK_N, True)
+    dq = _cast(dq * scale, DQ.dtype.element_ty, DOT_PRECISION)
+    tl.store(DQ + (row + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq, mask=in_seq[:, None])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Launch configurations: autotuned on CUDA, small fixed blocks under the interpreter
+# ------------------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (16 and 32 use the 64 lists), the first
+# being the default when autotuning is off. Every entry compiles for sm_90 (triton 3.9) without register spills
+# and within 200 KiB of shared memory; 256-wide heads need small tiles. BLOCK_N is a multiple of
+# K_GROUP_TOKENS (the dequantizing loads broadcast one K (step, min) row per 32 keys). The lists are short so
+# that autotuning stays within the benchmark's time budget.
+CONFIGS = {
+    "fwd": {
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+        256: [(64, 64, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3)],
+    },
+    "stats": {
+        64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+        128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
+        256: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)],
+    },
+    "dq": {
+        64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+        256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
+    },
+    "dkdv": {
+        64: [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2)],
+        128: [(16, 64, 8, 2), (16, 128, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2)],
+        256: [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 3)],
+    },
+}
+AUTOTUNE = True  # False: each kernel runs its first config (fewer compiles; the benchmark's correctness check)
+INTERPRETER_BLOCKS = {"fwd": (16, 32), "stats": (16, 32), "dq": (16, 32), "dkdv": (16, 32)}  # (M, N): small
+DELTA_BLOCK_M = 64  # rows per program of the memory-bound delta pre-pass
+AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "DOT_PRECISION", "KV_BITS"]
+DKDV_TARGET_PROGRAMS_PER_SM = 2  # split GQA groups across programs until the dK/dV grid fills the GPU twice
+
+
+def _config_list(kind: str, head_dim: int) -> list:
+    return CONFIGS[kind][max(head_dim, 64)]
+
+
+def _autotuned(kernel, kind: str):
+    """The kernel wrapped in triton.autotune over CONFIGS[kind] (pruned to the head dim's list); None where
+    there is no compiled triton (no triton, or the interpreter)."""
+    if not HAS_TRITON or INTERPRET:
+        return None
+    every = list(dict.fromkeys(config for configs in CONFIGS[kind].values() for config in configs))
+
+    def prune(configs, named_args, **kwargs):
+        wanted = set(_config_list(kind, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+    key = [name for name in AUTOTUNE_KEY if name in kernel.arg_names]
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in every],
+        key=key,
+        prune_configs_by={"early_config_prune": prune},
+    )(kernel)
+
+
+_KERNELS = {
+    kind: (kernel, _autotuned(kernel, kind))
+    for kind, kernel in (("fwd", _attn_fwd_kernel), ("stats", _attn_bwd_stats_kernel), ("dq", _attn_bwd_dq_kernel),
+                         ("dkdv", _attn_bwd_dkdv_kernel))
+}
+
+# Tests set this to force a dK/dV split (GQA group divided across programs) on small problems.
+_FORCE_DKDV_SPLIT: Optional[int] = None
+
+
+def _launch(kind: str, grid, *args, **meta) -> None:
+    """Interpreter: small fixed blocks. CUDA: autotuned, or the first config when AUTOTUNE is False."""
+    kernel, tuned = _KERNELS[kind]
+    if INTERPRET:
+        block_m, block_n = INTERPRETER_BLOCKS[kind]
+        kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+    elif AUTOTUNE:
+        tuned[grid](*args, **meta)
+    else:
+        block_m, block_n, warps, stages = _config_list(kind, meta["HEAD_DIM"])[0]
+        kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+def _flags(q: Tensor, causal: bool, window: Optional[int], softcap: Optional[float]) -> dict:
+    return {
+        "HEAD_DIM": q.shape[-1],
+        "CAUSAL": bool(causal),
+        "HAS_WINDOW": window is not None,
+        "HAS_SOFTCAP": softcap is not None,
+        "DOT_PRECISION": _dot_precision(q.dtype),
+    }
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"  # true float32 products (the GPU default for float32 tl.dot is TF32)
+    if INTERPRET and dtype == torch.bfloat16:
+        return "upcast"  # see _dot
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def _seq_bucket(seq_len: int) -> int:
+    return max(triton.next_power_of_2(seq_len), 64)
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _device_guard(x: Tensor):
+    import contextlib
+
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _fwd_triton(q, k, v, causal, scale, window, softcap):
+    batch, heads, seq_len, head_dim = q.shape
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    out = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
+    with _device_guard(q):
+        _launch("fwd", grid, q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], heads,
+                heads // k.shape[1], seq_len, scale, window or 0, softcap or 0.0, _seq_bucket(seq_len),
+                **_flags(q, causal, window, softcap))
+    return out, lse
+
+
+def _quantize_triton(k: Tensor, v: Tensor, bits: int):
+    batch, kv_heads, seq_len, head_dim = k.shape
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    shapes = packed_kv_shapes(batch, kv_heads, seq_len, head_dim, bits)
+    k_codes, k_meta, v_codes, v_meta = (
+        torch.empty(shape, dtype=dtype, device=k.device) for shape, dtype in zip(shapes, _PACKED_DTYPES)
+    )
+    with _device_guard(k):
+        _quantize_kv_kernel[(batch * kv_heads, triton.cdiv(seq_len, K_GROUP_TOKENS))](
+            k, v, k_codes, k_meta, v_codes, v_meta, *k.stride()[:3], *v.stride()[:3], kv_heads, seq_len,
+            HEAD_DIM=head_dim, KV_BITS=bits,
+        )
+    return k_codes, k_meta, v_codes, v_meta
+
+
+def _dkdv_split(batch: int, kv_heads: int, group: int, seq_len: int, device: torch.device) -> int:
+    """How many programs share one KV head's query heads (1 = no float32 partials, no reduction)."""
+    if _FORCE_DKDV_SPLIT is not None:
+        return _FORCE_DKDV_SPLIT if group % _FORCE_DKDV_SPLIT == 0 else 1
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    typical_block_n = 64
+    split = 1
+    while (batch * kv_heads * split * triton.cdiv(seq_len, typical_block_n) < DKDV_TARGET_PROGRAMS_PER_SM * sms
+           and group % (split * 2) == 0):
+        split *= 2
+    return split
+
+
+def _bwd_triton(do, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads):
+    batch, heads, seq_len, head_dim = q.shape
+    group = heads // kv_heads
+    q = _last_dim_contiguous(q)
+    do = do.contiguous()
+    flags = _flags(q, causal, window, softcap)
+    runtime = (seq_len, scale, window or 0, softcap or 0.0, _seq_bucket(seq_len))
+    if kv_bits == 16:
+        k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+        k_codes = k_meta = v_codes = v_meta = k  # unused by the kernels when KV_BITS == 16
+        k_strides, v_strides = k.stride()[:3], v.stride()[:3]
+        delta = torch.empty_like(lse)
+        with _device_guard(q):
+            _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(seq_len, DELTA_BLOCK_M))](
+                out.contiguous(), do, delta, seq_len, HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M)
+    else:
+        k_codes, k_meta, v_codes, v_meta = packed
+        k = v = k_codes  # unused by the kernels when KV_BITS < 16
+        k_strides = v_strides = (0, 0, 0)
+        lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
+        delta = torch.empty_like(lse)
+        grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
+        with _device_guard(q):
+            _launch("stats", grid, q, k, v, k_codes, k_meta, v_codes, v_meta, do, lse, delta, *q.stride()[:3],
+                    *k_strides, *v_strides, heads, group, *runtime, KV_BITS=kv_bits, **flags)
+    dq = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
+    split = _dkdv_split(batch, kv_heads, group, seq_len, q.device)
+    partial_dtype = q.dtype if split == 1 else torch.float32
+    dk = torch.empty((split, batch, kv_heads, seq_len, head_dim), dtype=partial_dtype, device=q.device)
+    dv = torch.empty_like(dk)
+    with _device_guard(q):
+        grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
+        _launch("dq", grid, q, k, v, k_codes, k_meta, v_codes, v_meta, do, lse, delta, dq, *q.stride()[:3],
+                *k_strides, *v_strides, heads, group, *runtime, KV_BITS=kv_bits, **flags)
+        grid = lambda meta: (split * batch * kv_heads, triton.cdiv(seq_len, meta["BLOCK_N"]))  # noqa: E731
+        _launch("dkdv", grid, q, k, v, k_codes, k_meta, v_codes, v_meta, do, lse, delta, dk, dv, *q.stride()[:3],
+                *k_strides, *v_strides, heads, kv_heads, group // split, *runtime, KV_BITS=kv_bits, **flags)
+    if split == 1:
+        return dq, dk[0], dv[0]
+    return dq, dk.sum(0).to(q.dtype), dv.sum(0).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Packed K/V format and the plain-torch implementation (fallback and reference)
+# ------------------------------------------------------------------------------------------------------------
+_PACKED_DTYPES = (torch.uint8, META_DTYPE, torch.uint8, META_DTYPE)
+
+
+def _v_group(head_dim: int) -> int:
+    return min(V_GROUP_CHANNELS, head_dim)
+
+
+def packed_kv_shapes(batch, kv_heads, seq_len, head_dim, bits: int):
+    """Shapes of (k_codes, k_meta, v_codes, v_meta); works with SymInts. Meta [..., 0, :] = step, [..., 1, :] = min."""
+    code_bytes = head_dim * bits // 8
+    k_groups = (seq_len + K_GROUP_TOKENS - 1) // K_GROUP_TOKENS
+    return (
+        (batch, kv_heads, seq_len, code_bytes),
+        (batch, kv_heads, k_groups, 2, head_dim),
+        (batch, kv_heads, seq_len, code_bytes),
+        (batch, kv_heads, seq_len, 2, head_dim // _v_group(head_dim)),
+    )
+
+
+def _quant_params_torch(lo: Tensor, hi: Tensor, qmax: int):
+    low = lo.to(META_DTYPE).float()
+    step = ((hi - low) / qmax).to(META_DTYPE).float()
+    inv_step = torch.where(step > 0, 1.0 / torch.where(step > 0, step, torch.ones_like(step)), torch.zeros_like(step))
+    return step, low, inv_step
+
+
+def _pack_codes(codes: Tensor, bits: int) -> Tensor:
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _unpack_codes(packed: Tensor, bits: int) -> Tensor:
+    if bits == 8:
+        return packed.float()
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2).float()
+
+
+def quantize_kv_reference(k: Tensor, v: Tensor, bits: int):
+    """Plain-torch quantization into the kernels' packed format (bit-identical to ``_quantize_kv_kernel``)."""
+    batch, kv_heads, seq_len, head_dim = k.shape
+    qmax = (1 << bits) - 1
+    groups = -(-seq_len // K_GROUP_TOKENS)
+    pad = groups * K_GROUP_TOKENS - seq_len
+    kf = k.float()
+    k_lo = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("inf")).view(
+        batch, kv_heads, groups, K_GROUP_TOKENS, head_dim).amin(3)
+    k_hi = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("-inf")).view(
+        batch, kv_heads, groups, K_GROUP_TOKENS, head_dim).amax(3)
+    k_step, k_low, k_inv = _quant_params_torch(k_lo, k_hi, qmax)
+    per_token = lambda x: x.repeat_interleave(K_GROUP_TOKENS, dim=2)[:, :, :seq_len]  # noqa: E731
+    k_codes = torch.clamp(torch.floor((kf - per_token(k_low)) * per_token(k_inv) + 0.5), 0, qmax)
+    k_meta = torch.stack((k_step, k_low), dim=3).to(META_DTYPE)
+
+    group = _v_group(head_dim)
+    vf = v.float().view(batch, kv_heads, seq_len, head_dim // group, group)
+    v_step, v_low, v_inv = _quant_params_torch(vf.amin(-1), vf.amax(-1), qmax)
+    v_codes = torch.clamp(torch.floor((vf - v_low[..., None]) * v_inv[..., None] + 0.5), 0, qmax)
+    v_meta = torch.stack((v_step, v_low), dim=3).to(META_DTYPE)
+    return (_pack_codes(k_codes, bits).contiguous(), k_meta.contiguous(),
+            _pack_codes(v_codes.flatten(-2), bits).contiguous(), v_meta.contiguous())
+
+
+def dequantize_kv(k_codes: Tensor, k_meta: Tensor, v_codes: Tensor, v_meta: Tensor, bits: int,
+                  dtype: torch.dtype = torch.float32):
+    """(K', V') from the packed format, computed in float32 then cast (the kernels cast to the input dtype)."""
+    seq_len = k_codes.shape[2]
+    k_step = k_meta[:, :, :, 0].float().repeat_interleave(K_GROUP_TOKENS, dim=2)[:, :, :seq_len]
+    k_low = k_meta[:, :, :, 1].float().repeat_interleave(K_GROUP_TOKENS, dim=2)[:, :, :seq_len]
+    k_deq = _unpack_codes(k_codes, bits) * k_step + k_low
+    head_dim = k_deq.shape[-1]
+    group = _v_group(head_dim)
+    v_step = v_meta[:, :, :, 0].float().repeat_interleave(group, dim=-1)
+    v_low = v_meta[:, :, :, 1].float().repeat_interleave(group, dim=-1)
+    v_deq = _unpack_codes(v_codes, bits) * v_step + v_low
+    return k_deq.to(dtype), v_deq.to(dtype)
+
+
+def _visible_torch(rows: Tensor, cols: Tensor, causal: bool, window: Optional[int]) -> Tensor:
+    vis = torch.ones(rows.shape[0], cols.shape[0], dtype=torch.bool, device=rows.device)
+    i, j = rows[:, None], cols[None, :]
+    if causal:
+        vis &= j <= i
+    if window is not None:
+        vis &= j > i - window
+        if not causal:
+            vis &= j < i + window
+    return vis
+
+
+def _scores_torch(q: Tensor, k: Tensor, scale: float, softcap: Optional[float]):
+    """Natural-log logits and tanh (for the softcap derivative); q [B, Hkv, G, M, D], k [B, Hkv, N, D]."""
+    x = torch.einsum("bhgmd,bhnd->bhgmn", q, k) * scale
+    if softcap is None:
+        return x, None
+    t = torch.tanh(x / softcap)
+    return softcap * t, t
+
+
+def _grouped(x: Tensor, kv_heads: int) -> Tensor:
+    batch, heads, seq_len, head_dim = x.shape
+    return x.view(batch, kv_heads, heads // kv_heads, seq_len, head_dim)
+
+
+def _torch_forward(q, k, v, causal, scale, window, softcap):
+    """Plain-torch forward in float32, chunked over queries; returns (out in q.dtype, lse float32)."""
+    batch, heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    qf, kf, vf = _grouped(q.float(), kv_heads), k.float(), v.float()
+    out = torch.empty(qf.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(qf.shape[:-1], dtype=torch.float32, device=q.device)
+    cols = torch.arange(seq_len, device=q.device)
+    for start in range(0, seq_len, TORCH_FALLBACK_QUERY_CHUNK):
+        rows = cols[start:start + TORCH_FALLBACK_QUERY_CHUNK]
+        s, _ = _scores_torch(qf[:, :, :, rows], kf, scale, softcap)
+        s = s.masked_fill(~_visible_torch(rows, cols, causal, window), float("-inf"))
+        lse[:, :, :, rows] = torch.logsumexp(s, dim=-1)
+        out[:, :, :, rows] = torch.einsum("bhgmn,bhnd->bhgmd", torch.exp(s - lse[:, :, :, rows, None]), vf)
+    return out.view(q.shape).to(q.dtype), lse.view(batch, heads, seq_len)
+
+
+def _torch_backward(do, q, k, v, out, lse, causal, scale, window, softcap):
+    """Plain-torch backward in float32. k/v are the (dequantized) K/V; out/lse None = recompute LSE and delta
+    from them (the quantized scheme), else delta = rowsum(dO * O) and the forward's LSE."""
+    batch, heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    qf, dof, kf, vf = _grouped(q.float(), kv_heads), _grouped(do.float(), kv_heads), k.float(), v.float()
+    dq = torch.empty_like(qf)
+    dk = torch.zeros_like(kf)
+    dv = torch.zeros_like(vf)
+    cols = torch.arange(seq_len, device=q.device)
+    for start in range(0, seq_len, TORCH_FALLBACK_QUERY_CHUNK):
+        rows = cols[start:start + TORCH_FALLBACK_QUERY_CHUNK]
+        s, t = _scores_torch(qf[:, :, :, rows], kf, scale, softcap)
+        s = s.masked_fill(~_visible_torch(rows, cols, causal, window), float("-inf"))
+        do_rows = dof[:, :, :, rows]
+        dp = torch.einsum("bhgmd,bhnd->bhgmn", do_rows, vf)
+        if lse is None:
+            p = torch.softmax(s, dim=-1)
+            delta = (p * dp).sum(-1)
+        else:
+            p = torch.exp(s - _grouped(lse[..., None], kv_heads)[:, :, :, rows])
+            delta = (do_rows * _grouped(out.float(), kv_heads)[:, :, :, rows]).sum(-1)
+        ds = p * (dp - delta[..., None])
+        if t is not None:
+            ds = ds * (1 - t * t)
+        dq[:, :, :, rows] = torch.einsum("bhgmn,bhnd->bhgmd", ds, kf) * scale
+        dk += torch.einsum("bhgmn,bhgmd->bhnd", ds, qf[:, :, :, rows]) * scale
+        dv += torch.einsum("bhgmn,bhgmd->bhnd", p, do_rows)
+    return dq.view(q.shape).to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+                        window: Optional[int] = None, softcap: Optional[float] = None,
+                        dtype: torch.dtype = torch.float64) -> Tensor:
+    """Differentiable plain-torch attention computed in ``dtype`` (float64 for tests); GQA by repeating K/V."""
+    group = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qd, kd, vd = q.to(dtype), k.to(dtype).repeat_interleave(group, 1), v.to(dtype).repeat_interleave(group, 1)
+    x = qd @ kd.transpose(-1, -2) * scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    positions = torch.arange(q.shape[2], device=q.device)
+    x = x.masked_fill(~_visible_torch(positions, positions, causal, window), float("-inf"))
+    return torch.softmax(x, dim=-1) @ vd
+
+
+def reference_quantized_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, *, kv_bits: int,
+                              causal: bool = True, scale: Optional[float] = None, window: Optional[int] = None,
+                              softcap: Optional[float] = None, dtype: torch.dtype = torch.float64):
+    """(dQ, dK, dV) of the quantized scheme: the exact gradient of attention(q, K', V') with K', V' the
+    dequantized K/V (cast to the input dtype, as the kernels do), passed straight through to K and V."""
+    k_deq, v_deq = dequantize_kv(*quantize_kv_reference(k, v, kv_bits), kv_bits, dtype=k.dtype)
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k_deq, v_deq)]
+    out = reference_attention(*leaves, causal=causal, scale=scale, window=window, softcap=softcap, dtype=dtype)
+    return torch.autograd.grad(out, leaves, grad_out.to(dtype))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dispatch: Triton (CUDA, or the interpreter) or plain torch
+# ------------------------------------------------------------------------------------------------------------
+def _use_triton(x: Tensor) -> bool:
+    if not HAS_TRITON:
+        _log_fallback_once("triton is not importable")
+        return False
+    if x.is_cuda or INTERPRET:
+        return True
+    _log_fallback_once(f"tensors are on {x.device.type} and TRITON_INTERPRET=1 was not set before import")
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(reason: str) -> None:
+    log.warning("memgraph.attention: %s; running the plain-torch implementation (same math, float32, slower)",
+                reason)
+
+
+def quantize_kv(k: Tensor, v: Tensor, bits: int):
+    """Pack K and V into (k_codes, k_meta, v_codes, v_meta) with the Triton kernel or its torch twin."""
+    if bits not in (8, 4):
+        raise ValueError(f"quantize_kv: bits must be 8 or 4, got {bits}")
+    if _use_triton(k):
+        return _quantize_triton(k, v, bits)
+    return quantize_kv_reference(k, v, bits)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, kv_bits: int, window: Optional[int], softcap: Optional[float]):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: need q [B, Hq, S, D] and k, v [B, Hkv, S, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"attention: Hkv={k.shape[1]} must divide Hq={q.shape[1]}")
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention: head_dim={q.shape[3]} not supported; choose one of {SUPPORTED_HEAD_DIMS}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention: q, k, v must share one dtype of {SUPPORTED_DTYPES}; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if kv_bits not in KV_BITS:
+        raise ValueError(f"attention: kv_bits={kv_bits} not supported; choose one of {list(KV_BITS)}")
+    if window is not None and window < 1:
+        raise ValueError(f"attention: window must be None or >= 1, got {window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"attention: softcap must be None or > 0, got {softcap}")
+
+
+def _empty_packed(q: Tensor):
+    return tuple(torch.empty(0, dtype=dtype, device=q.device) for dtype in _PACKED_DTYPES)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Custom ops: forward, backward, fake impls, autograd, FLOP formulas
+# ------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("memgraph::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
+                  kv_bits: int = 16, window: Optional[int] = None, softcap: Optional[float] = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, lse, k_codes, k_meta, v_codes, v_meta); the packed four are empty when kv_bits=16."""
+    _check(q, k, v, kv_bits, window, softcap)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if _use_triton(q):
+        out, lse = _fwd_triton(q, k, v, causal, scale, window, softcap)
+    else:
+        out, lse = _torch_forward(q, k, v, causal, scale, window, softcap)
+    packed = _empty_packed(q) if kv_bits == 16 else quantize_kv(k, v, kv_bits)
+    return (out, lse, *packed)
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None):
+    batch, heads, seq_len, head_dim = q.shape
+    out = q.new_empty((batch, heads, seq_len, head_dim))
+    lse = q.new_empty((batch, heads, seq_len), dtype=torch.float32)
+    if kv_bits == 16:
+        return (out, lse, *(q.new_empty((0,), dtype=dtype) for dtype in _PACKED_DTYPES))
+    shapes = packed_kv_shapes(batch, k.shape[1], seq_len, head_dim, kv_bits)
+    return (out, lse, *(q.new_empty(shape, dtype=dtype) for shape, dtype in zip(shapes, _PACKED_DTYPES)))
+
+
+@torch.library.custom_op("memgraph::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+                           out: Optional[Tensor], lse: Optional[Tensor], k_codes: Optional[Tensor],
+                           k_meta: Optional[Tensor], v_codes: Optional[Tensor], v_meta: Optional[Tensor],
+                           causal: bool, scale: Optional[float], kv_bits: int, window: Optional[int],
+                           softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv). kv_bits=16 reads k, v, out, lse; kv_bits<16 reads only q and the packed K/V."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    packed = (k_codes, k_meta, v_codes, v_meta)
+    kv_heads = k.shape[1] if kv_bits == 16 else k_codes.shape[1]
+    if _use_triton(q):
+        return _bwd_triton(grad_out, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads)
+    if kv_bits == 16:
+        return _torch_backward(grad_out, q, k, v, out, lse, causal, scale, window, softcap)
+    k_deq, v_deq = dequantize_kv(*packed, kv_bits, dtype=q.dtype)
+    return _torch_backward(grad_out, q, k_deq, v_deq, None, None, causal, scale, window, softcap)
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, q, k, v, out, lse, k_codes, k_meta, v_codes, v_meta, causal, scale, kv_bits,
+                             window, softcap):
+    batch, heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1] if kv_bits == 16 else k_codes.shape[1]
+    kv_shape = (batch, kv_heads, seq_len, head_dim)
+    return q.new_empty(q.shape), q.new_empty(kv_shape), q.new_empty(kv_shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, kv_bits, window, softcap = inputs
+    out, lse, k_codes, k_meta, v_codes, v_meta = output
+    if kv_bits == 16:
+        ctx.save_for_backward(q, k, v, out, lse)
+    else:
+        # Only q and the packed K/V: no bf16 K or V, no O, no LSE (the backward recomputes LSE' and delta').
+        ctx.save_for_backward(q, k_codes, k_meta, v_codes, v_meta)
+    ctx.mark_non_differentiable(lse, k_codes, k_meta, v_codes, v_meta)
+    ctx.options = (causal, scale, kv_bits, window, softcap)
+
+
+def _backward(ctx, grad_out, *_unused_grads):
+    causal, scale, kv_bits, window, softcap = ctx.options
+    if kv_bits == 16:
+        q, k, v, out, lse = ctx.saved_tensors
+        packed = (None, None, None, None)
+    else:
+        q, *packed = ctx.saved_tensors
+        k = v = out = lse = None
+    if grad_out is None:  # the output was not used: every gradient is zero
+        grad_out = torch.zeros_like(q)
+    dq, dk, dv = torch.ops.memgraph.attention_backward(grad_out, q, k, v, out, lse, *packed, causal, scale,
+                                                       kv_bits, window, softcap)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def visible_pairs(seq_len, causal: bool, window: Optional[int]):
+    """Number of attending (query, key) pairs per head; SymInt-safe (torch.sym_min, no branching on sizes)."""
+    if window is None:
+        return seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len
+    m = torch.sym_min(seq_len, window)
+    one_sided = m * (m + 1) // 2 + (seq_len - m) * window  # sum_i min(i + 1, window)
+    return one_sided if causal else 2 * one_sided - seq_len
+
+
+def attention_flops(batch, heads, seq_len, head_dim, *, causal=True, window=None, kv_bits=16, backward=False):
+    """FLOPs the kernels execute: 2 * D per (query, key) pair per matmul. Forward: QK^T, PV. Backward: QK^T, dP,
+    dV, dK in the dK/dV kernel, QK^T, dP, dQ in the dQ kernel (7), plus QK'^T and dP' in the stats pre-pass
+    when kv_bits < 16 (9)."""
+    matmuls = (7 if kv_bits == 16 else 9) if backward else 2
+    return matmuls * 2 * head_dim * batch * heads * visible_pairs(seq_len, causal, window)
+
+
+def _register_flop_formulas():
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    # Parameter names are the ops' schema names, so calls with positional or keyword arguments both bind.
+    def forward_flops(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None, *, out_shape=None,
+                      **kwargs):
+        batch, heads, seq_len, head_dim = q
+        return attention_flops(batch, heads, seq_len, head_dim, causal=causal, window=window, kv_bits=kv_bits)
+
+    def backward_flops(grad_out, q, k, v, out, lse, k_codes, k_meta, v_codes, v_meta, causal, scale, kv_bits, window,
+                       softcap, *, out_shape=None, **kwargs):
+        batch, heads, seq_len, head_dim = q
+        return attention_flops(batch, heads, seq_len, head_dim, causal=causal, window=window, kv_bits=kv_bits,
+                               backward=True)
+
+    for packet, formula in ((torch.ops.memgraph.attention, forward_flops),
+                            (torch.ops.memgraph.attention_backward, backward_flops)):
+        if packet not in flop_registry:  # re-importing this module must not raise "duplicate registrations"
+            register_flop_formula(packet)(formula)
+
+
+_register_flop_formulas()
+
+
+def saved_bytes(batch, heads, kv_heads, seq_len, head_dim, *, kv_bits=16, dtype=torch.bfloat16) -> int:
+    """Bytes the op keeps for backward: kv_bits=16: q, k, v, out, lse; kv_bits<16: q + packed K/V."""
+    element = torch.empty((), dtype=dtype).element_size()
+    q_bytes = batch * heads * seq_len * head_dim * element
+    if kv_bits == 16:
+        return 2 * q_bytes + 2 * batch * kv_heads * seq_len * head_dim * element + batch * heads * seq_len * 4
+    sizes = packed_kv_shapes(batch, kv_heads, seq_len, head_dim, kv_bits)
+    packed = sum(math.prod(shape) * torch.empty((), dtype=d).element_size() for shape, d in zip(sizes, _PACKED_DTYPES))
+    return q_bytes + packed
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+              kv_bits: int = 16, window: Optional[int] = None, softcap: Optional[float] = None) -> Tensor:
+    """Fused attention; q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D] in q's dtype.
+
+    kv_bits=8 or 4 keeps K/V for backward in that many bits (the output is exact; gradients are those of
+    attention with the dequantized K/V). See the module docstring for window, softcap and the packed format."""
+    _check(q, k, v, kv_bits, window, softcap)
+    return torch.ops.memgraph.attention(q, k, v, causal, scale, kv_bits, window, softcap)[0]

@@ -1,0 +1,431 @@
+"""Rewrite ``scaled_dot_product_attention`` in Dynamo's FX graph into ``torch.ops.memgraph.attention``.
+
+What HF's sdpa path emits (transformers 5.x, seen by compiling tiny llama/mistral/qwen2/gemma models):
+
+* no attention mask: ``scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=s,
+  is_causal=True, enable_gqa=True)``; K/V have the KV heads (native GQA).
+* with a mask (a padding mask from ``attention_mask``, or a sliding window): the mask is built in the graph
+  (``arange`` indices compared, ``&``-ed, ``expand``-ed), ``is_causal=False``, and K/V are expanded by
+  ``repeat_kv``: ``x[:, :, None, :, :].expand(B, Hkv, n_rep, S, D).reshape(B, Hkv * n_rep, S, D)``.
+
+What is rewritten, and how it is proven equivalent:
+
+* ``attn_mask is None``: causal = ``is_causal``.
+* a mask computed from constants only (no graph input, no module state, nothing random: HF's causal and
+  sliding-window masks when no ``attention_mask`` is passed) is evaluated once, here, and compared element by
+  element with the causal, causal sliding-window, full and bidirectional-window patterns; a match gives
+  ``causal``/``window``. A mask that depends on a graph input (a padding mask) cannot be proven and is left alone;
+  so is one built from a symbolic length (dynamic shapes: HF builds its causal mask in the graph then), since a
+  pattern seen at one length proves nothing for the others. ``torch.compile(..., dynamic=False)`` keeps it fused.
+* a ``repeat_kv`` expansion (checked on the example values' shapes) feeding K and V is bypassed: the op reads the
+  un-expanded K/V, GQA is native, and the expanded copies disappear from the graph.
+
+Left unchanged (and logged at INFO on ``memgraph.passes.attention``): dropout_p other than a constant 0, a scale
+or flag that is not a constant, head dims the kernels lack, dtypes other than fp16/bf16/fp32, query and key
+lengths that differ, broadcast batch dims, masks that cannot be proven, and anything unexpected (never raises).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from memgraph.kernels import attention as attention_kernel
+
+log = logging.getLogger("memgraph.passes.attention")
+
+SDPA_TARGETS = (
+    torch._C._nn.scaled_dot_product_attention,  # what Dynamo records for F.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
+)
+SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+# Proving a mask evaluates it: one element per (query, key) pair (and per batch/head it is not broadcast over).
+MAX_MASK_ELEMENTS = 1 << 28
+# An additive float mask "masks" a pair when adding it makes the probability exactly 0: -inf or a huge negative
+# (HF fills with torch.finfo(dtype).min). Anything between is a bias, not a mask.
+MASKED_FLOAT_THRESHOLD_FRACTION = 0.5  # of torch.finfo(mask dtype).min
+RANDOM_OPS = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
+              "dropout", "normal", "uniform", "multinomial", "native_dropout", "exponential", "poisson"}
+# Ops whose result may share memory with their input: a mutation through one of them mutates the input.
+VIEW_METHODS = {"view", "reshape", "expand", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select",
+                "contiguous", "flatten", "unflatten", "as_strided", "view_as", "expand_as", "t", "__getitem__",
+                "detach", "to", "type_as", "float", "bool"}
+IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul}
+
+
+class _Unsupported(Exception):
+    """Why an SDPA call is left as it is."""
+
+
+@dataclasses.dataclass
+class _Match:
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    causal: bool
+    window: Optional[int]
+    scale: Optional[float]
+    dead_candidates: list  # nodes that may become unused once the SDPA call is replaced
+
+
+def rewrite_attention(gm: fx.GraphModule, example_inputs: list, options: Any) -> fx.GraphModule:
+    """Replace every provably equivalent SDPA call by ``memgraph.attention`` with ``options.kv_bits``."""
+    kv_bits = int(getattr(options, "kv_bits", 16))
+    if kv_bits not in attention_kernel.KV_BITS:
+        log.info("memgraph: attention rewrite skipped: kv_bits=%r is not one of %s", kv_bits, attention_kernel.KV_BITS)
+        return gm
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target in SDPA_TARGETS):
+            continue
+        try:
+            match = _match(gm, node)
+        except _Unsupported as reason:
+            log.info("memgraph: attention %s left unchanged: %s", node.name, reason)
+            continue
+        except Exception as error:  # noqa: BLE001 - an unexpected graph must never break compilation
+            log.info("memgraph: attention %s left unchanged: could not analyse it (%s: %s)", node.name,
+                     type(error).__name__, error)
+            continue
+        _install(gm, node, match, kv_bits)
+        rewritten += 1
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+        log.info("memgraph: %d attention call(s) now run memgraph.attention (kv_bits=%d)", rewritten, kv_bits)
+    return gm
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Matching
+# ------------------------------------------------------------------------------------------------------------
+def _example(node: Any):
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _sdpa_arguments(node: fx.Node) -> dict:
+    if len(node.args) > len(SDPA_PARAMETERS):
+        raise _Unsupported(f"unexpected positional arguments {node.args}")
+    arguments = dict(SDPA_DEFAULTS)
+    arguments.update(zip(SDPA_PARAMETERS, node.args))
+    unknown = set(node.kwargs) - set(SDPA_PARAMETERS)
+    if unknown:
+        raise _Unsupported(f"unknown keyword argument(s) {sorted(unknown)}")
+    arguments.update(node.kwargs)
+    return arguments
+
+
+def _same_size(a, b) -> bool:
+    """Static equality of two sizes (ints or SymInts); unknown counts as different."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _match(gm: fx.GraphModule, node: fx.Node) -> _Match:
+    arguments = _sdpa_arguments(node)
+    dropout_p, is_causal, scale, enable_gqa = (arguments[name] for name in ("dropout_p", "is_causal", "scale",
+                                                                           "enable_gqa"))
+    if not isinstance(dropout_p, (int, float)) or dropout_p != 0:
+        raise _Unsupported(f"dropout_p={dropout_p!r} (only a constant 0 is equivalent)")
+    if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
+        raise _Unsupported(f"is_causal={is_causal!r} / enable_gqa={enable_gqa!r} are not constants")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise _Unsupported(f"scale={scale!r} is not a constant")
+
+    query, key, value = arguments["query"], arguments["key"], arguments["value"]
+    q, k, v = (_example(x) for x in (query, key, value))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise _Unsupported("query/key/value have no example values to check shapes on")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise _Unsupported(f"needs 4-d [B, H, S, D] inputs; got {q.dim()}-d/{k.dim()}-d/{v.dim()}-d")
+    head_dim = q.shape[-1]
+    if not isinstance(head_dim, int) or head_dim not in attention_kernel.SUPPORTED_HEAD_DIMS:
+        raise _Unsupported(f"head_dim={head_dim} (supported: {attention_kernel.SUPPORTED_HEAD_DIMS})")
+    if not (_same_size(k.shape[-1], head_dim) and _same_size(v.shape[-1], head_dim)):
+        raise _Unsupported(f"key/value head dims {k.shape[-1]}/{v.shape[-1]} differ from the query's {head_dim}")
+    if q.dtype not in attention_kernel.SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise _Unsupported(f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (need one of fp16, bf16, fp32)")
+    if q.device.type not in ("cuda", "cpu"):
+        raise _Unsupported(f"device {q.device}")
+    if not all(_same_size(x.shape[0], q.shape[0]) for x in (k, v)):
+        raise _Unsupported("batch sizes differ (broadcast batch)")
+    if not all(_same_size(x.shape[2], q.shape[2]) for x in (k, v)):
+        raise _Unsupported(f"query length {q.shape[2]} and key length {k.shape[2]} are not provably equal")
+    if not (_same_size(k.shape[1], v.shape[1])):
+        raise _Unsupported("key and value head counts differ")
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if not (isinstance(heads, int) and isinstance(kv_heads, int)):
+        raise _Unsupported("symbolic head counts")
+    if enable_gqa and heads % kv_heads != 0:
+        raise _Unsupported(f"Hkv={kv_heads} does not divide Hq={heads}")
+    if not enable_gqa and kv_heads not in (1, heads):  # SDPA broadcasts a single KV head; anything else errors
+        raise _Unsupported(f"Hq={heads}, Hkv={kv_heads} without enable_gqa")
+
+    dead = [node]
+    expanded_key, expanded_value = _repeat_kv_source(key), _repeat_kv_source(value)
+    # Reading the un-expanded K/V at the SDPA call is only the same if nothing mutates them (or the copies).
+    bypass = (expanded_key is not None and expanded_value is not None and expanded_key[1] == expanded_value[1]
+              and not any(_may_be_mutated(n) for n in (expanded_key[0], expanded_value[0], key, value)))
+    if bypass:
+        key, _, key_chain = expanded_key
+        value, _, value_chain = expanded_value
+        dead += key_chain + value_chain
+
+    mask = arguments["attn_mask"]
+    if mask is None:
+        causal, window = is_causal, None
+    elif is_causal:
+        raise _Unsupported("both attn_mask and is_causal=True")
+    else:
+        causal, window, mask_nodes = _prove_mask(gm, mask, q)
+        dead += mask_nodes
+    return _Match(query, key, value, causal, window, None if scale is None else float(scale), dead)
+
+
+def _full_slice(index: Any) -> bool:
+    return isinstance(index, slice) and index == slice(None, None, None)
+
+
+def _is_unsqueeze_2(node: fx.Node) -> bool:
+    """x[:, :, None] (any number of trailing full slices / Ellipsis) or x.unsqueeze(2) on a 4-d x."""
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+        index = node.args[1]
+        if not isinstance(index, tuple):
+            return False
+        items = list(index)
+        if Ellipsis in items:
+            if items.count(Ellipsis) != 1 or items[-1] is not Ellipsis:
+                return False
+            items = items[:-1]
+        return (len(items) >= 3 and _full_slice(items[0]) and _full_slice(items[1]) and items[2] is None
+                and all(_full_slice(item) for item in items[3:]))
+    if node.op == "call_method" and node.target == "unsqueeze":
+        return list(node.args[1:]) == [2] or node.kwargs.get("dim") == 2
+    if node.op == "call_function" and node.target is torch.unsqueeze:
+        return list(node.args[1:]) == [2] or node.kwargs.get("dim") == 2
+    return False
+
+
+def _repeat_kv_source(node: Any):
+    """If node = repeat_kv(x, n_rep) (x[:, :, None].expand(B, Hkv, n_rep, S, D).reshape(B, Hkv*n_rep, S, D)),
+    return (x, n_rep, [reshape, expand, unsqueeze]); shapes are checked on the example values."""
+    if not isinstance(node, fx.Node):
+        return None
+    is_reshape = (node.op == "call_method" and node.target in ("reshape", "view")) or (
+        node.op == "call_function" and node.target in (torch.reshape, torch.Tensor.reshape, torch.Tensor.view))
+    if not is_reshape or not node.args:
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand" and expand.args):
+        return None
+    unsqueezed = expand.args[0]
+    if not (isinstance(unsqueezed, fx.Node) and _is_unsqueeze_2(unsqueezed)):
+        return None
+    source = unsqueezed.args[0]
+    shapes = [_example(x) for x in (source, unsqueezed, expand, node)]
+    if not all(isinstance(t, torch.Tensor) for t in shapes):
+        return None
+    x, x5, expanded, merged = (tuple(t.shape) for t in shapes)
+    if len(x) != 4 or len(x5) != 5 or len(expanded) != 5 or len(merged) != 4:
+        return None
+    batch, kv_heads, seq_len, head_dim = x
+    n_rep = expanded[2]
+    if not isinstance(n_rep, int) or not isinstance(kv_heads, int):
+        return None
+    if x5 != (batch, kv_heads, 1, seq_len, head_dim):
+        return None
+    if expanded != (batch, kv_heads, n_rep, seq_len, head_dim):
+        return None
+    if merged != (batch, kv_heads * n_rep, seq_len, head_dim):
+        return None
+    return source, n_rep, [node, expand, unsqueezed]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Proving a mask
+# ------------------------------------------------------------------------------------------------------------
+def _target_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _is_mutation(node: fx.Node) -> bool:
+    """In-place ops as Dynamo records them: x.add_(...), torch.relu_(x), x[i] = v, out=..., mutable aten ops."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.op == "call_function" and node.target in IN_PLACE_OPERATORS:
+        return True
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return False  # operator.and_ / or_ end in "_" but are not in place
+    name = _target_name(node)
+    if name.endswith("_") and not name.endswith("__") or name == "__setitem__":
+        return True
+    if "out" in node.kwargs:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _may_be_mutated(node: fx.Node) -> bool:
+    """Whether the graph mutates node's value in place, directly or through a view of it (conservative)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for user in current.users:
+            if _is_mutation(user):
+                return True
+            if user.op in ("call_method", "call_function") and (
+                    _target_name(user) in VIEW_METHODS or user.target is operator.getitem):
+                stack.append(user)
+    return False
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    seen: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen[current] = None
+        stack.extend(current.all_input_nodes)
+    return list(seen)
+
+
+def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], list[fx.Node]]:
+    """(causal, window, nodes of the mask's subgraph) if the mask is a constant causal/window/full pattern."""
+    if not isinstance(mask, fx.Node):
+        raise _Unsupported(f"attn_mask={mask!r} is not a graph value")
+    nodes = _ancestors(mask)
+    for node in nodes:
+        if node.op == "placeholder" and isinstance(_example(node), (int, torch.SymInt)):
+            # Dynamic shapes: HF then builds its causal mask in the graph from the symbolic length. Seeing the
+            # pattern at one length proves nothing for the others (a 4096 sliding window looks causal below 4096).
+            raise _Unsupported(f"the mask depends on the symbolic size {node.target!r} (dynamic shapes); a pattern "
+                               "checked at one length is no proof for all: compile with dynamic=False to fuse it")
+        if node.op == "placeholder":
+            raise _Unsupported(f"the mask depends on graph input {node.target!r} (a padding or custom mask)")
+        if node.op != "call_function" and node.op != "call_method":
+            raise _Unsupported(f"the mask depends on {node.op} {node.target!r}")
+        name = _target_name(node)
+        if name.split(".")[-1] in RANDOM_OPS:
+            raise _Unsupported(f"the mask uses the random op {name}")
+        if _may_be_mutated(node):
+            raise _Unsupported(f"a value the mask is built from ({node.name}) is modified in place")
+    seq_len = q.shape[2]
+    mask_example = _example(mask)
+    if not isinstance(seq_len, int) or not isinstance(mask_example, torch.Tensor):
+        raise _Unsupported("the mask's shape is symbolic or unknown")
+    if mask_example.numel() > MAX_MASK_ELEMENTS or seq_len * seq_len > MAX_MASK_ELEMENTS:
+        raise _Unsupported(f"the mask has too many elements to check ({mask_example.numel()})")
+
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    graph = fx.Graph()
+    copies: dict[fx.Node, fx.Node] = {}
+    for node in sorted(nodes, key=order.__getitem__):
+        copies[node] = graph.node_copy(node, lambda n: copies[n])
+    graph.output(copies[mask])
+    value = fx.GraphModule(torch.nn.Module(), graph)()
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor):
+        raise _Unsupported("the mask could not be evaluated")
+    causal, window = _mask_pattern(value, seq_len)
+    return causal, window, nodes
+
+
+def _mask_pattern(mask: torch.Tensor, seq_len: int) -> tuple[bool, Optional[int]]:
+    """Which attention pattern a constant mask encodes; raises _Unsupported for anything else."""
+    if mask.dim() < 2 or mask.shape[-1] != seq_len or mask.shape[-2] not in (1, seq_len):
+        raise _Unsupported(f"mask shape {tuple(mask.shape)} is not [..., {seq_len}, {seq_len}]")
+    mask = mask.expand(*mask.shape[:-2], seq_len, seq_len).reshape(-1, seq_len, seq_len)
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.is_floating_point():
+        threshold = torch.finfo(mask.dtype).min * MASKED_FLOAT_THRESHOLD_FRACTION
+        if not bool(((mask == 0) | (mask <= threshold)).all()):
+            raise _Unsupported("the float mask holds values other than 0 and a large negative (a bias)")
+        allowed = mask == 0
+    else:
+        raise _Unsupported(f"mask dtype {mask.dtype}")
+    pattern = allowed[0]
+    if not bool((allowed == pattern).all()):
+        raise _Unsupported("the mask differs across batch/heads")
+    positions = torch.arange(seq_len, device=pattern.device)
+    visible = attention_kernel._visible_torch
+    candidates = [(False, None), (True, None)]
+    if seq_len > 0:
+        candidates.append((True, int(pattern[-1].sum())))  # last row of a causal window sees `window` keys
+        candidates.append((False, int(pattern[0].sum())))  # first row of a two-sided window sees `window` keys
+    for causal, window in candidates:
+        if window is not None and window < 1:
+            continue
+        if torch.equal(pattern.cpu(), visible(positions, positions, causal, window).cpu()):
+            if window is not None and window >= seq_len:
+                window = None  # a window as long as the sequence masks nothing
+            return causal, window
+    raise _Unsupported("the mask is not a causal, sliding-window or full pattern")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Installing
+# ------------------------------------------------------------------------------------------------------------
+def _install(gm: fx.GraphModule, node: fx.Node, match: _Match, kv_bits: int) -> None:
+    graph = gm.graph
+    op = torch.ops.memgraph.attention.default
+    with graph.inserting_before(node):
+        fused = graph.call_function(op, (match.query, match.key, match.value),
+                                    {"causal": match.causal, "scale": match.scale, "kv_bits": kv_bits,
+                                     "window": match.window, "softcap": None})
+        out = graph.call_function(operator.getitem, (fused, 0))
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr"):
+        if key in node.meta:
+            fused.meta[key] = node.meta[key]
+            out.meta[key] = node.meta[key]
+    fused_value = _fake_run(op, match, kv_bits)
+    if fused_value is not None:
+        fused.meta["example_value"] = fused_value
+        out.meta["example_value"] = fused_value[0]
+    elif "example_value" in node.meta:
+        out.meta["example_value"] = node.meta["example_value"]
+    node.replace_all_uses_with(out)
+    # Drop what only fed the SDPA call (it, the repeat_kv copies, the mask subgraph), users first.
+    order = {n: index for index, n in enumerate(graph.nodes)}
+    for candidate in sorted(set(match.dead_candidates), key=order.__getitem__, reverse=True):
+        if not candidate.users and candidate.op in ("call_function", "call_method"):
+            graph.erase_node(candidate)
+
+
+def _fake_run(op, match: _Match, kv_bits: int):
+    """The op's outputs on the example (fake) values, for later passes that read node.meta['example_value']."""
+    values = [_example(n) for n in (match.query, match.key, match.value)]
+    try:
+        from torch._guards import detect_fake_mode
+
+        fake_mode = detect_fake_mode(values)
+        if fake_mode is None:
+            return None
+        with fake_mode:
+            return op(*values, causal=match.causal, scale=match.scale, kv_bits=kv_bits, window=match.window,
+                      softcap=None)
+    except Exception as error:  # noqa: BLE001 - metadata only
+        log.debug("memgraph: no example value for memgraph.attention (%s)", error)
+        return None

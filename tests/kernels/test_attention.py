@@ -1,0 +1,356 @@
+"""memgraph.kernels.attention: Triton kernels (interpreter on CPU) against float64 references.
+
+Gates (DESIGN.md): kv_bits=16 error <= 2x PyTorch SDPA's in bf16 (+ small atol); kv_bits=4 dQ/dK/dV relative
+error <= 0.20 and cosine >= 0.98 on Gaussian inputs, <= 0.25 / >= 0.97 with outlier channels in K; packed K/V
+<= 0.3x the bf16 K/V bytes.
+"""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memgraph.kernels import attention as A
+
+HEAD_PAIRS = [(1, 1), (2, 1), (4, 2), (3, 3), (4, 1)]  # (Hq, Hkv): MHA, MQA, GQA
+
+
+def _inputs(batch, heads, kv_heads, seq_len, head_dim, dtype, seed, *, outlier_channels=0):
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
+    q = draw(batch, heads, seq_len, head_dim)
+    k = draw(batch, kv_heads, seq_len, head_dim)
+    v = draw(batch, kv_heads, seq_len, head_dim)
+    grad_out = draw(batch, heads, seq_len, head_dim)
+    if outlier_channels:
+        # A few K channels with a large scale and offset, as real LLM keys have (the per-token-K failure case).
+        channels = torch.randperm(head_dim, generator=generator)[:outlier_channels]
+        k[..., channels] = k[..., channels] * 8.0 + 5.0
+    return [x.to(dtype) for x in (q, k, v, grad_out)]
+
+
+def _ours(q, k, v, grad_out, **kwargs):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = A.attention(*leaves, **kwargs)
+    out.backward(grad_out)
+    return [out.detach(), *(x.grad for x in leaves)]
+
+
+def _reference(q, k, v, grad_out, **kwargs):
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out = A.reference_attention(*leaves, **kwargs)
+    out.backward(grad_out.double())
+    return [out.detach(), *(x.grad for x in leaves)]
+
+
+def _sdpa_bf16(q, k, v, grad_out, *, causal, window):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    mask = None
+    if window is not None:
+        positions = torch.arange(q.shape[2])
+        mask = A._visible_torch(positions, positions, causal, window)
+    out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, is_causal=causal and mask is None,
+                                         enable_gqa=True)
+    out.backward(grad_out)
+    return [out.detach(), *(x.grad for x in leaves)]
+
+
+def rel(actual, expected):
+    expected = expected.double()
+    return float((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def cosine(actual, expected):
+    return float(F.cosine_similarity(actual.double().flatten(), expected.double().flatten(), dim=0))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exactness of the kernels' math (float32, so masking/range bugs are not hidden by bf16 noise)
+# ------------------------------------------------------------------------------------------------------------
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.sampled_from(HEAD_PAIRS),
+    seq_len=st.integers(1, 90),
+    head_dim=st.sampled_from([16, 32, 64]),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 40)),
+    softcap=st.sampled_from([None, 5.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_float32_matches_float64_reference(batch, heads, seq_len, head_dim, causal, window, softcap, seed):
+    q, k, v, grad_out = _inputs(batch, *heads, seq_len, head_dim, torch.float32, seed)
+    kwargs = dict(causal=causal, window=window, softcap=softcap)
+    ours = _ours(q, k, v, grad_out, **kwargs)
+    reference = _reference(q, k, v, grad_out, **kwargs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, reference):
+        assert torch.isfinite(a).all(), name
+        assert (a.double() - b).abs().max() <= 1e-4 * (1 + b.abs().max()), (name, float((a.double() - b).abs().max()))
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_large_head_dims(head_dim, kv_bits):
+    q, k, v, grad_out = _inputs(1, 2, 1, 40, head_dim, torch.float32, seed=head_dim + kv_bits)
+    ours = _ours(q, k, v, grad_out, kv_bits=kv_bits)
+    if kv_bits == 16:
+        reference = _reference(q, k, v, grad_out)
+    else:
+        reference = [A.reference_attention(q, k, v), *A.reference_quantized_grads(q, k, v, grad_out, kv_bits=4)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, reference):
+        assert rel(a, b) < 1e-5, (name, rel(a, b))
+
+
+def test_dkdv_split_across_gqa_heads(monkeypatch):
+    """Short sequences split a GQA group's query heads across programs and sum float32 partials."""
+    monkeypatch.setattr(A, "_FORCE_DKDV_SPLIT", 2)
+    q, k, v, grad_out = _inputs(2, 4, 1, 37, 32, torch.float32, seed=3)
+    for kv_bits in (16, 4):
+        ours = _ours(q, k, v, grad_out, kv_bits=kv_bits, window=20)
+        if kv_bits == 16:
+            expected = _reference(q, k, v, grad_out, window=20)[1:]
+        else:
+            expected = A.reference_quantized_grads(q, k, v, grad_out, kv_bits=4, window=20)
+        for a, b in zip(ours[1:], expected):
+            assert rel(a, b) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kv_bits=16 in bf16: at most 2x the error of PyTorch SDPA in bf16
+# ------------------------------------------------------------------------------------------------------------
+BF16_ATOL = 2e-3  # relative-error slack for tiny tensors where both errors are near bf16's resolution
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    heads=st.sampled_from(HEAD_PAIRS),
+    seq_len=st.integers(17, 96),
+    head_dim=st.sampled_from([32, 64]),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(4, 48)),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_error_at_most_twice_sdpa(heads, seq_len, head_dim, causal, window, seed):
+    q, k, v, grad_out = _inputs(1, *heads, seq_len, head_dim, torch.bfloat16, seed)
+    kwargs = dict(causal=causal, window=window)
+    ours = _ours(q, k, v, grad_out, **kwargs)
+    sdpa = _sdpa_bf16(q, k, v, grad_out, **kwargs)
+    reference = _reference(q, k, v, grad_out, **kwargs)
+    for name, a, s, r in zip(("out", "dq", "dk", "dv"), ours, sdpa, reference):
+        assert rel(a, r) <= 2 * rel(s, r) + BF16_ATOL, (name, rel(a, r), rel(s, r))
+
+
+def test_softcap_and_window_bf16():
+    """softcap has no SDPA counterpart: compare with the float64 reference at bf16-level tolerance."""
+    q, k, v, grad_out = _inputs(1, 4, 2, 56, 64, torch.bfloat16, seed=11)
+    q = q * 4  # large logits so that the cap bends them
+    for kwargs in (dict(softcap=20.0), dict(softcap=20.0, window=16), dict(causal=False, window=9)):
+        ours = _ours(q, k, v, grad_out, **kwargs)
+        reference = _reference(q, k, v, grad_out, **kwargs)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), ours, reference):
+            assert rel(a, b) < 0.02, (kwargs, name, rel(a, b))
+    capped = _ours(q, k, v, grad_out, softcap=20.0)[0]
+    uncapped = _ours(q, k, v, grad_out)[0]
+    assert rel(capped, uncapped) > 0.05  # the cap changed the result, so the test above can fail
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kv_bits = 4 / 8: accuracy gates, consistency with the quantized scheme, bytes
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "outliers, max_rel, min_cos",
+    [(0, 0.20, 0.98), (4, 0.25, 0.97)],
+    ids=["gaussian", "outlier-channels"],
+)
+def test_kv4_gradient_gates(outliers, max_rel, min_cos):
+    q, k, v, grad_out = _inputs(1, 4, 2, 128, 64, torch.bfloat16, seed=7, outlier_channels=outliers)
+    ours = _ours(q, k, v, grad_out, kv_bits=4)
+    reference = _reference(q, k, v, grad_out)
+    assert rel(ours[0], reference[0]) < 0.01  # the forward output is exact (unquantized K/V)
+    for name, a, b in zip(("dq", "dk", "dv"), ours[1:], reference[1:]):
+        assert rel(a, b) <= max_rel and cosine(a, b) >= min_cos, (name, rel(a, b), cosine(a, b))
+    # The kernels compute exactly the quantized scheme: the float64 gradient of attention with K', V'.
+    scheme = A.reference_quantized_grads(q, k, v, grad_out, kv_bits=4)
+    for name, a, b in zip(("dq", "dk", "dv"), ours[1:], scheme):
+        assert rel(a, b) < 0.03, (name, rel(a, b))
+
+
+def test_kv8_is_closer_than_kv4():
+    q, k, v, grad_out = _inputs(1, 2, 2, 64, 32, torch.float32, seed=5, outlier_channels=2)
+    reference = _reference(q, k, v, grad_out)
+    errors = {bits: max(rel(a, b) for a, b in zip(_ours(q, k, v, grad_out, kv_bits=bits)[1:], reference[1:]))
+              for bits in (8, 4)}
+    assert errors[8] < 0.05 and errors[8] < errors[4] / 4, errors
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+@pytest.mark.parametrize("seq_len", [1, 45])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_kernel_is_bit_identical_to_reference(head_dim, seq_len, bits):
+    generator = torch.Generator().manual_seed(head_dim + seq_len)
+    k = (torch.randn(2, 3, seq_len, head_dim, generator=generator) * 3 + 1).to(torch.bfloat16)
+    v = torch.randn(2, 3, seq_len, head_dim, generator=generator).to(torch.bfloat16)
+    packed = A.quantize_kv(k, v, bits)
+    expected = A.quantize_kv_reference(k, v, bits)
+    shapes = A.packed_kv_shapes(2, 3, seq_len, head_dim, bits)
+    for got, want, shape in zip(packed, expected, shapes):
+        assert tuple(got.shape) == tuple(shape) and got.dtype == want.dtype
+        assert torch.equal(got, want)
+    k_deq, v_deq = A.dequantize_kv(*packed, bits)
+    qmax = (1 << bits) - 1
+    k_span = (k.float().amax() - k.float().amin()) / qmax
+    v_span = (v.float().amax() - v.float().amin()) / qmax
+    assert (k_deq - k.float()).abs().max() <= k_span  # at most one step (half a step plus fp16 rounding)
+    assert (v_deq - v.float()).abs().max() <= v_span
+
+
+def _saved_by_autograd(fn):
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("seq_len, head_dim", [(64, 64), (128, 128)])
+def test_kv4_saves_only_q_and_packed_kv(seq_len, head_dim):
+    q, k, v, _ = _inputs(1, 4, 2, seq_len, head_dim, torch.bfloat16, seed=1)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    saved4 = _saved_by_autograd(lambda: A.attention(*leaves, kv_bits=4))
+    saved16 = _saved_by_autograd(lambda: A.attention(*leaves, kv_bits=16))
+    kv_bytes = 2 * k.numel() * k.element_size()
+    assert not any(t.dtype == k.dtype and t.shape == k.shape for t in saved4)  # no bf16 K or V
+    packed = [t for t in saved4 if t.dtype in (torch.uint8, A.META_DTYPE)]
+    packed_bytes = sum(t.numel() * t.element_size() for t in packed)
+    assert len(packed) == 4 and packed_bytes <= 0.3 * kv_bytes, packed_bytes / kv_bytes
+    total4 = sum(t.numel() * t.element_size() for t in saved4)
+    assert total4 == q.numel() * q.element_size() + packed_bytes
+    assert total4 == A.saved_bytes(1, 4, 2, seq_len, head_dim, kv_bits=4)
+    total16 = sum(t.numel() * t.element_size() for t in saved16)
+    assert total16 == A.saved_bytes(1, 4, 2, seq_len, head_dim, kv_bits=16)
+    assert sum(1 for t in saved16 if t.dtype == k.dtype and t.shape == k.shape) == 2  # K and V at kv_bits=16
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Custom op plumbing: opcheck, torch.compile without graph breaks, FLOP formulas, fallbacks, validation
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_opcheck(kv_bits):
+    q, k, v, grad_out = _inputs(1, 2, 1, 33, 16, torch.float32, seed=2)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, None, kv_bits, 8, None)
+    torch.library.opcheck(torch.ops.memgraph.attention.default, args)
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_compiles_without_graph_break_and_saves_packed_kv(kv_bits):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def compiler(name):
+        def compile_graph(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return compile_graph
+
+    backend = aot_autograd(fw_compiler=compiler("fw"), bw_compiler=compiler("bw"))
+
+    def step(q, k, v):
+        return (A.attention(q * 1.0, k, v, kv_bits=kv_bits, window=24) ** 2).sum()
+
+    q, k, v, _ = _inputs(1, 4, 2, 48, 32, torch.bfloat16, seed=9)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    compiled(*leaves).backward()
+    grads = [x.grad.clone() for x in leaves]
+    for x in leaves:
+        x.grad = None
+    step(*leaves).backward()
+    for a, b in zip(grads, (x.grad for x in leaves)):
+        assert torch.equal(a, b)
+    fw_ops = {n.target for n in graphs["fw"].graph.nodes if n.op == "call_function"}
+    bw_ops = {n.target for n in graphs["bw"].graph.nodes if n.op == "call_function"}
+    assert torch.ops.memgraph.attention.default in fw_ops
+    assert torch.ops.memgraph.attention_backward.default in bw_ops
+    saved = [n.meta["val"] for n in graphs["bw"].graph.nodes if n.op == "placeholder" and "val" in n.meta]
+    kv_like = [t for t in saved if tuple(t.shape) == tuple(k.shape) and t.dtype == k.dtype]
+    if kv_bits == 16:
+        assert len(kv_like) == 2
+    else:
+        assert not kv_like and sum(t.dtype == torch.uint8 for t in saved) == 2
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_flop_formulas_count_what_the_kernels_execute(kv_bits):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v, grad_out = _inputs(2, 4, 2, 40, 32, torch.float32, seed=4)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    with FlopCounterMode(display=False) as counter:
+        out = A.attention(*leaves, kv_bits=kv_bits, window=10)
+        out.backward(grad_out)
+    counts = counter.get_flop_counts()["Global"]
+    pairs = sum(min(i + 1, 10) for i in range(40))
+    assert A.visible_pairs(40, True, 10) == pairs
+    assert counts[torch.ops.memgraph.attention] == 2 * 2 * 32 * 2 * 4 * pairs
+    assert counts[torch.ops.memgraph.attention_backward] == (7 if kv_bits == 16 else 9) * 2 * 32 * 2 * 4 * pairs
+    assert A.visible_pairs(40, False, 10) == sum(min(i + 10, 40) - max(i - 9, 0) for i in range(40))
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_plain_torch_fallback_matches_kernels(monkeypatch, kv_bits):
+    q, k, v, grad_out = _inputs(1, 4, 2, 50, 32, torch.float32, seed=6)
+    kwargs = dict(kv_bits=kv_bits, window=30, softcap=8.0)
+    kernels = _ours(q, k, v, grad_out, **kwargs)
+    monkeypatch.setattr(A, "_use_triton", lambda tensor: False)
+    monkeypatch.setattr(A, "TORCH_FALLBACK_QUERY_CHUNK", 16)  # exercise the chunking
+    fallback = _ours(q, k, v, grad_out, **kwargs)
+    for a, b in zip(kernels, fallback):
+        assert rel(a, b) < 1e-5
+
+
+def test_without_triton_the_torch_path_runs():
+    script = textwrap.dedent("""
+        import sys, logging
+        sys.modules["triton"] = None  # import triton -> ImportError
+        logging.basicConfig(level=logging.WARNING)
+        import torch
+        from memgraph.kernels import attention as A
+        assert not A.HAS_TRITON
+        q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+        A.attention(q, k, v, kv_bits=4).sum().backward()
+        ref = A.reference_quantized_grads(q, k, v, torch.ones(1, 2, 20, 16), kv_bits=4)
+        assert all(((a - b.float()).norm() / b.norm()) < 1e-5 for a, b in zip((q.grad, k.grad, v.grad), ref))
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    assert "plain-torch implementation" in result.stderr  # logged once
+
+
+@pytest.mark.parametrize(
+    "shapes, kwargs, message",
+    [
+        (((1, 2, 8, 24), (1, 2, 8, 24)), {}, "head_dim"),
+        (((1, 3, 8, 16), (1, 2, 8, 16)), {}, "divide"),
+        (((1, 2, 8, 16), (1, 2, 9, 16)), {}, "need q"),
+        (((1, 2, 8, 16), (1, 2, 8, 16)), {"kv_bits": 3}, "kv_bits"),
+        (((1, 2, 8, 16), (1, 2, 8, 16)), {"window": 0}, "window"),
+        (((1, 2, 8, 16), (1, 2, 8, 16)), {"softcap": -1.0}, "softcap"),
+    ],
+)
+def test_rejects_unsupported_arguments(shapes, kwargs, message):
+    (q_shape, kv_shape) = shapes
+    with pytest.raises(ValueError, match=message):
+        A.attention(torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape), **kwargs)
