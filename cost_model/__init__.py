@@ -4,20 +4,22 @@ every node (roofline), for the solvers, the pipeline's plan annotations and the 
 Public API::
 
     estimate(gm_or_graph, example_inputs=None, *, plan=None)   -> MemoryEstimate
-    estimate_training_graph(graph)                              -> GraphCosts   (what solvers receive)
-    estimate_partitioned(graph, fw_gm, bw_gm)                   -> MemoryEstimate
+    estimate_training_graph(graph, codegen=None)                -> GraphCosts   (what solvers receive)
+    estimate_partitioned(graph, fw_gm, bw_gm, codegen=None)     -> MemoryEstimate
     recompute_seconds(graph, plan)                              -> float
     MemoryEstimate: peak_bytes (int | sympy), peak_bytes_hint, peak_node, peak_phase, timeline, breakdown,
                     unknown_ops, max_size(symbol, budget_bytes), peak_at(s0=...), plot(path, measured=None)
     GraphCosts: output_bytes / allocated_bytes / seconds / flops / kind / phase per node,
                 simulate(saved) -> MemoryEstimate, recompute_seconds(saved), recomputed(saved)
-    DeviceSpec (roofline ceilings; DeviceSpec.measure() on a GPU), StepSemantics (what a step keeps alive)
+    DeviceSpec (roofline ceilings; DeviceSpec.measure() on a GPU), StepSemantics (what a step keeps alive,
+    and ``codegen``: "eager" = one allocation per node, "inductor" = the buffers Inductor's code allocates)
     tracker.MemoryTracker, tracker.run_step: measure the same quantities on real tensors.
 
 See ``memory.py`` for the precise definition of the step peak.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch.fx as fx
@@ -33,23 +35,32 @@ __all__ = [
 ]
 
 
-def estimate_training_graph(graph, *, device: DeviceSpec | None = None,
-                            semantics: StepSemantics | None = None) -> GraphCosts:
-    """The cost model's view of a joint graph, handed to every solver as ``estimate`` (see ``GraphCosts``)."""
-    return GraphCosts(graph, device=device, semantics=semantics)
+def _semantics(semantics: StepSemantics | None, codegen: str | None) -> StepSemantics:
+    semantics = semantics or StepSemantics()
+    return semantics if codegen is None else dataclasses.replace(semantics, codegen=codegen)
+
+
+def estimate_training_graph(graph, *, device: DeviceSpec | None = None, semantics: StepSemantics | None = None,
+                            codegen: str | None = None) -> GraphCosts:
+    """The cost model's view of a joint graph, handed to every solver as ``estimate`` (see ``GraphCosts``).
+    ``codegen`` ("eager" or "inductor") overrides ``semantics.codegen``: what will run the graphs."""
+    return GraphCosts(graph, device=device, semantics=_semantics(semantics, codegen))
 
 
 def estimate_partitioned(graph, fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, *,
-                         semantics: StepSemantics | None = None, device: DeviceSpec | None = None) -> MemoryEstimate:
+                         semantics: StepSemantics | None = None, device: DeviceSpec | None = None,
+                         codegen: str | None = None) -> MemoryEstimate:
     """Predicted memory of one step run as the partitioned graphs: forward, then backward, then grads into
     ``.grad``. ``peak_bytes`` is symbolic when sizes are; ``peak_bytes_hint`` is always an int;
-    ``step_seconds`` is the roofline time of all the step's nodes on ``device``."""
+    ``step_seconds`` is the roofline time of all the step's nodes on ``device``. ``codegen`` ("eager" or
+    "inductor") overrides ``semantics.codegen``: with "inductor" only the buffers Inductor allocates count."""
     from memgraph.cost_model.costs import hints_of_values
     from memgraph.cost_model.step import graph_step, simulate_step
 
+    semantics = _semantics(semantics, codegen)
     values = [n.meta.get("val") for gm in (fw_gm, bw_gm) for n in gm.graph.nodes]
     hints = hints_of_values(values)
-    predicted = simulate_step(graph_step(graph, fw_gm, bw_gm), hints, semantics or StepSemantics())
+    predicted = simulate_step(graph_step(graph, fw_gm, bw_gm, kernels=semantics.fuses), hints, semantics)
     # Roofline time of everything the step runs (unfused), read now: a compiler may rewrite the graphs later.
     predicted.step_seconds = float(sum(node_seconds(n, device or DeviceSpec(), hints)
                                        for gm in (fw_gm, bw_gm) for n in gm.graph.nodes))

@@ -41,6 +41,7 @@ import torch.fx as fx
 
 from memgraph import _compat
 from memgraph.cost_model import runtime
+from memgraph.cost_model.inductor import with_kernel
 from memgraph.cost_model.memory import MemoryEstimate, StepSemantics
 from memgraph.cost_model.runtime import DeviceSpec
 from memgraph.cost_model.step import StepGraphs, grad_clone_bytes, simulate_step
@@ -64,6 +65,8 @@ class GraphCosts:
         self.names: list[str] = [n.name for n in nodes]
         self.index: dict[str, int] = {name: i for i, name in enumerate(self.names)}
         self.values = [node_value(n) for n in nodes]
+        if self.semantics.fuses:
+            self.values = [with_kernel(v, n) for v, n in zip(self.values, nodes)]
         self.hints = _hints_of(graph)
         self._inputs = [[self.index[name] for name in v.inputs if name in self.index] for v in self.values]
         placeholders = graph.placeholders

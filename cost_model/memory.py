@@ -37,6 +37,7 @@ WEIGHTS, INPUTS, SAVED, OUTPUTS, GRADS, TEMPORARIES = "weights", "inputs", "save
 CATEGORIES = (WEIGHTS, INPUTS, SAVED, OUTPUTS, GRADS, TEMPORARIES)
 _CATEGORY_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
 FORWARD, BACKWARD = "forward", "backward"
+CODEGENS = ("eager", "inductor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +48,25 @@ class StepSemantics:
     backward_frees_inputs: backward frees saved activations at their last use (Inductor; boxed interpreter).
     accumulate_grads: model AccumulateGrad's clone of gradients whose layout differs from their parameter's.
     granularity: allocation rounding in bytes (CUDA caching allocator: 512; 1 = exact storage bytes).
+    codegen: what runs the graphs. "eager": every node allocates its outputs (an FX interpreter, eager
+      kernels). "inductor": only the buffers Inductor's generated code allocates (fused values live inside
+      kernels; pointwise kernels may write into a dying input), see ``inductor.py``.
     """
 
     outputs_alive: bool = True
     backward_frees_inputs: bool = True
     accumulate_grads: bool = True
     granularity: int = 512
+    codegen: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.codegen not in CODEGENS:
+            raise ValueError(f"codegen={self.codegen!r} is not supported; choose one of {list(CODEGENS)}")
+
+    @property
+    def fuses(self) -> bool:
+        """Whether memory follows Inductor's generated code rather than one allocation per node."""
+        return self.codegen == "inductor"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from memgraph.cost_model.memory import (BACKWARD, FORWARD, GRADS, INPUTS, OUTPUTS, SAVED, WEIGHTS,
                                         MemoryEstimate, Program, StepSemantics, grad_needs_clone, run_phase)
+from memgraph.cost_model.inductor import inductor_kernels, with_kernel
 from memgraph.cost_model.symbolic import as_size
 from memgraph.cost_model.values import NodeValue, node_value
 
@@ -55,7 +56,10 @@ def simulate_step(step: StepGraphs, hints: Mapping[sympy.Symbol, int], semantics
     program.step("inputs", FORWARD, sorted(resident), [])
 
     saved_names = [v.name for v in step.saved]
-    forward = run_phase(program, FORWARD, step.forward, step.user_outputs + saved_names, given=primal_storages,
+    forward_nodes = step.forward
+    if semantics.fuses:
+        forward_nodes = inductor_kernels(step.forward, step.user_outputs + saved_names)
+    forward = run_phase(program, FORWARD, forward_nodes, step.user_outputs + saved_names, given=primal_storages,
                         resident=resident,
                         output_categories={**{n: SAVED for n in saved_names}, **{n: OUTPUTS for n in step.user_outputs}})
     user_storages = {s for n in step.user_outputs for s in forward.storages_of.get(n, ()) if s is not None}
@@ -73,7 +77,14 @@ def simulate_step(step: StepGraphs, hints: Mapping[sympy.Symbol, int], semantics
     # The seed gradient (ones for the loss) is made by ``torch.autograd.backward`` in Python, which holds it
     # until backward returns; autograd's materialized zeros are handed over and freed when consumed.
     seed = [step.tangents[0].name] if step.tangents else []
-    backward = run_phase(program, BACKWARD, placeholders + step.backward, grad_names, given=given,
+    backward_nodes = placeholders + step.backward
+    if semantics.fuses:
+        # Saved activations not shared with the caller are donated: Inductor may write into them once dead.
+        shared = resident | user_storages
+        donated = [n for n in saved_names if not shared & set(given[n])]
+        backward_nodes = inductor_kernels(backward_nodes, grad_names, given=[v.name for v in placeholders],
+                                          donated=donated)
+    backward = run_phase(program, BACKWARD, backward_nodes, grad_names, given=given,
                          resident=resident, output_categories={n: GRADS for n in grad_names},
                          placeholders=[v.name for v in placeholders],
                          frees_inputs=semantics.backward_frees_inputs, held=seed)
@@ -107,8 +118,10 @@ def grad_clone_bytes(grads: Sequence[str | None], primal_vals: Sequence[Any], gr
     return clones
 
 
-def graph_step(graph, fw: fx.GraphModule, bw: fx.GraphModule) -> StepGraphs:
-    """Read a partitioned (forward, backward) pair of ``graph`` as a StepGraphs."""
+def graph_step(graph, fw: fx.GraphModule, bw: fx.GraphModule, *, kernels: bool = False) -> StepGraphs:
+    """Read a partitioned (forward, backward) pair of ``graph`` as a StepGraphs (``kernels``: with each
+    node's ``KernelInfo``, for ``codegen="inductor"``)."""
+    node_value = _node_value_reader(kernels)
     fw_nodes = list(fw.graph.nodes)
     fw_placeholders = [n for n in fw_nodes if n.op == "placeholder"]
     fw_output = [n for n in fw_nodes if n.op == "output"][0]
@@ -136,6 +149,12 @@ def graph_step(graph, fw: fx.GraphModule, bw: fx.GraphModule) -> StepGraphs:
     )
 
 
+def _node_value_reader(kernels: bool):
+    if kernels:
+        return lambda node: with_kernel(node_value(node), node)
+    return node_value
+
+
 def _flat(outputs: Any) -> list[Any]:
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
@@ -158,7 +177,10 @@ def estimate_single_graph(gm: fx.GraphModule, hints: Mapping[sympy.Symbol, int],
                             for o in value.outputs]
         resident.update(s for s in given[node.name] if s is not None)
     program.step("inputs", FORWARD, sorted(resident), [])
-    values = [node_value(n) for n in nodes if n.op not in ("placeholder", "output")]
+    read = _node_value_reader(semantics.fuses)
+    values = [read(n) for n in nodes if n.op not in ("placeholder", "output")]
+    if semantics.fuses:
+        values = inductor_kernels(values, outputs)
     run_phase(program, FORWARD, values, outputs, given=given, resident=resident,
               output_categories={n: OUTPUTS for n in outputs})
     return MemoryEstimate(program)

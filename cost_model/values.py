@@ -43,6 +43,7 @@ class NodeValue:
     outputs: tuple[Output | None, ...]
     inputs: tuple[str, ...]
     unknown: str | None = None  # why the size or aliasing is a guess (reported in unknown_ops)
+    kernel: Any = None  # inductor.KernelInfo when memory is modelled for Inductor's generated code
 
 
 def tensors_in(value: Any) -> Iterator[torch.Tensor]:

@@ -76,10 +76,14 @@ def aot_module(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fw_compiler
 def inductor_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, partitioner: CustomPartitionerFn,
                      config_patches: dict[str, Any] | None = None) -> Callable:
     """Inductor's whole pipeline (decompositions, joint-graph passes, codegen) with our partitioner."""
+    from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {"custom_partitioner_fn": partitioner, **(config_patches or {})}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    # No FX-graph or AOTAutograd cache: a hit would skip our partitioner, so no plan would be made or reported
+    # (and a partitioner's uuid() of None does not bypass those caches, it only enters their key).
+    patches = {"custom_partitioner_fn": partitioner, "fx_graph_cache": False, **(config_patches or {})}
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def inductor_decompositions() -> dict:

@@ -59,7 +59,7 @@ def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Plan, A
     """Estimate the graph, run the chosen solver and attach the cost model's predictions to the plan."""
     from memgraph import cost_model
 
-    estimate = cost_model.estimate_training_graph(graph)
+    estimate = cost_model.estimate_training_graph(graph, codegen=options.codegen)
     entry = solvers.get(options.solver)
     started = time.perf_counter()
     plan = entry.function(graph, estimate, options.memory_budget)
@@ -68,12 +68,12 @@ def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Plan, A
     return plan, estimate
 
 
-def _annotate(graph: TrainingGraph, plan: Plan, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
+def _annotate(graph: TrainingGraph, plan: Plan, fw: fx.GraphModule, bw: fx.GraphModule, codegen: str) -> Any:
     """Fill the plan's predicted figures from the partitioned graphs; return the plan's memory estimate."""
     from memgraph import cost_model
 
     plan.recomputed = recomputed_nodes(graph, bw)
-    predicted = cost_model.estimate_partitioned(graph, fw, bw)
+    predicted = cost_model.estimate_partitioned(graph, fw, bw, codegen=codegen)
     plan.peak_bytes = int(predicted.peak_bytes_hint)
     plan.recompute_seconds = cost_model.recompute_seconds(graph, plan)
     return predicted
@@ -103,7 +103,7 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
             plan.notes.append(f"fallback: solver {self.options.solver!r} failed: {error}")
             if self.record is not None:
                 self.record.fallback = str(error)
-        predicted = _annotate(graph, plan, fw, bw)
+        predicted = _annotate(graph, plan, fw, bw, self.options.codegen)
         log.info("memgraph: %s", plan.summary())
         if self.record is not None:
             self.record.plan, self.record.estimate = plan, predicted
@@ -134,6 +134,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     """The memgraph pipeline for one Dynamo graph."""
     record = GraphRecord(next(_graph_ids), options)
     _remember(record)
+    try:
+        return _compile(gm, example_inputs, options, record)
+    except Exception as error:
+        record.fallback = f"{type(error).__name__}: {error}"
+        raise
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list, options: Options, record: GraphRecord) -> Callable:
     if options.rewrites:
         gm, record.rewrites = apply_rewrites(gm, example_inputs, options)
         if record.rewrites:

@@ -25,12 +25,16 @@ def lm_step(model, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss.detach(), grads
 
 
-def compare_to_eager(model, ids, options, *, seed: int | None = None, loss_rtol=1e-4, grad_rtol=1e-3):
+def compare_to_eager(model, ids, options, *, seed: int | None = None, loss_rtol=1e-4, grad_rtol=1e-3,
+                     expect_fallback: bool = False):
     """Train one step eagerly and compiled (on a deep copy); assert equal loss and gradients."""
     compiled_model = copy.deepcopy(model)
     if seed is not None:
         torch.manual_seed(seed)
     eager_loss, eager_grads = lm_step(model, ids)
+    import memgraph
+
+    before = len(memgraph.compiled_graphs())
     compiled = torch.compile(compiled_model, backend="memgraph", options=options)
     if seed is not None:
         torch.manual_seed(seed)
@@ -39,4 +43,7 @@ def compare_to_eager(model, ids, options, *, seed: int | None = None, loss_rtol=
     assert grads.keys() == eager_grads.keys()
     worst = max((relative_error(grads[n], g), n) for n, g in eager_grads.items())
     assert worst[0] < grad_rtol, worst
+    if not expect_fallback:
+        fallbacks = [r.fallback for r in memgraph.compiled_graphs()[before:] if r.fallback]
+        assert not fallbacks, fallbacks  # the pipeline ran for real, not a silent eager fallback
     return compiled

@@ -104,7 +104,7 @@ def test_pipeline_failure_falls_back_to_eager_with_a_log(monkeypatch, caplog):
     monkeypatch.setattr(pipeline, "compile_graph", broken)
     model = models.build("llama")
     with caplog.at_level("WARNING", logger="memgraph"):
-        compare_to_eager(model, _ids(model), {"codegen": "eager"})
+        compare_to_eager(model, _ids(model), {"codegen": "eager"}, expect_fallback=True)
     assert "simulated compiler bug" in caplog.text and "running it eagerly" in caplog.text
 
 
@@ -117,7 +117,7 @@ def test_solver_failure_falls_back_to_default_partition(monkeypatch, caplog):
     solvers.register("broken-for-test", replace=True)(broken_solver)
     model = models.build("llama")
     with caplog.at_level("WARNING", logger="memgraph"):
-        compare_to_eager(model, _ids(model), {"codegen": "eager", "solver": "broken-for-test"})
+        compare_to_eager(model, _ids(model), {"codegen": "eager", "solver": "broken-for-test"}, expect_fallback=True)
     assert "solver exploded" in caplog.text
     assert memgraph.compiled_graphs()[-1].plan.solver == "none"
 

@@ -1,0 +1,418 @@
+"""Which values Inductor materializes, and when it writes a kernel's output into a dying input.
+
+The eager model allocates every node's output. Inductor (``codegen="inductor"``) instead lowers each graph to
+kernels: a pointwise value is computed inside its consumers' kernels unless something forces it into a
+buffer. ``inductor_kernels`` rewrites one graph's node values into the buffers Inductor allocates, so the
+same liveness sweep (``memory.run_phase``) predicts Inductor's memory. The rules follow torch/_inductor
+(``graph.py: GraphLowering.run_node``, ``ir.py: StorageBox.realize_hint/should_realize_on_reuse``,
+``lowering.py: make_reduction``, ``scheduler.py: decide_inplace_update``):
+
+* Materialized (a "buffer"): outputs of extern kernels (mm/addmm/bmm/convolution, SDPA and other
+  fallbacks, random ops with ``fallback_random``, custom ops such as ``memgraph::*`` and ``bitsandbytes::*``)
+  and the inputs they read (``ExternKernel.realize_input``); reductions, concatenations and scans (their
+  pointwise inputs are inlined); graph outputs (user outputs, saved activations, gradients).
+* A pointwise value with several users is materialized when one user is an op in Inductor's
+  ``needs_realized_inputs`` and it reads more than one buffer, when it reads more than
+  ``realize_reads_threshold`` buffers, when its inlined expression exceeds ``realize_opcount_threshold``,
+  or, on the CPU, when it computes exp/log/sigmoid/tanh. Any pointwise value reading more than
+  ``realize_acc_reads_threshold`` buffers is materialized. Everything else lives only inside kernels.
+* A view of a buffer is that buffer; a view of an inlined value is inlined (materializing it materializes
+  its base).
+* A materialized value's kernel reads the buffers its inlined inputs read, so those stay alive until it
+  runs and are freed after it.
+* In-place reuse: a pointwise kernel whose input buffer dies at that kernel, read elementwise (same
+  number of elements, no permuting view in between) with the output's dtype and size, writes its output
+  into that buffer instead of allocating (``inplace_buffers``). Backward's saved activations are donated
+  buffers and qualify; forward inputs and buffers still needed later do not.
+
+Buffer reuse between dead and new buffers of equal size (``allow_buffer_reuse``) does not change the bytes
+allocated, and the scheduler's reordering for peak memory is not modelled (the graph's order is kept).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from memgraph.cost_model.symbolic import Size, as_size
+from memgraph.cost_model.values import NodeValue, Output
+
+aten = torch.ops.aten
+
+EXTERN, BUFFER, POINTWISE, VIEW, INPUT = "extern", "buffer", "pointwise", "view", "input"
+
+# Ops Inductor lowers to a reduction, scan or concatenation: their output is a buffer, their inputs inline.
+_BUFFER_OPS = {"sum", "mean", "prod", "amax", "amin", "max", "min", "argmax", "argmin", "var", "var_mean", "std",
+               "std_mean", "any", "all", "logsumexp", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
+               "cat", "nansum", "_log_softmax", "_softmax", "native_layer_norm", "native_group_norm",
+               "native_batch_norm", "_native_batch_norm_legit_functional", "nll_loss_forward"}
+# Matmul-like ops Inductor hands to extern kernels (its lowerings realize their inputs).
+_MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "_int_mm", "_scaled_mm", "convolution", "convolution_backward",
+               "_convolution"}
+# Ops whose inlined use of exp/log/sigmoid/tanh makes the CPU backend materialize a reused value.
+_HEAVY_OPS = {"exp", "exp2", "log", "log10", "log1p", "log2", "sigmoid", "tanh", "_log_softmax", "_softmax",
+              "silu", "logsumexp"}
+# Views after which a buffer is no longer read at the output's own index (no in-place reuse through them).
+_REINDEXING_VIEWS = {"permute", "transpose", "t", "expand", "slice", "select", "as_strided", "diagonal",
+                     "unfold", "narrow", "split", "split_with_sizes", "chunk", "unbind", "movedim"}
+
+# Inductor's thresholds (torch/_inductor/config.py), GPU / CPU.
+REALIZE_READS_THRESHOLD = 4
+OPCOUNT_THRESHOLD = {False: 30, True: 50}
+ACC_READS_THRESHOLD = {False: 8, True: 12}
+LARGE_INNER_FN_OPS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelInfo:
+    """What Inductor's lowering of one FX node decides with: how it lowers, and the output's layout."""
+
+    kind: str  # extern / buffer / pointwise / view / input
+    realizes_reused_inputs: bool  # in ``needs_realized_inputs``: a reused input with >1 reads is realized
+    heavy: bool  # computes exp/log/sigmoid/tanh (the CPU backend materializes such values when reused)
+    reindexes: bool  # a view that permutes, broadcasts or slices its input
+    concat: bool  # a concatenation: Inductor writes its inputs into it and never reuses it in place
+    cpu: bool
+    dtype: torch.dtype | None
+    numel: Size | None
+
+
+def kernel_info(node: fx.Node) -> KernelInfo:
+    value = node.meta.get("val")
+    tensor = value if isinstance(value, torch.Tensor) else None
+    numel = None
+    if tensor is not None:
+        numel = 1
+        for dim in tensor.shape:
+            numel = numel * as_size(dim)
+    name = _op_name(node.target) if node.op == "call_function" else ""
+    return KernelInfo(
+        kind=INPUT if node.op == "placeholder" else _kind(node),
+        realizes_reused_inputs=node.op == "call_function" and _needs_realized_inputs(node.target),
+        heavy=name in _HEAVY_OPS,
+        reindexes=name in _REINDEXING_VIEWS,
+        concat=name == "cat",
+        cpu=tensor is not None and tensor.device.type == "cpu",
+        dtype=tensor.dtype if tensor is not None else None,
+        numel=numel,
+    )
+
+
+def with_kernel(value: NodeValue, node: fx.Node) -> NodeValue:
+    """``value`` carrying its node's ``KernelInfo`` (what ``inductor_kernels`` reads)."""
+    return dataclasses.replace(value, kernel=kernel_info(node))
+
+
+def _op_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", "")
+
+
+def _kind(node: fx.Node) -> str:
+    if node.op != "call_function":
+        return EXTERN
+    if _is_view(node):
+        return VIEW
+    return _target_kind(node.target)
+
+
+def _is_view(node: fx.Node) -> bool:
+    target = node.target
+    if target is operator.getitem:
+        return True
+    return isinstance(target, torch._ops.OpOverload) and (target.is_view or target in (
+        aten._unsafe_view.default, aten.alias.default, aten.detach.default, aten.lift_fresh.default))
+
+
+@functools.lru_cache(maxsize=None)
+def _target_kind(target) -> str:
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
+        return EXTERN  # custom ops, higher-order ops, Python callables: extern or fallback kernels
+    name = _op_name(target)
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return EXTERN  # random ops (memgraph compiles with fallback_random)
+    if name in _MATMUL_OPS or _needs_realized_inputs(target) or not _has_lowering(target):
+        return EXTERN
+    if torch.Tag.pointwise in target.tags:
+        return POINTWISE
+    if name in _BUFFER_OPS or target._schema.is_mutable:
+        return BUFFER
+    return POINTWISE  # indexing, fills, pads, scatters into fresh tensors: lowered as inlinable loops
+
+
+@functools.lru_cache(maxsize=None)
+def _needs_realized_inputs(target) -> bool:
+    from torch._inductor.lowering import needs_realized_inputs
+
+    return target in needs_realized_inputs
+
+
+@functools.lru_cache(maxsize=None)
+def _has_lowering(target) -> bool:
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import lowerings
+
+    return target in lowerings or target.overloadpacket in lowerings or target in select_decomp_table()
+
+
+@dataclasses.dataclass
+class _Inlined:
+    """A value living only inside kernels: the buffers its expression reads and how big the expression is."""
+
+    reads: frozenset[str]  # buffers that must stay alive until the kernel computing it runs
+    aligned: frozenset[str]  # reads at the value's own index (in-place candidates)
+    ops: int
+    heavy: bool
+    base: str | None  # for an inlined view: the value it views
+    counted: frozenset[str] | None = None  # the reads Inductor's heuristics count, if not ``reads``
+
+    @property
+    def counted_reads(self) -> frozenset[str]:
+        return self.reads if self.counted is None else self.counted
+
+
+class _Lowering:
+    """Walks one graph in order, deciding per value buffer-or-inlined, and emits the buffers' steps."""
+
+    def __init__(self, nodes: Sequence[NodeValue], outputs: Sequence[str], given: set[str]):
+        self.values = {v.name: v for v in nodes}
+        self.outputs = set(outputs)
+        self.given = given
+        self.users: dict[str, set[str]] = {}
+        for value in nodes:
+            for name in value.inputs:
+                self.users.setdefault(name, set()).add(value.name)
+        for name in outputs:
+            self.users.setdefault(name, set()).add("output")
+        self.inlined: dict[str, _Inlined] = {}
+        self.aligned: dict[str, frozenset[str]] = {}  # emitted pointwise buffer -> its in-place candidates
+        self.emitted: list[NodeValue] = []
+
+    # --- reading values -------------------------------------------------------------------------------
+    def reads(self, names: Sequence[str]) -> tuple[str, ...]:
+        """The buffers a kernel reading ``names`` reads: inlined values are replaced by their reads."""
+        result: dict[str, None] = {}
+        for name in names:
+            if name in self.inlined:
+                result.update(dict.fromkeys(sorted(self.inlined[name].reads)))
+            else:
+                result[name] = None
+        return tuple(result)
+
+    def info(self, name: str) -> KernelInfo | None:
+        value = self.values.get(name)
+        return value.kernel if value is not None else None
+
+    # --- decisions ------------------------------------------------------------------------------------
+    def lower(self, value: NodeValue) -> None:
+        info = value.kernel
+        if value.name in self.given or info is None or info.kind == INPUT:
+            self.emitted.append(value)
+            return
+        if info.kind == VIEW:
+            self.lower_view(value)
+        elif info.kind == POINTWISE and _single_fresh_output(value):
+            self.inline_pointwise(value)
+        else:
+            if info.kind != BUFFER:  # extern kernels read materialized inputs
+                for name in value.inputs:
+                    self.realize(name)
+            self.emit(value)
+            return
+        if value.name in self.inlined:
+            self.realize_if_reused(value)
+
+    def lower_view(self, value: NodeValue) -> None:
+        source = _alias_source(value)
+        if source is None or source not in self.inlined:
+            self.emit(value)
+            return
+        inner = self.inlined[source]
+        aligned = frozenset() if value.kernel.reindexes else inner.aligned
+        self.inlined[value.name] = _Inlined(inner.reads, aligned, inner.ops, inner.heavy, source)
+
+    def inline_pointwise(self, value: NodeValue) -> None:
+        reads: set[str] = set()
+        counted: set[str] = set()
+        aligned: set[str] = set()
+        ops, heavy = 1, value.kernel.heavy
+        for name in value.inputs:
+            inner = self.inlined.get(name)
+            same_extent = _same_numel(self.info(name), value.kernel)
+            if inner is None:
+                reads.add(name)
+                counted.add(name)
+                ops += 1
+                if same_extent and _dtype_of(self.info(name)) is not None:
+                    aligned.add(name)
+            else:
+                reads |= inner.reads
+                counted |= inner.counted_reads
+                ops += inner.ops
+                heavy = heavy or inner.heavy
+                if same_extent:
+                    aligned |= inner.aligned
+        self.inlined[value.name] = _Inlined(frozenset(reads), frozenset(aligned), ops, heavy, None,
+                                            frozenset(counted))
+
+    def realize_if_reused(self, value: NodeValue) -> None:
+        """GraphLowering.run_node's realization rules, applied as the node is lowered."""
+        inner = self.inlined[value.name]
+        cpu = value.kernel.cpu
+        num_reads = len(inner.counted_reads)
+        users = self.users.get(value.name, set())
+        if len(users) > 1:
+            hinted = any((self.info(u) is not None and self.info(u).realizes_reused_inputs) for u in users)
+            if "output" in users or (hinted and num_reads > 1):
+                self.realize(value.name)
+                return
+            if (cpu and inner.heavy) or inner.ops > OPCOUNT_THRESHOLD[cpu] or num_reads > REALIZE_READS_THRESHOLD:
+                self.realize_unless_kernel_local(value)
+                return
+        too_many_reads = num_reads > ACC_READS_THRESHOLD[cpu] or inner.ops > OPCOUNT_THRESHOLD[cpu]
+        if (too_many_reads and num_reads > 1) or inner.ops > LARGE_INNER_FN_OPS:
+            self.realize_unless_kernel_local(value)
+
+    def realize_unless_kernel_local(self, value: NodeValue) -> None:
+        """A buffer whose users all fuse into its own kernel is never allocated (the scheduler drops
+        kernel-local buffers); Inductor's heuristics then count it as one read."""
+        if self.fuses_into_users(value.name, value.kernel.numel):
+            inner = self.inlined[value.name]
+            self.inlined[value.name] = dataclasses.replace(inner, ops=1, heavy=False, counted=frozenset({value.name}))
+        else:
+            self.realize(value.name)
+
+    def fuses_into_users(self, name: str, numel: Size | None) -> bool:
+        """Whether every kernel reading ``name`` loops over the same elements (a reduction of them, or
+        pointwise work on them), following views and pointwise users, which inline into their own users."""
+        for user in self.users.get(name, ()):
+            info = self.info(user)
+            if info is None or info.kind in (EXTERN, INPUT) or info.concat:
+                return False
+            if info.kind in (VIEW, POINTWISE) and (info.numel != numel or not self.fuses_into_users(user, numel)):
+                return False
+        return True
+
+    def realize(self, name: str) -> None:
+        """Materialize an inlined value now (its base first, for a view)."""
+        inner = self.inlined.get(name)
+        if inner is None:
+            return
+        if inner.base is not None:
+            self.realize(inner.base)
+            del self.inlined[name]
+            self.emit(self.values[name])
+            return
+        del self.inlined[name]
+        self.emitted.append(dataclasses.replace(self.values[name], inputs=tuple(sorted(inner.reads))))
+        if _dtype_of(self.values[name].kernel) is not None:
+            self.aligned[name] = inner.aligned
+
+    def emit(self, value: NodeValue) -> None:
+        self.emitted.append(dataclasses.replace(value, inputs=self.reads(value.inputs)))
+
+    def finish(self) -> list[NodeValue]:
+        for name in self.outputs:  # graph outputs are realized at the end (GraphLowering.output)
+            self.realize(name)
+        return self.emitted
+
+
+def _single_fresh_output(value: NodeValue) -> bool:
+    return len(value.outputs) == 1 and value.outputs[0] is not None and value.outputs[0].alias is None
+
+
+def _alias_source(value: NodeValue) -> str | None:
+    for output in value.outputs:
+        if output is not None and output.alias is not None:
+            return output.alias[0]
+    return value.inputs[0] if value.inputs else None
+
+
+def _dtype_of(info: KernelInfo | None):
+    return info.dtype if info is not None else None
+
+
+def _same_numel(a: KernelInfo | None, b: KernelInfo | None) -> bool:
+    return a is not None and b is not None and a.numel is not None and a.numel == b.numel
+
+
+def _reuse_in_place(emitted: list[NodeValue], aligned: dict[str, frozenset[str]], outputs: Sequence[str],
+                    given: set[str], donated: set[str]) -> list[NodeValue]:
+    """Let a pointwise kernel write into an input buffer that dies at it (same dtype and size)."""
+    root: dict[tuple[str, int], tuple[str, int]] = {}
+    by_name = {v.name: v for v in emitted}
+
+    def root_of(name: str, index: int = 0) -> tuple[str, int]:
+        return root.get((name, index), (name, index))
+
+    def resolve(value: NodeValue) -> None:
+        for index, output in enumerate(value.outputs):
+            if output is not None and output.alias is not None:
+                root[(value.name, index)] = root_of(*output.alias)
+
+    last_use: dict[tuple[str, int], int] = {}
+    for position, value in enumerate(emitted):
+        resolve(value)
+        for name in value.inputs:
+            for index in range(max(1, len(by_name[name].outputs) if name in by_name else 1)):
+                last_use[root_of(name, index)] = position
+    kept = {root_of(name, i) for name in outputs
+            for i in range(max(1, len(by_name[name].outputs) if name in by_name else 1))}
+    root.clear()
+
+    result: list[NodeValue] = []
+    for position, value in enumerate(emitted):
+        resolve(value)
+        candidates = aligned.get(value.name)
+        if candidates and _single_fresh_output(value):
+            target = _in_place_target(value, candidates, position, last_use, kept, given, donated, by_name, root_of)
+            if target is not None:
+                value = dataclasses.replace(value, outputs=(Output(alias=target),))
+                root[(value.name, 0)] = root_of(*target)
+                here = last_use.get((value.name, 0), position)
+                last_use[root_of(*target)] = max(position, here)
+                if (value.name, 0) in kept:
+                    kept.add(root_of(*target))
+        result.append(value)
+    return result
+
+
+def _in_place_target(value: NodeValue, candidates, position, last_use, kept, given, donated, by_name, root_of):
+    for name in sorted(candidates):
+        producer = by_name.get(name)
+        if producer is None or len(producer.outputs) != 1:
+            continue
+        target = root_of(name, 0)
+        owner = by_name.get(target[0])
+        if owner is None or (target[0] in given and target[0] not in donated) or target in kept:
+            continue
+        if last_use.get(target) != position or owner.kernel is None or owner.kernel.dtype != value.kernel.dtype:
+            continue
+        if owner.kernel.concat:
+            continue
+        fresh = owner.outputs[target[1]] if target[1] < len(owner.outputs) else None
+        if fresh is not None and fresh.alias is None and fresh.nbytes == value.outputs[0].nbytes:
+            return target
+    return None
+
+
+def inductor_kernels(nodes: Sequence[NodeValue], outputs: Sequence[str], *, given: Sequence[str] = (),
+                     donated: Sequence[str] = ()) -> list[NodeValue]:
+    """The buffers Inductor allocates for one graph, as node values for ``memory.run_phase``.
+
+    nodes: the graph's values in order, each with its ``kernel`` (``KernelInfo``); outputs: the names it
+    returns; given: values that exist before it runs (its placeholders); donated: given values it may
+    overwrite once dead (backward's saved activations). Inlined values disappear; a materialized value's
+    inputs become the buffers its kernel reads; an in-place kernel's output becomes an alias of its input.
+    """
+    given_set = set(given)
+    lowering = _Lowering(nodes, outputs, given_set)
+    for value in nodes:
+        lowering.lower(value)
+    emitted = lowering.finish()
+    return _reuse_in_place(emitted, lowering.aligned, outputs, given_set, set(donated))
