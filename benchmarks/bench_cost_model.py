@@ -151,11 +151,12 @@ def measure(model, compiled, ids, device: str) -> tuple[int, float, int]:
     return peak, statistics.median(times), resident
 
 
-def run_solver(model, variant: str, solver: str, seqs: list[int], args, deadline: float) -> list[dict[str, Any]]:
-    """One compile (dynamic sequence length with --dynamic, else one per length) and a row per length."""
+def run_solver(model, variant: str, solver: str, seqs: list[int], args, deadline: float,
+               rows: list[dict[str, Any]], save) -> None:
+    """One compile (dynamic sequence length with --dynamic, else one per length); appends a row per length to
+    ``rows`` and calls ``save()`` after each, so a run stopped by a time limit keeps what it measured."""
     import torch._dynamo
 
-    rows = []
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="memgraph", options={"solver": solver, "codegen": args.codegen})
     records, traced_seq = [], None
@@ -207,9 +208,9 @@ def run_solver(model, variant: str, solver: str, seqs: list[int], args, deadline
             release(args.device)
         rows.append(row)
         print(row, flush=True)
+        save()
     del compiled
     release(args.device)
-    return rows
 
 
 def overlay(variant: str, seq: int, solver: str, args, out_dir: Path) -> dict[str, Any]:
@@ -305,6 +306,11 @@ def main() -> int:
     started = time.perf_counter()
     deadline = started + args.time_budget
     rows: list[dict[str, Any]] = []
+
+    def save() -> None:
+        write_results("cost_model_accuracy", rows, out_dir, layers=args.layers, codegen=args.codegen,
+                      total_s=time.perf_counter() - started)
+
     try:
         rows.append(overlay(variants[0], min(seqs), solvers[-1], args, out_dir))
     except Exception as error:  # noqa: BLE001 - the accuracy rows matter more than the picture
@@ -323,11 +329,10 @@ def main() -> int:
                      for p in solvers for q in seqs]
             continue
         for solver in solvers:
-            rows += run_solver(model, variant, solver, sorted(seqs), args, deadline)
+            run_solver(model, variant, solver, sorted(seqs), args, deadline, rows, save)
         del model
         release(args.device)
-    write_results("cost_model_accuracy", rows, out_dir, layers=args.layers, codegen=args.codegen,
-                  total_s=time.perf_counter() - started)
+    save()
     print_table(rows)
     return 0
 
