@@ -4,6 +4,7 @@ Results file: ``{"meta": {hardware, versions, date, command}, "rows": [flat dict
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
@@ -70,3 +71,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("|" + "---|" * len(keys))
     for row in rows:
         print("| " + " | ".join(fmt(row.get(k, "")) for k in keys) + " |")
+
+
+@contextlib.contextmanager
+def exclusive_gpu_timing():
+    """Hold a machine-wide lock while timing, so benchmark processes sharing one GPU (compiling and planning
+    concurrently to save device time) never time their steps at the same moment."""
+    import fcntl
+
+    with open(os.environ.get("MEMGRAPH_TIMING_LOCK", "/tmp/memgraph-gpu-timing.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

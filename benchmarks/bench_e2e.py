@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import exclusive_gpu_timing, print_table, write_results  # noqa: E402
 
 WEIGHTS = ("bf16", "bnb", "nf4")
 COMPILERS = ("eager", "inductor", "memgraph")
@@ -90,16 +90,17 @@ def run_recipe(args, recipe: str) -> dict:
     first_loss = float(step())
     torch.cuda.synchronize()
     first_step_s = time.perf_counter() - started
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
+    with exclusive_gpu_timing():
         step()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.steps):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
     step_s = statistics.median(times)
     row = {"recipe": recipe, "seq": args.seq, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
            "tok_s": ids.numel() / step_s, "step_ms": step_s * 1e3, "compile_s": first_step_s - step_s,
