@@ -12,8 +12,9 @@ from memgraph.api import partitioner, plan  # noqa: E402
 from memgraph.plan import Plan  # noqa: E402
 from memgraph.pipeline import compiled_graphs  # noqa: E402
 from memgraph.quantize import quantize_  # noqa: E402
+from memgraph.compare import compare  # noqa: E402
 
-__all__ += ["partitioner", "plan", "Plan", "compiled_graphs", "quantize_"]
+__all__ += ["partitioner", "plan", "Plan", "compiled_graphs", "quantize_", "compare"]
 
 from memgraph.integrations import register_with_accelerate as _register_with_accelerate  # noqa: E402
 

@@ -236,3 +236,9 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     return fx.GraphModule(gm, graph)
+
+
+def reorder_backward_like_autograd(bw: fx.GraphModule) -> fx.GraphModule:
+    """Move each recomputed forward op to just before its first backward use (torch's partitioners do the
+    same), instead of recomputing everything at the start of backward and holding it all."""
+    return _partitioners.reordering_to_mimic_autograd_engine(bw)

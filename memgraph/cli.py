@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(plan_parser)
     plan_parser.add_argument("--json", default=None, help="write the Plan as JSON to this path")
     plan_parser.set_defaults(run=plan_command)
+    from memgraph.compare import add_compare_parser
+
+    add_compare_parser(commands)
     return parser
 
 

@@ -24,7 +24,7 @@ def partition(graph: TrainingGraph, plan: Plan) -> tuple[fx.GraphModule, fx.Grap
     except Exception as error:  # torch reports an unreachable value as an AssertionError/RuntimeError
         raise InvalidPlanError(
             f"plan of solver {plan.solver!r} cannot be applied: {type(error).__name__}: {error}") from error
-    return fw, bw
+    return fw, _compat.reorder_backward_like_autograd(bw)
 
 
 def recomputed_nodes(graph: TrainingGraph, bw: fx.GraphModule) -> list[str]:

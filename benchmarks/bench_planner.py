@@ -1,0 +1,226 @@
+"""Planner sweep: predicted and measured peak and tokens/s of each recompute solver across memory budgets.
+
+    python benchmarks/bench_planner.py                  # H200: Llama-3-8B, bf16 LoRA + QLoRA, seq 2048, 5 budgets
+    python benchmarks/bench_planner.py --quick          # bf16 LoRA only, 3 budgets (fits the ~8 minute slot)
+    python benchmarks/bench_planner.py --device cpu     # smoke run on a tiny model (no GPU)
+
+The step's joint graph is captured once per recipe (Dynamo + AOTAutograd, one real forward + backward);
+budgets are spread from the layer-checkpointing peak to the no-recompute peak (predicted); each solver plans
+under each budget (``solve_s``) and its partitioned graphs run node by node (eager FX, as AOTAutograd's
+runtime: backward frees saved values as it consumes them): measured ``max_memory_allocated`` after a warm-up
+step and the median time of 3 steps (``tok_s``). This measures the plans, not the code generator, without a
+recompile per point. Then one full ``torch.compile(backend="memgraph")`` (codegen ``--codegen``, solver ilp,
+middle budget) and one ``torch.compile(backend="inductor")`` report compile time and step time side by side.
+Rows (``planner_sweep.json``): ``recipe``, ``solver``, ``budget_bytes``, ``predicted_peak_bytes``,
+``measured_peak_bytes``, ``tok_s``, ``solve_s`` (+ ``predicted_recompute_s``, ``error``); compile rows have
+``solver`` = ``memgraph-compile:ilp`` / ``inductor-default`` and ``compile_s``. Pareto plot:
+``planner_sweep.png`` (measured peak vs step time) in $OUT or benchmarks/results.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, exclusive_gpu_timing, print_table, write_results  # noqa: E402
+
+SOLVERS = ("ilp", "greedy", "torch-budget", "checkpoint")
+# torch's knapsack re-partitions the 8B graph per bisection step (~4 s each): bound it to fit the GPU slot
+SOLVER_LIMITS = {"torch-budget": {"grid": (0.8, 0.5, 0.2, 0.0), "steps": 2, "time_limit": 20.0},
+                 "greedy": {"time_limit": 8.0}}
+QUICK_LIMITS = {"torch-budget": {"grid": (0.6, 0.2), "steps": 1, "time_limit": 10.0},
+                "greedy": {"time_limit": 6.0}, "ilp": {"time_limit": 6.0}}
+GIB = 2**30
+
+
+def build(recipe: str, model_name: str, device: str):
+    from memgraph import models
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = models.build(model_name, dtype=dtype, device=device, lora=False, use_cache=False)
+    model.requires_grad_(False)
+    if recipe == "qlora":
+        from memgraph.quantize import quantize_
+
+        quantize_(model, "nf4")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return models.add_lora(model, rank=16).train()
+
+
+def measure_plan(captured, plan, tokens: int, device: str, steps: int) -> dict[str, Any]:
+    """Run the plan's partitioned graphs: peak after a warm-up step, median step time."""
+    from memgraph.cost_model.tracker import MemoryTracker, run_step
+    from memgraph.passes.partition import partition
+
+    fw, bw = partition(captured.graph, plan)
+    graph = captured.graph
+
+    def one_step():
+        if device == "cuda":
+            result = run_step(fw, bw, captured.primals, graph.num_fwd_outputs,
+                              sample=lambda _: torch.cuda.memory_allocated())
+        else:
+            result = run_step(fw, bw, captured.primals, graph.num_fwd_outputs, tracker=MemoryTracker())
+        peak = result.peak_bytes
+        del result
+        return peak
+
+    one_step()  # warm-up
+    with exclusive_gpu_timing():
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times, peak = [], 0
+        for _ in range(steps):
+            started = time.perf_counter()
+            peak = max(peak, one_step())
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+    measured = int(torch.cuda.max_memory_allocated()) if device == "cuda" else int(peak)
+    step_s = statistics.median(times)
+    return {"measured_peak_bytes": measured, "step_s": step_s, "tok_s": tokens / step_s}
+
+
+def compile_row(model, ids, name: str, backend: str, options: dict | None, steps: int) -> dict[str, Any]:
+    """Compile time (first step) and median step time of a whole torch.compile'd training step."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, options=options) if options else torch.compile(
+        model, backend=backend)
+
+    def one_step():
+        out = compiled(input_ids=ids, labels=ids)
+        out.loss.backward()
+        del out
+        model.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    one_step()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - started
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        one_step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    return {"solver": name, "compile_s": compile_s, "measured_peak_bytes": int(torch.cuda.max_memory_allocated()),
+            "tok_s": ids.numel() / step_s, "step_s": step_s}
+
+
+def sweep(recipe: str, args, rows: list[dict[str, Any]]) -> None:
+    from memgraph.compare import auto_budgets
+    from memgraph.cost_model import solvers
+    from memgraph.cost_model.capture import capture_step
+    from memgraph.cost_model.solvers import common
+
+    device = args.device
+    model = build(recipe, args.model, device)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
+    started = time.perf_counter()
+    (captured,) = capture_step(model, solvers=("none",), input_ids=ids, labels=ids)
+    model.zero_grad(set_to_none=True)
+    print(f"[{recipe}] captured the step in {time.perf_counter() - started:.1f} s "
+          f"({len(captured.graph.joint.graph.nodes)} joint nodes)", flush=True)
+    budgets = auto_budgets([captured.graph], args.budgets, [captured.costs])
+    print(f"[{recipe}] budgets (GiB): {[round(b / GIB, 2) for b in budgets]}", flush=True)
+    tokens = ids.numel()
+    for budget in budgets:
+        for solver in args.solvers:
+            row: dict[str, Any] = {"recipe": recipe, "solver": solver, "budget_bytes": budget, "seq": args.seq}
+            common._PROBLEMS.clear()  # every solve starts cold, as in a compile: no memo shared between solvers
+            t0 = time.perf_counter()
+            try:
+                limits = (QUICK_LIMITS if args.quick else SOLVER_LIMITS).get(solver, {})
+                plan = solvers.get(solver).function(captured.graph, captured.costs, budget, **limits)
+                row.update(solve_s=time.perf_counter() - t0, predicted_peak_bytes=plan.peak_bytes,
+                           predicted_recompute_s=plan.recompute_seconds, optimality_gap=plan.optimality_gap)
+                row.update(measure_plan(captured, plan, tokens, device, args.steps))
+            except Exception as error:  # noqa: BLE001 - an infeasible or failing point is a row, not a crash
+                row.setdefault("solve_s", time.perf_counter() - t0)
+                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            rows.append(row)
+            print({k: (round(v / GIB, 3) if k.endswith("_bytes") and v else v) for k, v in row.items()
+                   if k != "error"} | ({"error": row["error"][:120]} if "error" in row else {}), flush=True)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if device == "cuda" and not args.no_compile:
+        middle = budgets[len(budgets) // 2]
+        for name, backend, options in (
+                ("memgraph-compile:ilp", "memgraph", {"solver": "ilp", "memory_budget": middle,
+                                                      "codegen": args.codegen}),
+                ("inductor-default", "inductor", None)):
+            try:
+                row = {"recipe": recipe, "budget_bytes": middle if options else None, "seq": args.seq}
+                row.update(compile_row(model, ids, name, backend, options, args.steps))
+            except Exception as error:  # noqa: BLE001
+                row = {"recipe": recipe, "solver": name, "error": f"{type(error).__name__}: {error}"[:300]}
+                traceback.print_exc()
+            rows.append(row)
+            print(row, flush=True)
+    del captured, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    from memgraph.compare import pareto_plot
+
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        points = [dict(r, feasible="error" not in r and "step_s" in r) for r in rows
+                  if r.get("recipe") == recipe and r.get("solver") in SOLVERS]
+        pareto_plot(points, str(path.with_name(f"{path.stem}_{recipe}.png")), title=f"planner sweep: {recipe}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="memgraph.models name (default llama3-8b; cpu: llama)")
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--budgets", type=int, default=None, help="number of budgets (default 5; --quick 3)")
+    parser.add_argument("--solvers", default=",".join(SOLVERS))
+    parser.add_argument("--recipes", default=None, help="lora,qlora (default; --quick: lora)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the full-compile comparison rows")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    cpu = args.device == "cpu"
+    args.model = args.model or ("llama" if cpu else "llama3-8b")
+    args.seq = args.seq or (128 if cpu else 2048)
+    args.budgets = args.budgets or (3 if args.quick else 5)
+    args.solvers = [s.strip() for s in args.solvers.split(",")]
+    recipes = (args.recipes or ("lora" if args.quick or cpu else "lora,qlora")).split(",")
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for recipe in recipes:
+        try:
+            sweep(recipe, args, rows)
+        except Exception as error:  # noqa: BLE001 - keep the other recipe's rows
+            traceback.print_exc()
+            rows.append({"recipe": recipe, "error": f"{type(error).__name__}: {error}"[:300]})
+    out = Path(os.environ.get("OUT") or RESULTS_DIR)
+    write_results("planner_sweep", rows, model=args.model, seq=args.seq, total_s=time.perf_counter() - started)
+    plot(rows, out / "planner_sweep.png")
+    print_table([{k: v for k, v in r.items() if k != "error"} for r in rows])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""``memgraph.compare``: every solver at every budget on one model — a table, a JSON file and a Pareto plot.
+
+    rows = memgraph.compare(model, input_ids=ids, labels=ids) ...  # see ``compare`` below
+    memgraph compare --model llama3-8b --seq 2048 --budgets 16GiB,20GiB --solvers ilp,greedy,checkpoint
+
+The training graph is captured once (Dynamo + AOTAutograd, with memgraph's rewrites) and every solver plans
+the same joint graph with the same cost model. Planning needs no real weights: the reference models are built
+on the ``meta`` device (shapes and dtypes only), so an 8B model plans on a laptop. On a GPU with a real model,
+each feasible plan is also compiled and run: measured peak (``torch.cuda.max_memory_allocated`` after a
+warm-up step) and step time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from memgraph.errors import InfeasibleBudgetError, MemgraphError
+from memgraph.graph import TrainingGraph
+from memgraph.options import parse_bytes, resolve_options
+
+__all__ = ["compare", "capture_training_graphs", "auto_budgets", "add_compare_parser", "DEFAULT_SOLVERS"]
+
+DEFAULT_SOLVERS = ("none", "checkpoint", "greedy", "ilp", "torch-budget")
+
+
+# --- capture ---------------------------------------------------------------------------------------------------
+def capture_training_graphs(model_or_fn: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | None = None,
+                            options: Mapping[str, Any] | None = None) -> list[TrainingGraph]:
+    """The joint forward+backward graphs of ``model_or_fn(*example_args, **example_kwargs)`` (one per graph
+    Dynamo compiles), after memgraph's rewrites. Runs one forward (on meta tensors: no computation); no
+    backward runs and no parameter changes."""
+    from memgraph import _compat
+    from memgraph.passes import apply_rewrites
+
+    resolved = resolve_options({**(options or {}), "codegen": "eager"})
+    graphs: list[TrainingGraph] = []
+
+    def partition_fn(joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None, **_):
+        indices = list(static_lifetime_input_indices or ())
+        graphs.append(TrainingGraph(joint, list(joint_inputs), num_fwd_outputs, tuple(indices)))
+        return _compat.default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                                         static_lifetime_input_indices=indices)
+
+    def boxed(gm, _example_inputs):
+        return _compat.make_boxed_func(gm.forward)
+
+    def backend(gm, example_inputs):
+        if resolved.rewrites:
+            gm, _ = apply_rewrites(gm, example_inputs, resolved)
+        return _compat.aot_module(gm, example_inputs, fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition_fn)
+
+    compiled = torch.compile(model_or_fn, backend=backend, dynamic=False)
+    with torch.enable_grad():
+        compiled(*example_args, **dict(example_kwargs or {}))
+    if not graphs:
+        raise MemgraphError("nothing to compare: no compiled graph needed a backward pass; give the model "
+                            "trainable parameters or inputs that require grad")
+    return graphs
+
+
+# --- planning -----------------------------------------------------------------------------------------------------
+def _estimates(graphs: Sequence[TrainingGraph]) -> list[Any]:
+    from memgraph.cost_model import estimate_training_graph
+
+    return [estimate_training_graph(g) for g in graphs]
+
+
+def auto_budgets(graphs: Sequence[TrainingGraph], count: int = 5, estimates: Sequence[Any] | None = None) -> list[int]:
+    """``count`` budgets evenly spaced from the layer-checkpointing peak to the no-recompute peak."""
+    from memgraph.cost_model import solvers
+
+    estimates = estimates or _estimates(graphs)
+    low = max(solvers.get("checkpoint").function(g, e, None).peak_bytes for g, e in zip(graphs, estimates))
+    high = max(_peak(solvers.get("none").function(g, e, None), e) for g, e in zip(graphs, estimates))
+    if count <= 1 or high <= low:
+        return [int(high)]
+    return [int(round(low + (high - low) * k / (count - 1))) for k in range(count)]
+
+
+def _peak(plan, estimate) -> int:
+    if plan.peak_bytes is not None:
+        return int(plan.peak_bytes)
+    return int(estimate.simulate(plan.saved).peak_bytes_hint)
+
+
+def _step_seconds(estimate) -> float:
+    """Predicted time of one step with no recomputation: every node of the joint graph once."""
+    return float(sum(estimate.seconds_array))
+
+
+def plan_row(graphs: Sequence[TrainingGraph], estimates: Sequence[Any], solver: str,
+             budget: int | None) -> tuple[dict[str, Any], Any]:
+    """One (solver, budget) cell: predicted peak and times, or why the solver gives up."""
+    from memgraph.cost_model import solvers
+    from memgraph.plan import Plan
+
+    entry = solvers.get(solver)
+    row: dict[str, Any] = {"solver": solver, "budget_bytes": budget}
+    plans, started = [], time.perf_counter()
+    try:
+        for graph, estimate in zip(graphs, estimates):
+            plan = entry.function(graph, estimate, budget if entry.uses_budget else None)
+            if plan.peak_bytes is None or plan.recompute_seconds is None:
+                plan.peak_bytes = _peak(plan, estimate)
+                plan.recompute_seconds = float(estimate.recompute_seconds(plan.saved))
+            plans.append(plan)
+    except InfeasibleBudgetError as error:
+        row.update(feasible=False, solve_s=time.perf_counter() - started, error=str(error))
+        return row, None
+    solve_s = time.perf_counter() - started
+    merged = Plan.merge(plans)
+    fits = budget is None or merged.peak_bytes <= budget
+    base = sum(_step_seconds(e) for e in estimates)
+    row.update(feasible=fits, predicted_peak_bytes=int(merged.peak_bytes),
+               predicted_recompute_s=float(merged.recompute_seconds),
+               predicted_step_s=base + float(merged.recompute_seconds), solve_s=solve_s,
+               saved=len(merged.saved), recomputed=len(merged.recomputed),
+               optimality_gap=plans[0].optimality_gap if len(plans) == 1 else None)
+    if not fits:
+        row["error"] = f"{solver} ignores memory_budget; its plan peaks above it"
+    return row, merged
+
+
+# --- measuring (GPU) ------------------------------------------------------------------------------------------------
+def _on_cuda(model_or_fn: Any) -> bool:
+    if not torch.cuda.is_available() or not isinstance(model_or_fn, torch.nn.Module):
+        return False
+    first = next(iter(model_or_fn.parameters()), None)
+    return first is not None and first.device.type == "cuda"
+
+
+def measure_step(model: torch.nn.Module, example_args: tuple, example_kwargs: Mapping[str, Any],
+                 options: Mapping[str, Any], *, steps: int = 3) -> dict[str, Any]:
+    """Compile with memgraph under ``options``, run a warm-up step, then ``steps`` timed steps: measured peak
+    (max_memory_allocated after the warm-up) and median step time. Gradients are dropped after each step."""
+    import statistics
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memgraph", options=dict(options))
+
+    def step():
+        out = compiled(*example_args, **example_kwargs)
+        loss = out.loss if hasattr(out, "loss") else out
+        loss = loss if loss.dim() == 0 else loss.sum()
+        loss.backward()
+        del out, loss
+        for p in model.parameters():
+            p.grad = None
+
+    started = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - started
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"measured_peak_bytes": int(torch.cuda.max_memory_allocated()), "step_s": statistics.median(times),
+            "compile_s": compile_s}
+
+
+def _tokens(example_args: tuple, example_kwargs: Mapping[str, Any]) -> int | None:
+    ids = example_kwargs.get("input_ids", example_args[0] if example_args else None)
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else None
+
+
+# --- the harness ----------------------------------------------------------------------------------------------------
+def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None = None,
+            solvers: Sequence[str] = DEFAULT_SOLVERS, example_kwargs: Mapping[str, Any] | None = None,
+            options: Mapping[str, Any] | None = None, measure: bool | None = None, json_path: str | None = None,
+            png_path: str | None = None, progress: bool = True, print_table: bool = True,
+            title: str | None = None) -> list[dict[str, Any]]:
+    """Plan ``model_or_fn``'s training step with every solver at every budget; return one row per pair.
+
+    budgets: bytes or strings ("8GiB"); None or "auto" = 5 budgets from the layer-checkpointing peak to the
+    no-recompute peak; "auto:N" = N such budgets; a None entry = the fastest plan.
+    Row keys: solver, budget_bytes, feasible, predicted_peak_bytes, predicted_recompute_s, predicted_step_s,
+    solve_s, saved, recomputed, optimality_gap, error; measured (measure=True, or None and the model is on a
+    GPU): measured_peak_bytes, step_s, tok_s, compile_s.
+    Prints a markdown table (tqdm progress bar while it runs), writes ``json_path`` and a Pareto plot
+    (peak memory vs predicted step time, one curve per solver) to ``png_path`` when given.
+    """
+    from memgraph.cost_model import solvers as registry
+
+    example_kwargs = dict(example_kwargs or {})
+    for name in solvers:
+        registry.get(name)  # unknown names fail before the (slow) capture
+    graphs = capture_training_graphs(model_or_fn, *example_args, example_kwargs=example_kwargs, options=options)
+    estimates = _estimates(graphs)
+    budget_list = _resolve_budgets(budgets, graphs, estimates)
+    if measure is None:
+        measure = _on_cuda(model_or_fn)
+    tokens = _tokens(example_args, example_kwargs)
+    cells = [(s, b) for s in solvers for b in (budget_list if registry.get(s).uses_budget else [None])]
+    rows: list[dict[str, Any]] = []
+    bar = _progress(len(cells), progress)
+    for solver, budget in cells:
+        bar.set_description(f"{solver} @ {_gib(budget)}")
+        row, _ = plan_row(graphs, estimates, solver, budget)
+        if measure and row.get("feasible"):
+            settings = {**(options or {}), "solver": solver, "memory_budget": budget}
+            try:
+                row.update(measure_step(model_or_fn, example_args, example_kwargs, settings))
+                if tokens:
+                    row["tok_s"] = tokens / row["step_s"]
+            except Exception as error:  # noqa: BLE001 - one failing configuration must not lose the sweep
+                row["measure_error"] = f"{type(error).__name__}: {error}"
+        rows.append(row)
+        bar.update(1)
+    bar.close()
+    if print_table:
+        print(markdown_table(rows))
+    if json_path:
+        write_json(rows, json_path, graphs=graphs)
+    if png_path:
+        pareto_plot(rows, png_path, title=title)
+    return rows
+
+
+def _resolve_budgets(budgets: Any, graphs, estimates) -> list[int | None]:
+    if budgets is None or isinstance(budgets, str):
+        budgets = [budgets or "auto"]
+    resolved: list[int | None] = []
+    for budget in budgets:
+        if isinstance(budget, str) and budget.strip().lower().startswith("auto"):
+            _, _, count = budget.partition(":")
+            resolved += auto_budgets(graphs, int(count or 5), estimates)
+        elif budget is None:
+            resolved.append(None)
+        else:
+            resolved.append(parse_bytes(budget))
+    return list(dict.fromkeys(resolved))
+
+
+class _NoBar:
+    def set_description(self, *_):
+        pass
+
+    def update(self, *_):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="plan", leave=False)
+
+
+def _gib(nbytes: Any) -> str:
+    return "fastest" if nbytes is None else f"{nbytes / 2**30:.3f} GiB"
+
+
+_COLUMNS = [("solver", "solver"), ("budget_bytes", "budget"), ("predicted_peak_bytes", "predicted peak"),
+            ("predicted_step_s", "predicted step"), ("predicted_recompute_s", "recompute"),
+            ("measured_peak_bytes", "measured peak"), ("step_s", "step"), ("tok_s", "tok/s"),
+            ("solve_s", "solve"), ("optimality_gap", "gap")]
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows as a markdown table (GiB and milliseconds; infeasible cells say so)."""
+    present = [(k, h) for k, h in _COLUMNS if any(k in r for r in rows) or k in ("solver", "budget_bytes")]
+    lines = ["| " + " | ".join(h for _, h in present) + " |", "|" + "---|" * len(present)]
+    for row in rows:
+        cells = []
+        for key, _ in present:
+            value = row.get(key)
+            if key == "predicted_peak_bytes" and not row.get("feasible", True):
+                cells.append("infeasible" if value is None else f"{value / 2**30:.3f} GiB (over)")
+            elif value is None:
+                cells.append("fastest" if key == "budget_bytes" else "-")
+            elif key.endswith("_bytes"):
+                cells.append(f"{value / 2**30:.3f} GiB")
+            elif key in ("predicted_step_s", "predicted_recompute_s", "step_s"):
+                cells.append(f"{value * 1e3:.3f} ms")
+            elif key == "solve_s":
+                cells.append(f"{value:.2f} s")
+            elif key == "tok_s":
+                cells.append(f"{value:,.0f}")
+            elif key == "optimality_gap":
+                cells.append(f"{value:.2%}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(rows: Sequence[Mapping[str, Any]], path: str, *, graphs: Sequence[TrainingGraph] = ()) -> str:
+    import datetime
+    import platform
+    import sys
+
+    meta = {"torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv), "graphs": len(graphs),
+            "joint_nodes": [len(g.joint.graph.nodes) for g in graphs]}
+    if torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name(0)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump({"meta": meta, "rows": list(rows)}, handle, indent=2, default=str)
+    return path
+
+
+def pareto_plot(rows: Sequence[Mapping[str, Any]], path: str, *, title: str | None = None) -> str:
+    """Peak memory vs step time, one curve per solver (measured where measured, else predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    measured = any("measured_peak_bytes" in r for r in rows)
+    for solver in dict.fromkeys(r["solver"] for r in rows):
+        points = []
+        for r in rows:
+            if r["solver"] != solver or not r.get("feasible"):
+                continue
+            peak = r.get("measured_peak_bytes", r.get("predicted_peak_bytes")) if measured else r.get(
+                "predicted_peak_bytes")
+            seconds = r.get("step_s", r.get("predicted_step_s")) if measured else r.get("predicted_step_s")
+            if peak is not None and seconds is not None and math.isfinite(seconds):
+                points.append((seconds * 1e3, peak / 2**30))
+        if points:
+            points.sort()
+            axes.plot(*zip(*points), marker="o", label=solver)
+    axes.set_xlabel(("measured" if measured else "predicted") + " step time (ms)")
+    axes.set_ylabel(("measured" if measured else "predicted") + " peak memory (GiB)")
+    axes.set_title(title or "memgraph solvers: memory vs time")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------
+def build_model(name: str, *, device: str, dtype: str, lora: bool):
+    """A model of ``memgraph.models`` by name; ``device="meta"`` builds it without weights (planning only)."""
+    from memgraph import models
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    if device == "meta":
+        with torch.device("meta"):
+            return models.build(name, dtype=torch_dtype, lora=lora)
+    return models.build(name, dtype=torch_dtype, lora=lora, device=device)
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from memgraph import models
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else ("meta" if args.model in models.REFERENCE else "cpu")
+    dtype = args.dtype or ("bf16" if args.model in models.REFERENCE else "fp32")
+    model = build_model(args.model, device=device, dtype=dtype, lora=not args.no_lora)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
+    budgets = [b.strip() for b in args.budgets.split(",")] if args.budgets else None
+    solvers = [s.strip() for s in args.solvers.split(",")]
+    options = {"kv_bits": args.kv_bits}
+    compare(model, example_kwargs={"input_ids": ids, "labels": ids, "use_cache": False}, budgets=budgets,
+            solvers=solvers,
+            options=options, measure=None if args.measure == "auto" else args.measure == "yes",
+            json_path=args.json, png_path=args.png, title=f"{args.model}, seq {args.seq}, batch {args.batch}")
+    if args.json:
+        print(f"wrote {args.json}")
+    if args.png:
+        print(f"wrote {args.png}")
+    return 0
+
+
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``memgraph compare`` on an argparse subparsers object."""
+    from memgraph import models
+
+    parser = subparsers.add_parser(
+        "compare", help="every solver at every budget: predicted (and on a GPU measured) peak and step time",
+        description="Plan one model's training step with each solver at each memory budget; print a table, "
+                    "write JSON and a Pareto plot. Reference models plan on the meta device (no weights).")
+    parser.add_argument("--model", default="llama", choices=models.available())
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--budgets", default=None,
+                        help="comma-separated: bytes or sizes like 16GiB, 'auto' or 'auto:N' (N budgets from the "
+                             "checkpointing peak to the no-recompute peak; default auto:5)")
+    parser.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS))
+    parser.add_argument("--device", default="auto", help="auto (cuda, else meta for reference models), cpu, cuda, meta")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--no-lora", action="store_true", help="train all weights instead of LoRA adapters")
+    parser.add_argument("--kv-bits", type=int, default=16, choices=[16, 8, 4])
+    parser.add_argument("--measure", default="auto", choices=["auto", "yes", "no"],
+                        help="compile and run each feasible plan (needs the model on a GPU)")
+    parser.add_argument("--json", default="compare.json", help="results path ('' to skip)")
+    parser.add_argument("--png", default="compare.png", help="Pareto plot path ('' to skip)")
+    parser.set_defaults(run=compare_command)
+    return parser
