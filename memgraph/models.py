@@ -67,9 +67,9 @@ def build(name: str, *, dtype=None, device=None, lora: bool = False, lora_rank: 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config(name, **overrides), dtype=dtype or torch.float32)
-    if device is not None:
-        model = model.to(device)
+    # Built directly on the target device: random init of an 8B model on the CPU takes minutes.
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config(name, **overrides), dtype=dtype or torch.float32)
     if lora:
         model = add_lora(model, rank=lora_rank)
     return model
