@@ -120,7 +120,7 @@ def compile_row(model, ids, name: str, backend: str, options: dict | None, steps
             "tok_s": ids.numel() / step_s, "step_s": step_s}
 
 
-def sweep(recipe: str, args, rows: list[dict[str, Any]]) -> None:
+def sweep(recipe: str, args, rows: list[dict[str, Any]], on_row=None) -> None:
     from memgraph.compare import auto_budgets
     from memgraph.cost_model import solvers
     from memgraph.cost_model.capture import capture_step
@@ -153,8 +153,11 @@ def sweep(recipe: str, args, rows: list[dict[str, Any]]) -> None:
                 row.setdefault("solve_s", time.perf_counter() - t0)
                 row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             rows.append(row)
-            print({k: (round(v / GIB, 3) if k.endswith("_bytes") and v else v) for k, v in row.items()
+            print({(k[:-len("_bytes")] + "_gib" if k.endswith("_bytes") else k):
+                   (round(v / GIB, 3) if k.endswith("_bytes") and v else v) for k, v in row.items()
                    if k != "error"} | ({"error": row["error"][:120]} if "error" in row else {}), flush=True)
+            if on_row is not None:
+                on_row()  # results on disk after every point: a run stopped by a time limit keeps them
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -209,14 +212,18 @@ def main() -> int:
     recipes = (args.recipes or ("lora" if args.quick or cpu else "lora,qlora")).split(",")
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
+
+    def save() -> None:
+        write_results("planner_sweep", rows, model=args.model, seq=args.seq, total_s=time.perf_counter() - started)
+
     for recipe in recipes:
         try:
-            sweep(recipe, args, rows)
+            sweep(recipe, args, rows, save)
         except Exception as error:  # noqa: BLE001 - keep the other recipe's rows
             traceback.print_exc()
             rows.append({"recipe": recipe, "error": f"{type(error).__name__}: {error}"[:300]})
     out = Path(os.environ.get("OUT") or RESULTS_DIR)
-    write_results("planner_sweep", rows, model=args.model, seq=args.seq, total_s=time.perf_counter() - started)
+    save()
     plot(rows, out / "planner_sweep.png")
     print_table([{k: v for k, v in r.items() if k != "error"} for r in rows])
     return 0
