@@ -47,3 +47,19 @@ def compare_to_eager(model, ids, options, *, seed: int | None = None, loss_rtol=
         fallbacks = [r.fallback for r in memgraph.compiled_graphs()[before:] if r.fallback]
         assert not fallbacks, fallbacks  # the pipeline ran for real, not a silent eager fallback
     return compiled
+
+
+def tiny_llama_with_biases(layers: int = 2, **overrides):
+    """A float32 tiny Llama whose linear biases (when enabled) are random: HF initializes them to zero,
+    which would hide a transform that drops a bias."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=64, **overrides)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.1)
+    return model

@@ -14,6 +14,7 @@ from torch._dynamo.backends.debugging import aot_eager  # noqa: E402
 
 from memgraph.kernels.nf4 import NF4Weight  # noqa: E402
 from memgraph.quantize import NF4Linear, quantize_  # noqa: E402
+from tests.helpers import tiny_llama_with_biases  # noqa: E402
 
 LAYERS, LINEARS_PER_LAYER = 2, 7
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -21,15 +22,7 @@ GRAD_TOLERANCE = 1e-3  # relative error of compiled vs eager LoRA gradients
 
 
 def tiny_llama(layers=LAYERS, **overrides):
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      max_position_embeddings=64, **overrides)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float()
-    for module in model.modules():  # HF initializes biases to zero, which would hide a dropped bias
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.normal_(module.bias, std=0.1)
-    return model
+    return tiny_llama_with_biases(layers, **overrides)
 
 
 def lora_config():

@@ -14,6 +14,7 @@ from torch._dynamo.backends.debugging import aot_eager  # noqa: E402
 
 from memgraph import passes  # noqa: E402
 from memgraph.passes.nf4 import rewrite_bnb_linears  # noqa: E402
+from tests.helpers import tiny_llama_with_biases  # noqa: E402
 
 NF4_LINEAR = (torch.ops.memgraph.nf4_linear, torch.ops.memgraph.nf4_linear.default)
 LAYERS, LINEARS_PER_LAYER = 2, 7  # q, k, v, o, gate, up, down
@@ -32,15 +33,7 @@ def assert_same(actual, expected):
 
 
 def tiny_llama(layers=LAYERS, **overrides):
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      max_position_embeddings=64, **overrides)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float()
-    for module in model.modules():  # HF initializes biases to zero, which would hide a dropped bias
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.normal_(module.bias, std=0.1)
-    return model
+    return tiny_llama_with_biases(layers, **overrides)
 
 
 def to_bnb_4bit(model, *, quant_type="nf4", double_quant=True, weight_dtype=torch.float32,
