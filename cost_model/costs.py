@@ -37,6 +37,7 @@ import functools
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from memgraph import _compat
@@ -193,7 +194,38 @@ class GraphCosts:
         saved_used = sorted(i for i in saved_set if i in used)
         forward = self._extract(set(self._primal_index) | (self._other_placeholders - self._backward_seeds),
                                 self._fw_outputs + saved_used, "forward")
-        return forward, backward, saved_used
+        return forward, self._autograd_order(backward), saved_used
+
+    def _autograd_order(self, backward: list[int]) -> list[int]:
+        """Backward in the order the partition pass gives it (torch's ``reordering_to_mimic_autograd_engine``):
+        from the first user of a tangent on, each node runs right after the not-yet-run nodes it needs, so a
+        recomputed value is made just before its first use instead of all at the start of backward."""
+        members, tangents = set(backward), set(self._tangent_index)
+        first = next((i for i in backward if any(j in tangents for j in self._inputs[i])), None)
+        if first is None:
+            return backward
+        done: set[int] = set()
+        order: list[int] = []
+
+        def insert(i: int) -> None:
+            pending, stack = set(), [i]
+            while stack:
+                k = stack.pop()
+                if k in pending or k in done:
+                    continue
+                pending.add(k)
+                stack.extend(j for j in self._inputs[k] if j in members)
+            for k in sorted(pending):
+                done.add(k)
+                order.append(k)
+
+        for i in backward:  # torch keeps in-place copies before the first tangent user where they were
+            if i < first and self.nodes[i].target is torch.ops.aten.copy_.default:
+                insert(i)
+        for i in backward:
+            if i >= first:
+                insert(i)
+        return order
 
     def _extract(self, sources: set[int], targets: Sequence[int], subgraph: str) -> list[int]:
         computable: set[int] = set()

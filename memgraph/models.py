@@ -2,6 +2,7 @@
 and the reference architectures of DESIGN.md (random weights) for benchmarks."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 # Tiny configs exercise each family's real code path (GQA, tied embeddings, gelu, fused qkv, ...).
@@ -68,7 +69,8 @@ def build(name: str, *, dtype=None, device=None, lora: bool = False, lora_rank: 
 
     torch.manual_seed(seed)
     # Built directly on the target device: random init of an 8B model on the CPU takes minutes.
-    with torch.device(device or "cpu"):
+    # (No device given: the caller's default device, e.g. an enclosing ``with torch.device("meta")``.)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_config(config(name, **overrides), dtype=dtype or torch.float32)
     if lora:
         model = add_lora(model, rank=lora_rank)

@@ -136,7 +136,7 @@ class Problem:
         cached = _PROBLEMS.get(key)
         if cached is not None and cached[0] is graph and cached[1] is estimate:
             return cached[2]
-        problem = cls._build(graph, _just_in_time_adapter(estimate))
+        problem = cls._build(graph, estimate)
         _PROBLEMS[key] = (graph, estimate, problem)  # holding both keeps their ids from being reused
         while len(_PROBLEMS) > _MAX_PROBLEMS:
             _PROBLEMS.pop(next(iter(_PROBLEMS)))
@@ -334,127 +334,6 @@ class Problem:
 
     def fastest_plan(self, solver: str) -> Plan:
         return self.plan(solver, self.save_all, None, reason="no memory_budget: fastest plan (recompute nothing)")
-
-
-# --- private adapter: recomputation scheduled just in time ----------------------------------------------------
-class _JustInTimeRecomputeCosts:
-    """Private adapter over the cost model's ``GraphCosts`` while its ``schedule`` runs every recomputed node
-    at the start of backward (joint-graph order). The partition pass is meant to order backward like
-    autograd (torch's ``reordering_to_mimic_autograd_engine``: a recomputed value is made right before the
-    first backward op that needs it); without that order recomputation saves nothing. This adapter simulates
-    that order. It is bypassed as soon as the cost model schedules recomputation that way itself."""
-
-    def __init__(self, costs: Any):
-        self._costs = costs
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._costs, name)
-
-    def schedule(self, saved):
-        forward, backward, saved_used = self._costs.schedule(saved)
-        return forward, _autograd_order(self._costs, backward), saved_used
-
-    def recomputed(self, saved):
-        return type(self._costs).recomputed(self, saved)
-
-    def recompute_seconds(self, saved):
-        return type(self._costs).recompute_seconds(self, saved)
-
-    def simulate(self, saved, *, symbolic: bool = False):
-        return type(self._costs).simulate(self, saved, symbolic=symbolic)
-
-
-def _autograd_order(costs: Any, backward: list[int]) -> list[int]:
-    """Backward nodes (joint indices) in the order torch's ``reordering_to_mimic_autograd_engine`` gives: from
-    the first user of a tangent on, each node runs right after the not-yet-run nodes it needs."""
-    members = set(backward)
-    tangents = set(costs._tangent_index)
-    inputs = costs._inputs
-    first = next((i for i in backward if any(j in tangents for j in inputs[i])), None)
-    if first is None:
-        return backward
-    done: set[int] = set()
-    order: list[int] = []
-
-    def insert(i: int) -> None:
-        pending, stack = set(), [i]
-        while stack:
-            k = stack.pop()
-            if k in pending or k in done:
-                continue
-            pending.add(k)
-            stack.extend(j for j in inputs[k] if j in members)
-        for k in sorted(pending):
-            done.add(k)
-            order.append(k)
-
-    copy_ = torch.ops.aten.copy_.default
-    for i in backward:
-        if i < first and costs.nodes[i].target is copy_:
-            insert(i)
-    for i in backward:
-        if i >= first:
-            insert(i)
-    return order
-
-
-@functools.lru_cache(maxsize=1)
-def partition_recomputes_just_in_time() -> bool:
-    """Whether memgraph's partition pass runs a recomputed value right before the backward op that needs it
-    (autograd's order) rather than all recomputation first: probed once on a three-matmul chain."""
-    from memgraph import _compat
-    from memgraph.passes.partition import partition
-
-    captured: list[TrainingGraph] = []
-
-    def partition_fn(joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None, **_):
-        captured.append(TrainingGraph(joint, list(joint_inputs), num_fwd_outputs,
-                                      tuple(static_lifetime_input_indices or ())))
-        return _compat.default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                         static_lifetime_input_indices=static_lifetime_input_indices)
-
-    def chain(x, w):
-        return (torch.cos(torch.sin(x @ w) @ w) @ w).sum()
-
-    def boxed(gm, _):
-        return _compat.make_boxed_func(gm.forward)
-
-    compiled = _compat.aot_function(chain, fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition_fn)
-    compiled(torch.randn(4, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True))
-    graph = captured[0]
-    _, bw = partition(graph, Plan("probe", saved=[p.name for p in graph.primals], recomputed=[]))
-    forward = {n.name for n in graph.forward_nodes if n.op == "call_function"}
-    started = False
-    for node in bw.graph.nodes:
-        if started and node.name in forward:
-            return True
-        started = started or any(_is_tangent_name(a.name) for a in node.all_input_nodes)
-    return False
-
-
-def _is_tangent_name(name: str) -> bool:
-    return name.startswith("tangents")
-
-
-def _just_in_time_adapter(costs: Any) -> Any:
-    """The cost model as the solvers should see it: ``costs`` itself if it schedules recomputation as the
-    partition pass does; the private just-in-time adapter if the partition pass orders recomputation just in
-    time and the cost model does not yet."""
-    if not hasattr(costs, "schedule") or not hasattr(costs, "_inputs"):
-        return costs
-    phase = costs.phase
-    probe_saved = [n.name for n in costs.graph.primals]
-    try:
-        _, backward, _ = costs.schedule(probe_saved)
-    except Exception:  # noqa: BLE001 - a probe the cost model rejects: use its schedule as it is
-        return costs
-    tangents = set(costs._tangent_index)
-    seen_tangent_user = False
-    for i in backward:
-        if seen_tangent_user and phase(costs.names[i]) == "forward":
-            return costs  # a recomputed node after backward proper began: already just in time
-        seen_tangent_user = seen_tangent_user or any(j in tangents for j in costs._inputs[i])
-    return _JustInTimeRecomputeCosts(costs) if partition_recomputes_just_in_time() else costs
 
 
 # --- repeated blocks (transformer layers) from graph structure ------------------------------------------------
