@@ -1103,7 +1103,8 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: O
     else:
         out, lse = _torch_forward(q, k, v, causal, scale, window, softcap)
     packed = _empty_packed(q) if kv_bits == 16 else quantize_kv(k, v, kv_bits)
-    return (out, lse, *packed)
+    # Contiguous, as the fake impl promises: Inductor asserts the strides it was told (q may arrive transposed).
+    return (out.contiguous(), lse.contiguous(), *packed)
 
 
 @_attention_op.register_fake
@@ -1128,11 +1129,13 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Optional[Tensor], v: 
     packed = (k_codes, k_meta, v_codes, v_meta)
     kv_heads = k.shape[1] if kv_bits == 16 else k_codes.shape[1]
     if _use_triton(q):
-        return _bwd_triton(grad_out, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads)
-    if kv_bits == 16:
-        return _torch_backward(grad_out, q, k, v, out, lse, causal, scale, window, softcap)
-    k_deq, v_deq = dequantize_kv(*packed, kv_bits, dtype=q.dtype)
-    return _torch_backward(grad_out, q, k_deq, v_deq, None, None, causal, scale, window, softcap)
+        grads = _bwd_triton(grad_out, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads)
+    elif kv_bits == 16:
+        grads = _torch_backward(grad_out, q, k, v, out, lse, causal, scale, window, softcap)
+    else:
+        k_deq, v_deq = dequantize_kv(*packed, kv_bits, dtype=q.dtype)
+        grads = _torch_backward(grad_out, q, k_deq, v_deq, None, None, causal, scale, window, softcap)
+    return tuple(g.contiguous() for g in grads)  # the fake impl's strides (see the forward op)
 
 
 @_attention_backward_op.register_fake

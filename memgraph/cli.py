@@ -47,6 +47,7 @@ def demo(args: argparse.Namespace) -> int:
     import torch
 
     from memgraph import models, pipeline
+    from memgraph.options import resolve_options
 
     device = _device(args.device)
     eager_model = models.build(args.model, lora=args.lora, device=device)
@@ -57,6 +58,7 @@ def demo(args: argparse.Namespace) -> int:
     options = {"solver": args.solver, "codegen": args.codegen, "kv_bits": args.kv_bits}
     if args.memory_budget:
         options["memory_budget"] = args.memory_budget
+    resolve_options(options)  # bad options: a clear error now, not one wrapped by Dynamo at the first step
     print(f"memgraph demo: tiny {args.model}{' + LoRA' if args.lora else ''} on {device}, batch {args.batch}, "
           f"seq {args.seq}, {args.steps} SGD steps, options {options}")
     before = len(pipeline.compiled_graphs())

@@ -354,3 +354,22 @@ def test_rejects_unsupported_arguments(shapes, kwargs, message):
     (q_shape, kv_shape) = shapes
     with pytest.raises(ValueError, match=message):
         A.attention(torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape), **kwargs)
+
+
+def test_torch_fallback_returns_the_strides_its_fake_promises(monkeypatch):
+    """Without Triton (CPU, no interpreter) the plain-torch path runs; Inductor asserts the fake impl's
+    (contiguous) strides, and HF hands q over transposed."""
+    import memgraph.kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_use_triton", lambda x: False)
+    batch, heads, kv_heads, seq_len, head_dim = 1, 4, 2, 8, 16
+    q = torch.randn(batch, seq_len, heads, head_dim).transpose(1, 2)
+    k = torch.randn(batch, seq_len, kv_heads, head_dim).transpose(1, 2)
+    v = torch.randn(batch, seq_len, kv_heads, head_dim).transpose(1, 2)
+    for kv_bits in (16, 4):
+        out, lse, *packed = torch.ops.memgraph.attention(q, k, v, True, None, kv_bits, None, None)
+        assert out.is_contiguous() and lse.is_contiguous()
+        saved = (k, v, out, lse, None, None, None, None) if kv_bits == 16 else (None, None, None, None, *packed)
+        grads = torch.ops.memgraph.attention_backward(torch.randn_like(out).transpose(2, 3).contiguous()
+                                                      .transpose(2, 3), q, *saved, True, None, kv_bits, None, None)
+        assert all(g.is_contiguous() for g in grads)
