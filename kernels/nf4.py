@@ -242,6 +242,14 @@ if triton is not None:
             tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=valid)
 
 
+def _check_linear(activation: torch.Tensor, features: int, name: str, packed, absmax, nested_absmax, nested_code,
+                  nested_offset, out_features: int, in_features: int, blocksize: int, nested_blocksize: int) -> None:
+    """The checks every linear op and its fake run: the NF4 storage of an [out, in] weight, then the activation."""
+    _check_storage(packed, absmax, nested_absmax, nested_code, nested_offset, out_features * in_features,
+                   blocksize, nested_blocksize)
+    _check_activation(activation, features, name, packed)
+
+
 _warned_no_triton = False
 
 
@@ -327,9 +335,8 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nest
                nested_code: Optional[torch.Tensor], nested_offset: Optional[torch.Tensor], out_features: int,
                in_features: int, blocksize: int, nested_blocksize: int) -> torch.Tensor:
     """``y = x Wᵀ`` for a frozen NF4 ``W`` of shape ``[out_features, in_features]``; y has x's dtype."""
-    _check_storage(packed, absmax, nested_absmax, nested_code, nested_offset, out_features * in_features,
-                   blocksize, nested_blocksize)
-    _check_activation(x, in_features, "input", packed)
+    _check_linear(x, in_features, "input", packed, absmax, nested_absmax, nested_code, nested_offset,
+                  out_features, in_features, blocksize, nested_blocksize)
     workspace = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, out_features * in_features,
                             blocksize, nested_blocksize, x.dtype).view(out_features, in_features)
     return F.linear(x, workspace)  # cuBLAS; the workspace is freed when this frame returns
@@ -338,9 +345,8 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nest
 @nf4_linear.register_fake
 def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, in_features, blocksize,
       nested_blocksize):
-    _check_storage(packed, absmax, nested_absmax, nested_code, nested_offset, out_features * in_features,
-                   blocksize, nested_blocksize)
-    _check_activation(x, in_features, "input", packed)
+    _check_linear(x, in_features, "input", packed, absmax, nested_absmax, nested_code, nested_offset,
+                  out_features, in_features, blocksize, nested_blocksize)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -350,9 +356,8 @@ def nf4_linear_grad_input(grad_output: torch.Tensor, packed: torch.Tensor, absma
                           nested_offset: Optional[torch.Tensor], out_features: int, in_features: int,
                           blocksize: int, nested_blocksize: int) -> torch.Tensor:
     """``dx = dy W`` for a frozen NF4 ``W`` of shape ``[out_features, in_features]``."""
-    _check_storage(packed, absmax, nested_absmax, nested_code, nested_offset, out_features * in_features,
-                   blocksize, nested_blocksize)
-    _check_activation(grad_output, out_features, "grad_output", packed)
+    _check_linear(grad_output, out_features, "grad_output", packed, absmax, nested_absmax, nested_code,
+                  nested_offset, out_features, in_features, blocksize, nested_blocksize)
     workspace = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, out_features * in_features,
                             blocksize, nested_blocksize, grad_output.dtype).view(out_features, in_features)
     return torch.matmul(grad_output, workspace)
@@ -361,9 +366,8 @@ def nf4_linear_grad_input(grad_output: torch.Tensor, packed: torch.Tensor, absma
 @nf4_linear_grad_input.register_fake
 def _(grad_output, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, in_features, blocksize,
       nested_blocksize):
-    _check_storage(packed, absmax, nested_absmax, nested_code, nested_offset, out_features * in_features,
-                   blocksize, nested_blocksize)
-    _check_activation(grad_output, out_features, "grad_output", packed)
+    _check_linear(grad_output, out_features, "grad_output", packed, absmax, nested_absmax, nested_code,
+                  nested_offset, out_features, in_features, blocksize, nested_blocksize)
     return grad_output.new_empty((*grad_output.shape[:-1], in_features))
 
 
