@@ -2,7 +2,8 @@
 
     python benchmarks/bench_attention.py            # S in {2048, 8192, 32768} at D=128, and D=256
     python benchmarks/bench_attention.py --quick    # S=2048 and 8192 at D=128, S=2048 at D=256
-    TRITON_INTERPRET=1 python benchmarks/bench_attention.py --smoke   # CPU dry run of the script, tiny shapes
+    python benchmarks/bench_attention.py --tune     # every CONFIGS entry of every kernel, timed alone (~4 min)
+    python benchmarks/bench_attention.py --smoke [--tune]  # CPU dry run on tiny shapes (Triton's interpreter)
 
 Shape: B=1, Hq=32, Hkv=8 (Llama-3-8B; Gemma-7B style D=256 uses the same heads), causal, bf16. First a
 correctness check on a small shape against a float32 reference (the run stops if it fails), then timings with
@@ -11,15 +12,30 @@ triton.testing.do_bench (median), both implementations in the same process on th
 TFLOP/s use the usual convention for both implementations, so their ratio is the speed ratio: forward =
 4 * B * Hq * D * (visible query/key pairs), backward = 2.5x forward. ``saved_bytes`` = bytes of the tensors
 autograd keeps for backward of one attention call (one layer), counted with saved_tensors_hooks.
-Rows: impl, kv_bits, seq, head_dim, fwd_ms, fwd_bwd_ms, fwd_tflops, fwd_bwd_tflops, saved_bytes, and
-speedup_vs_sdpa (fwd+bwd) for memgraph rows. Results: benchmarks/results/attention.json (or $OUT).
+Rows: impl, kv_bits, seq, head_dim, fwd_ms, fwd_bwd_ms, fwd_tflops, fwd_bwd_tflops, fwd_bwd_ms_cudagraph (the
+same fwd+bwd replayed from a CUDA graph: GPU time alone), host_us_per_fwd_bwd (host CPU time to issue one), saved_bytes,
+and speedup_vs_sdpa (fwd+bwd; speedup_vs_sdpa_cudagraph likewise) for memgraph rows; kv_bits=4 is timed with both KV_DEQUANT modes (kv_dequant).
+Results: benchmarks/results/attention.json (or $OUT).
+
+``--tune`` times each kernel kind (fwd, stats, dq, dkdv, and the dequantization pre-pass) alone, for every entry
+of its CONFIGS list, at S in {2048, 8192} x D in {128, 256}, for the kernels kv_bits=16 runs and those kv_bits=4
+runs in each KV_DEQUANT mode (kv_bits=4 "prepass" runs the 16-bit dK/dV kernel on K'/V': the kv16 rows), dK/dV
+also per GQA split. Compiles happen first, in parallel worker processes that fill Triton's on-disk cache; the run
+stops starting new work at --tune-budget seconds. Rows: kernel, case, kv_bits, kv_dequant, split, config, ms,
+tflops (matmul FLOPs actually executed), best, error (a config that failed to compile or launch). Results:
+attention_tuning.json; its meta holds the best config per kernel and case, and per-case sums of the best kernel
+times (bwd_estimates) next to SDPA's time, to choose KV_DEQUANT and the dK/dV split.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +49,7 @@ CHECK_HEAD_DIMS = (128, 256)
 DEVICE = "cuda"
 BF16_ATOL = 2e-3  # relative-error slack, as in tests/kernels/test_attention.py
 KV4_GATES = (0.20, 0.98)  # max relative error, min cosine of dQ/dK/dV (DESIGN.md, Gaussian inputs)
+KV_DEQUANT_MODES = ("prepass", "in_kernel")  # memgraph.kernels.attention.KV_DEQUANT_MODES, timed side by side
 
 
 def _inputs(seq, head_dim, seed=0, dtype=torch.bfloat16):
@@ -46,6 +63,19 @@ def _ours(kv_bits, **kwargs):
     from memgraph.kernels.attention import attention
 
     return lambda q, k, v: attention(q, k, v, kv_bits=kv_bits, **kwargs)
+
+
+@contextlib.contextmanager
+def _kv_dequant(mode):
+    """Run the kv_bits < 16 backward with KV_DEQUANT=mode (None: the module default)."""
+    from memgraph.kernels import attention as module
+
+    saved = module.KV_DEQUANT
+    module.KV_DEQUANT = mode or saved
+    try:
+        yield
+    finally:
+        module.KV_DEQUANT = saved
 
 
 def _sdpa(causal=True, window=None):
@@ -105,12 +135,14 @@ def _check_correctness() -> list[str]:
             print(line)
             if not _rel(a, r) <= 2 * _rel(s, r) + BF16_ATOL:
                 failures.append(line)
-        ours4 = _grads(_ours(4, **kwargs), q, k, v, grad_out)
-        for name, a, r in zip(("dq", "dk", "dv"), ours4[1:], reference[1:]):
-            line = f"kv4 D={head_dim} {kwargs} {name}: rel {_rel(a, r):.3f}, cos {_cos(a, r):.4f}"
-            print(line)
-            if not (_rel(a, r) <= KV4_GATES[0] and _cos(a, r) >= KV4_GATES[1]):
-                failures.append(line)
+        for mode in KV_DEQUANT_MODES:
+            with _kv_dequant(mode):
+                ours4 = _grads(_ours(4, **kwargs), q, k, v, grad_out)
+            for name, a, r in zip(("dq", "dk", "dv"), ours4[1:], reference[1:]):
+                line = f"kv4 ({mode}) D={head_dim} {kwargs} {name}: rel {_rel(a, r):.3f}, cos {_cos(a, r):.4f}"
+                print(line)
+                if not (_rel(a, r) <= KV4_GATES[0] and _cos(a, r) >= KV4_GATES[1]):
+                    failures.append(line)
     q, k, v, grad_out = _inputs(CHECK_SEQ, CHECK_HEAD_DIMS[0], seed=1)
     capped = _grads(_ours(16, softcap=30.0), q * 4, k, v, grad_out)
     reference = _grads(lambda *x: reference_attention(*x, dtype=torch.float32, softcap=30.0), (q * 4).float(),
@@ -169,13 +201,287 @@ def time_case(fn, seq, head_dim):
     fwd_ms = _median_ms(forward)
     fwd_bwd_ms = _median_ms(forward_backward, grad_to_none=leaves)
     flops = forward_flops(seq, head_dim)
+    graphed_ms = _cudagraph_ms(forward_backward, leaves)
     return {
         "fwd_ms": fwd_ms,
         "fwd_bwd_ms": fwd_bwd_ms,
         "fwd_tflops": flops / fwd_ms / 1e9,
         "fwd_bwd_tflops": 3.5 * flops / fwd_bwd_ms / 1e9,
+        # The same fwd+bwd replayed from a CUDA graph: GPU time without the host's launch and dispatch cost
+        # (which bounds eager timings of short calls; inside a training step it overlaps other layers' work).
+        "fwd_bwd_ms_cudagraph": graphed_ms,
+        "host_us_per_fwd_bwd": _host_us(forward_backward, leaves),
         "saved_bytes": saved_bytes(fn, q, k, v),
     }
+
+
+def _cudagraph_ms(fn, leaves) -> Optional[float]:
+    if DEVICE != "cuda":
+        return None
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return float(do_bench_cudagraph(fn, grad_to_none=leaves, return_mode="median"))
+    except Exception as error:  # noqa: BLE001 - a capture failure must not lose the eager timings
+        print(f"CUDA-graph timing failed: {type(error).__name__}: {error}")
+        return None
+
+
+def _host_us(fn, leaves, calls: int = 50) -> Optional[float]:
+    """Microseconds the host spends issuing one call (CPU time of a loop whose GPU work is not awaited)."""
+    if DEVICE != "cuda":
+        return None
+    torch.cuda.synchronize()
+    started = time.process_time()
+    for _ in range(calls):
+        for leaf in leaves:
+            leaf.grad = None
+        fn()
+    elapsed = time.process_time() - started
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --tune: every CONFIGS entry of every kernel, timed alone
+# ------------------------------------------------------------------------------------------------------------
+TUNE_CASES = [(2048, 128), (8192, 128), (2048, 256), (8192, 256)]  # (seq, head_dim), most important first
+# (kernel, kv_bits, kv_dequant): the kernels each setting runs, most important first. kv_bits=4 with "prepass"
+# runs the kv16 dK/dV kernel on K'/V' (same kernel, same shapes: the kv16 dkdv rows stand for it).
+TUNE_KERNELS = [
+    ("dkdv", 16, None), ("dq", 16, None), ("fwd", 16, None),
+    ("stats", 4, "prepass"), ("dq", 4, "prepass"), ("dequant", 4, "prepass"),
+    ("dkdv", 4, "in_kernel"), ("dq", 4, "in_kernel"), ("stats", 4, "in_kernel"),
+]
+TUNE_SPLITS = (1, 2, 4)  # dK/dV GQA splits; 4 only at S <= 2048, where there are few key blocks
+TUNE_BUDGET_S = 230.0  # no new compile or timing starts after this many seconds
+TUNE_COMPILE_SHARE = 0.5  # the parallel compile phase gets at most this share of the budget
+TUNE_COMPILE_SEQ = 256  # compile-only runs: a multiple of 16 like the timed lengths, hence the same binaries
+TUNE_WARMUP_MS, TUNE_REP_MS = 10, 40  # do_bench per config (the kernels take 0.02-15 ms)
+TUNE_SMOKE_CONFIGS = 2  # --smoke --tune: the first configs of each list only
+MATMULS = {"fwd": 2, "stats": 2, "dq": 3, "dkdv": 4}  # matmuls per visible (query, key) pair, 2 * D FLOPs each
+
+
+class TuneJob(NamedTuple):
+    kind: str
+    seq: int
+    head_dim: int
+    kv_bits: int
+    kv_dequant: Optional[str]
+    config: Optional[tuple]  # (BLOCK_M, BLOCK_N, num_warps, num_stages); None for "dequant"
+    split: int
+
+
+def _tune_jobs(cases, max_configs=None) -> list[TuneJob]:
+    from memgraph.kernels.attention import _config_list
+
+    group = HEADS // KV_HEADS
+    jobs = []
+    for seq, head_dim in cases:
+        for kind, kv_bits, mode in TUNE_KERNELS:
+            configs = [None] if kind == "dequant" else [tuple(c) for c in _config_list(kind, head_dim)][:max_configs]
+            splits = [1]
+            if kind == "dkdv":
+                splits = [s for s in TUNE_SPLITS if group % s == 0 and (s <= 2 or seq <= 2048)]
+            for split in splits:  # outer, so that consecutive jobs share one prepared runner
+                jobs += [TuneJob(kind, seq, head_dim, kv_bits, mode, config, split) for config in configs]
+    return jobs
+
+
+def _compile_key(job: TuneJob) -> tuple:
+    """What selects the compiled binary: not the sequence length, and of the split only whether partials are
+    float32 (heads_per_program is not specialized on)."""
+    return job.kind, job.head_dim, job.kv_bits, job.kv_dequant, job.config, job.split > 1
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".replace("\n", " ")[:300]
+
+
+def _runner(job: TuneJob, inputs, exact_inputs=True):
+    from memgraph.kernels.attention import kernel_runner
+
+    return kernel_runner(job.kind, *inputs, kv_bits=job.kv_bits, kv_dequant=job.kv_dequant, dkdv_split=job.split,
+                         exact_inputs=exact_inputs)
+
+
+# Errors that belong to the config (it does not fit the SM, or does not compile); a worker's other errors are
+# retried by the timing process.
+TRUSTED_COMPILE_ERRORS = ("OutOfResources", "PTXASError", "CompilationError")
+
+
+def _compile_job(job: TuneJob):
+    """Worker process: compile the job's kernel (and launch it once on a short sequence) into Triton's on-disk
+    cache, where the timing process finds it. Returns (compile key, error or None), the error only when it is
+    one of TRUSTED_COMPILE_ERRORS."""
+    try:
+        run = _runner(job, _inputs(TUNE_COMPILE_SEQ, job.head_dim), exact_inputs=False)
+        run(job.config)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001 - a config that does not compile is a result, not a crash
+        if type(error).__name__ in TRUSTED_COMPILE_ERRORS:
+            return _compile_key(job), _error_text(error)
+        print(f"compile worker: {_error_text(error)} ({job}); retried when timed", flush=True)
+    return _compile_key(job), None
+
+
+def _init_worker(device, heads, kv_heads):
+    global DEVICE, HEADS, KV_HEADS
+    DEVICE, HEADS, KV_HEADS = device, heads, kv_heads
+
+
+def _precompile(jobs: list[TuneJob], deadline: float, workers: int) -> dict:
+    """Compile every distinct kernel of `jobs` in `workers` processes until `deadline`; {compile key: error}."""
+    unique = list({_compile_key(job): job for job in jobs}.values())
+    errors = {}
+    if workers <= 0 or not unique:
+        return errors
+    started = time.perf_counter()
+    workers = min(workers, len(unique))
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                     initargs=(DEVICE, HEADS, KV_HEADS))
+    done = 0
+    try:
+        results = pool.imap_unordered(_compile_job, unique)
+        for _ in unique:
+            key, error = results.next(timeout=max(deadline - time.perf_counter(), 0.01))
+            done += 1
+            if error is not None:
+                errors[key] = error
+    except multiprocessing.TimeoutError:
+        print("compile phase hit its budget; the rest compile when timed (if time is left)")
+    finally:
+        pool.terminate()
+        pool.join()
+    print(f"compiled {done}/{len(unique)} kernels in {time.perf_counter() - started:.0f}s with {workers} workers, "
+          f"{len(errors)} failed", flush=True)
+    return errors
+
+
+def _bench_ms(fn) -> float:
+    if DEVICE == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, return_mode="median")
+    return _median_ms(fn)
+
+
+def _case_name(job) -> str:
+    variant = f"kv{job.kv_bits}" + (f"-{job.kv_dequant}" if job.kv_dequant else "")
+    return f"S={job.seq} D={job.head_dim} {variant}"
+
+
+def _time_jobs(jobs: list[TuneJob], compile_errors: dict, deadline: float, on_progress) -> list[dict]:
+    rows = []
+    inputs = runner = None
+    inputs_key = runner_key = None
+    for index, job in enumerate(jobs):
+        row = {"kernel": job.kind, "case": _case_name(job), "seq": job.seq, "head_dim": job.head_dim,
+               "kv_bits": job.kv_bits, "kv_dequant": job.kv_dequant or "", "split": job.split,
+               "config": list(job.config) if job.config else None, "ms": None, "tflops": None, "best": False,
+               "error": compile_errors.get(_compile_key(job))}
+        rows.append(row)
+        if row["error"] is None and time.perf_counter() > deadline:
+            row["error"] = "skipped: time budget"
+        if row["error"] is not None:
+            continue
+        try:
+            if inputs_key != (job.seq, job.head_dim):  # one case's tensors alive at a time
+                inputs = runner = None
+                inputs_key = (job.seq, job.head_dim)
+                inputs = _inputs(job.seq, job.head_dim, seed=job.seq + job.head_dim)
+            if runner_key != job._replace(config=None):  # one runner per kernel variant and split
+                runner = None
+                runner_key = job._replace(config=None)
+                runner = _runner(job, inputs)
+            run = runner
+            run(job.config)  # compiles (or loads from the cache) and launches once: errors surface here
+            row["ms"] = _bench_ms(lambda: run(job.config))
+            if job.kind in MATMULS:
+                flops = MATMULS[job.kind] * forward_flops(job.seq, job.head_dim) / 2  # forward = 2 matmuls
+                row["tflops"] = flops / row["ms"] / 1e9
+        except Exception as error:  # noqa: BLE001
+            row["error"] = _error_text(error)
+        if index + 1 == len(jobs) or jobs[index + 1][1:3] != job[1:3]:  # a case done: save what we have
+            on_progress(rows)
+    return rows
+
+
+def _mark_best(rows: list[dict]) -> dict:
+    """Flag the fastest row of each (kernel, case); {"kernel case": best row's config, split, ms}."""
+    best = {}
+    for row in rows:
+        row["best"] = False
+        key = f"{row['kernel']} {row['case']}"
+        if row["ms"] is not None and (key not in best or row["ms"] < best[key]["ms"]):
+            best[key] = row
+    for row in best.values():
+        row["best"] = True
+    return {key: {"config": row["config"], "split": row["split"], "ms": row["ms"]} for key, row in best.items()}
+
+
+def _estimates(best: dict, sdpa: dict) -> list[dict]:
+    """Per case, fwd+bwd estimated from the best kernel times of each path (the quantize kernel of the kv_bits=4
+    forward is not included), next to SDPA's measured fwd+bwd."""
+    paths = {
+        "kv16": ["fwd {c} kv16", "dq {c} kv16", "dkdv {c} kv16"],
+        "kv4-prepass": ["fwd {c} kv16", "dequant {c} kv4-prepass", "stats {c} kv4-prepass", "dq {c} kv4-prepass",
+                        "dkdv {c} kv16"],
+        "kv4-in_kernel": ["fwd {c} kv16", "stats {c} kv4-in_kernel", "dq {c} kv4-in_kernel",
+                          "dkdv {c} kv4-in_kernel"],
+    }
+    estimates = []
+    for case, sdpa_ms in sdpa.items():
+        for path, parts in paths.items():
+            keys = [part.format(c=case) for part in parts]
+            if all(key in best for key in keys):
+                ms = sum(best[key]["ms"] for key in keys)
+                estimates.append({"case": case, "path": path, "fwd_bwd_ms": ms, "sdpa_fwd_bwd_ms": sdpa_ms,
+                                  "speedup_vs_sdpa": sdpa_ms / ms,
+                                  "parts_ms": {key.split()[0]: round(best[key]["ms"], 4) for key in keys}})
+    return estimates
+
+
+def tune(budget_s: float, workers: int, smoke: bool) -> int:
+    start = time.perf_counter()
+    deadline = start + budget_s
+    cases = [(64, 64)] if smoke else TUNE_CASES
+    jobs = _tune_jobs(cases, TUNE_SMOKE_CONFIGS if smoke else None)
+    print(f"--tune: {len(jobs)} timings over {len(cases)} cases, budget {budget_s:.0f}s", flush=True)
+    # (--smoke: the interpreter compiles nothing, but the workers still run each job once: a test of the machinery)
+    compile_errors = _precompile(jobs, start + TUNE_COMPILE_SHARE * budget_s, min(workers, 2) if smoke else workers)
+
+    sdpa = {}
+    for seq, head_dim in cases:  # the reference the estimates are compared with
+        q, k, v, grad_out = _inputs(seq, head_dim, seed=seq + head_dim)
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        sdpa[f"S={seq} D={head_dim}"] = _bench_ms(lambda: _sdpa()(*leaves).backward(grad_out))
+        del q, k, v, grad_out, leaves
+
+    def write(rows):
+        if smoke:
+            return
+        best = _mark_best(rows)
+        write_results("attention_tuning", rows, batch=BATCH, heads=HEADS, kv_heads=KV_HEADS, causal=True,
+                      dtype="bfloat16", budget_s=budget_s, total_seconds=round(time.perf_counter() - start, 1),
+                      best=best, bwd_estimates=_estimates(best, sdpa))
+
+    rows = _time_jobs(jobs, compile_errors, deadline, write)
+    best = _mark_best(rows)
+    write(rows)
+    print_table(rows)
+    print("\nbest config per kernel and case (config = [BLOCK_M, BLOCK_N, num_warps, num_stages]):")
+    failed = {}
+    for row in rows:
+        if row["error"] is not None:
+            failed[f"{row['kernel']} {row['case']}"] = failed.get(f"{row['kernel']} {row['case']}", 0) + 1
+    print_table([{"kernel_case": key, "config": value["config"], "split": value["split"], "ms": value["ms"],
+                  "failed_or_skipped": failed.get(key, 0)} for key, value in best.items()])
+    print("\nfwd+bwd estimated from the best kernels (the kv4 forward's quantize kernel not included):")
+    print_table([{k: v for k, v in row.items() if k != "parts_ms"} for row in _estimates(best, sdpa)])
+    print(f"--tune done in {time.perf_counter() - start:.0f}s")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -183,14 +489,24 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes (S=2048, 8192 at D=128; 2048 at D=256)")
     parser.add_argument("--skip-check", action="store_true", help="skip the small-shape correctness check")
     parser.add_argument("--smoke", action="store_true",
-                        help="CPU dry run of the whole script on tiny shapes (TRITON_INTERPRET=1); writes no results")
+                        help="CPU dry run of the whole script on tiny shapes (Triton's interpreter); writes no results")
+    parser.add_argument("--tune", action="store_true",
+                        help="time every CONFIGS entry of every kernel alone; writes attention_tuning.json")
+    parser.add_argument("--tune-budget", type=float, default=TUNE_BUDGET_S,
+                        help=f"seconds after which --tune starts no new work (default {TUNE_BUDGET_S:.0f})")
+    parser.add_argument("--tune-workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
+                        help="processes compiling kernels in parallel for --tune (0: compile while timing)")
     args = parser.parse_args(argv)
     global DEVICE, HEADS, KV_HEADS, CHECK_SEQ, CHECK_HEAD_DIMS
     if args.smoke:
+        # Before the kernels module is imported: triton.jit reads it when the kernels are defined.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
         DEVICE, HEADS, KV_HEADS, CHECK_SEQ, CHECK_HEAD_DIMS = "cpu", 4, 2, 70, (64,)
     elif not torch.cuda.is_available():
         print("bench_attention needs a CUDA GPU (or --smoke on CPU)")
         return 2
+    if args.tune:
+        return tune(args.tune_budget, args.tune_workers, args.smoke)
     start = time.perf_counter()
     if not args.skip_check:
         failures = check_correctness()
@@ -208,10 +524,14 @@ def main(argv=None) -> int:
     for seq, head_dim in cases:
         sdpa = {"impl": "sdpa", "kv_bits": 16, "seq": seq, "head_dim": head_dim, **time_case(_sdpa(), seq, head_dim)}
         rows.append(sdpa)
-        for kv_bits in (16, 4):
-            row = {"impl": "memgraph", "kv_bits": kv_bits, "seq": seq, "head_dim": head_dim,
-                   **time_case(_ours(kv_bits), seq, head_dim)}
+        for kv_bits, mode in ((16, None), *((4, mode) for mode in KV_DEQUANT_MODES)):
+            with _kv_dequant(mode):
+                timings = time_case(_ours(kv_bits), seq, head_dim)
+            row = {"impl": "memgraph", "kv_bits": kv_bits, "kv_dequant": mode or "", "seq": seq,
+                   "head_dim": head_dim, **timings}
             row["speedup_vs_sdpa"] = sdpa["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+            if row["fwd_bwd_ms_cudagraph"] and sdpa["fwd_bwd_ms_cudagraph"]:
+                row["speedup_vs_sdpa_cudagraph"] = sdpa["fwd_bwd_ms_cudagraph"] / row["fwd_bwd_ms_cudagraph"]
             rows.append(row)
         print(f"S={seq} D={head_dim} done ({time.perf_counter() - start:.0f}s)", flush=True)
     if args.smoke:

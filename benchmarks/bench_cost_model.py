@@ -281,7 +281,8 @@ def main() -> int:
     parser.add_argument("--variants", default="lora,qlora")
     parser.add_argument("--solvers", default="none,mincut")
     parser.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
-    parser.add_argument("--overlay-layers", type=int, default=4)
+    parser.add_argument("--overlay-layers", type=int, default=4, help="layers of the overlay case (0: skip it)")
+    parser.add_argument("--name", default="cost_model_accuracy", help="results file name")
     parser.add_argument("--time-budget", type=float, default=330.0,
                         help="seconds; cases not started by then are reported as skipped")
     parser.add_argument("--dynamic", action="store_true",
@@ -308,11 +309,12 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
 
     def save() -> None:
-        write_results("cost_model_accuracy", rows, out_dir, layers=args.layers, codegen=args.codegen,
+        write_results(args.name, rows, out_dir, layers=args.layers, codegen=args.codegen,
                       total_s=time.perf_counter() - started)
 
     try:
-        rows.append(overlay(variants[0], min(seqs), solvers[-1], args, out_dir))
+        if args.overlay_layers > 0:
+            rows.append(overlay(variants[0], min(seqs), solvers[-1], args, out_dir))
     except Exception as error:  # noqa: BLE001 - the accuracy rows matter more than the picture
         traceback.print_exc()
         rows.append({"case": "overlay", "error": f"{type(error).__name__}: {error}"[:500]})

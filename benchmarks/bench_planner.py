@@ -8,13 +8,17 @@ The step's joint graph is captured once per recipe (Dynamo + AOTAutograd, one re
 budgets are spread from the layer-checkpointing peak to the no-recompute peak (predicted); each solver plans
 under each budget (``solve_s``) and its partitioned graphs run node by node (eager FX, as AOTAutograd's
 runtime: backward frees saved values as it consumes them): measured ``max_memory_allocated`` after a warm-up
-step and the median time of 3 steps (``tok_s``). This measures the plans, not the code generator, without a
-recompile per point. Then one full ``torch.compile(backend="memgraph")`` (codegen ``--codegen``, solver ilp,
-middle budget) and one ``torch.compile(backend="inductor")`` report compile time and step time side by side.
-Rows (``planner_sweep.json``): ``recipe``, ``solver``, ``budget_bytes``, ``predicted_peak_bytes``,
-``measured_peak_bytes``, ``tok_s``, ``solve_s`` (+ ``predicted_recompute_s``, ``error``); compile rows have
-``solver`` = ``memgraph-compile:ilp`` / ``inductor-default`` and ``compile_s``. Pareto plot:
-``planner_sweep.png`` (measured peak vs step time) in $OUT or benchmarks/results.
+step and the median time of 3 steps (``tok_s``), running the graphs' generated Python (boxed: every value,
+saved inputs included, freed after its last use, as in the eager codegen) — every solver under the same code
+generator, so the differences are the plans', without an Inductor recompile per point.
+"qlora" is the standard QLoRA recipe: frozen linears replaced by bitsandbytes NF4 ``Linear4bit``, captured
+with memgraph's ``nf4`` rewrite (bitsandbytes' matmuls become ``memgraph.nf4_linear``); attention stays SDPA.
+Compile time of a whole ``torch.compile(backend="memgraph")`` vs Inductor: ``bench_e2e.py`` (recipes
+``bf16/inductor`` and ``bf16/memgraph?solver=ilp&memory_budget=...``).
+Rows (``planner_sweep.json``, or ``--name``): ``recipe``, ``solver``, ``budget_bytes``,
+``predicted_peak_bytes``, ``measured_peak_bytes``, ``tok_s``, ``solve_s`` (+ ``predicted_recompute_s``,
+``error``). Pareto plot per recipe: ``<name>_<recipe>.png`` (measured peak vs step time) in $OUT or
+benchmarks/results.
 """
 from __future__ import annotations
 
@@ -49,16 +53,15 @@ def build(recipe: str, model_name: str, device: str):
     model = models.build(model_name, dtype=dtype, device=device, lora=False, use_cache=False)
     model.requires_grad_(False)
     if recipe == "qlora":
-        from memgraph.quantize import quantize_
-
-        quantize_(model, "nf4")
+        models.to_bnb_4bit(model)
         if device == "cuda":
             torch.cuda.empty_cache()
     return models.add_lora(model, rank=16).train()
 
 
 def measure_plan(captured, plan, tokens: int, device: str, steps: int) -> dict[str, Any]:
-    """Run the plan's partitioned graphs: peak after a warm-up step, median step time."""
+    """Run the plan's partitioned graphs: peak after a warm-up step, median step time (the caller holds the
+    GPU timing lock)."""
     from memgraph.cost_model.tracker import MemoryTracker, run_step
     from memgraph.passes.partition import partition
 
@@ -68,114 +71,112 @@ def measure_plan(captured, plan, tokens: int, device: str, steps: int) -> dict[s
     def one_step():
         if device == "cuda":
             result = run_step(fw, bw, captured.primals, graph.num_fwd_outputs,
-                              sample=lambda _: torch.cuda.memory_allocated())
+                              sample=lambda _: torch.cuda.memory_allocated(), node_by_node=False)
         else:
-            result = run_step(fw, bw, captured.primals, graph.num_fwd_outputs, tracker=MemoryTracker())
+            result = run_step(fw, bw, captured.primals, graph.num_fwd_outputs, tracker=MemoryTracker(),
+                              node_by_node=False)
         peak = result.peak_bytes
         del result
         return peak
 
     one_step()  # warm-up
-    with exclusive_gpu_timing():
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, peak = [], 0
+    for _ in range(steps):
+        started = time.perf_counter()
+        peak = max(peak, one_step())
         if device == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times, peak = [], 0
-        for _ in range(steps):
-            started = time.perf_counter()
-            peak = max(peak, one_step())
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
+        times.append(time.perf_counter() - started)
     measured = int(torch.cuda.max_memory_allocated()) if device == "cuda" else int(peak)
     step_s = statistics.median(times)
     return {"measured_peak_bytes": measured, "step_s": step_s, "tok_s": tokens / step_s}
 
 
-def compile_row(model, ids, name: str, backend: str, options: dict | None, steps: int) -> dict[str, Any]:
-    """Compile time (first step) and median step time of a whole torch.compile'd training step."""
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, options=options) if options else torch.compile(
-        model, backend=backend)
-
-    def one_step():
-        out = compiled(input_ids=ids, labels=ids)
-        out.loss.backward()
-        del out
-        model.zero_grad(set_to_none=True)
+def solve(captured, solver: str, budget: int, limits: dict, row: dict[str, Any]):
+    """Plan under the budget, recording solve time and prediction in ``row``; the plan, or None (error)."""
+    from memgraph.cost_model import solvers
 
     started = time.perf_counter()
-    one_step()
-    torch.cuda.synchronize()
-    compile_s = time.perf_counter() - started
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        one_step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    return {"solver": name, "compile_s": compile_s, "measured_peak_bytes": int(torch.cuda.max_memory_allocated()),
-            "tok_s": ids.numel() / step_s, "step_s": step_s}
+    try:
+        plan = solvers.get(solver).function(captured.graph, captured.costs, budget, **limits)
+    except Exception as error:  # noqa: BLE001 - an infeasible or failing point is a row, not a crash
+        row.update(solve_s=time.perf_counter() - started, error=f"{type(error).__name__}: {str(error)[:300]}")
+        return None
+    row.update(solve_s=time.perf_counter() - started, predicted_peak_bytes=plan.peak_bytes,
+               predicted_recompute_s=plan.recompute_seconds, optimality_gap=plan.optimality_gap)
+    return plan
+
+
+def show(row: dict[str, Any]) -> None:
+    print({(k[:-len("_bytes")] + "_gib" if k.endswith("_bytes") else k):
+           (round(v / GIB, 3) if k.endswith("_bytes") and v else v) for k, v in row.items()
+           if k != "error"} | ({"error": row["error"][:120]} if "error" in row else {}), flush=True)
 
 
 def sweep(recipe: str, args, rows: list[dict[str, Any]], on_row=None) -> None:
+    """Capture (GPU, under the timing lock), plan every (budget, solver) point (CPU), then measure every plan
+    (GPU, under the lock): two recipes can run in parallel on one GPU without their GPU phases overlapping."""
     from memgraph.compare import auto_budgets
-    from memgraph.cost_model import solvers
     from memgraph.cost_model.capture import capture_step
     from memgraph.cost_model.solvers import common
 
     device = args.device
-    model = build(recipe, args.model, device)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
-    started = time.perf_counter()
-    (captured,) = capture_step(model, solvers=("none",), input_ids=ids, labels=ids)
-    model.zero_grad(set_to_none=True)
+    with exclusive_gpu_timing():
+        model = build(recipe, args.model, device)
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
+        started = time.perf_counter()
+        rewrites = ("nf4",) if recipe == "qlora" else ()
+        (captured,) = capture_step(model, solvers=("none",), rewrites=rewrites, input_ids=ids, labels=ids)
+        model.zero_grad(set_to_none=True)
     print(f"[{recipe}] captured the step in {time.perf_counter() - started:.1f} s "
           f"({len(captured.graph.joint.graph.nodes)} joint nodes)", flush=True)
     budgets = auto_budgets([captured.graph], args.budgets, [captured.costs])
     print(f"[{recipe}] budgets (GiB): {[round(b / GIB, 2) for b in budgets]}", flush=True)
-    tokens = ids.numel()
-    for budget in budgets:
+    planned: list[tuple[dict[str, Any], Any]] = []
+    for position, budget in enumerate(budgets):
         for solver in args.solvers:
-            row: dict[str, Any] = {"recipe": recipe, "solver": solver, "budget_bytes": budget, "seq": args.seq}
-            common._PROBLEMS.clear()  # every solve starts cold, as in a compile: no memo shared between solvers
-            t0 = time.perf_counter()
-            try:
-                limits = (QUICK_LIMITS if args.quick else SOLVER_LIMITS).get(solver, {})
-                plan = solvers.get(solver).function(captured.graph, captured.costs, budget, **limits)
-                row.update(solve_s=time.perf_counter() - t0, predicted_peak_bytes=plan.peak_bytes,
-                           predicted_recompute_s=plan.recompute_seconds, optimality_gap=plan.optimality_gap)
-                row.update(measure_plan(captured, plan, tokens, device, args.steps))
-            except Exception as error:  # noqa: BLE001 - an infeasible or failing point is a row, not a crash
-                row.setdefault("solve_s", time.perf_counter() - t0)
-                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            # Cold solves (as in a compile) at the first budget; later budgets share the problem's memo (e.g.
+            # torch's partition at a fraction already tried), so their solve_s is marked warm.
+            if position == 0:
+                common._PROBLEMS.clear()
+            limits = (QUICK_LIMITS if args.quick else SOLVER_LIMITS).get(solver, {})
+            row: dict[str, Any] = {"recipe": recipe, "solver": solver, "budget_bytes": budget, "seq": args.seq,
+                                   "warm_solve": position > 0}
+            plan = solve(captured, solver, budget, limits, row)
+            planned.append((row, plan))
             rows.append(row)
-            print({(k[:-len("_bytes")] + "_gib" if k.endswith("_bytes") else k):
-                   (round(v / GIB, 3) if k.endswith("_bytes") and v else v) for k, v in row.items()
-                   if k != "error"} | ({"error": row["error"][:120]} if "error" in row else {}), flush=True)
+            show(row)
+            if solver == "torch-budget" and plan is not None and plan.peak_bytes is not None and "ilp" in args.solvers:
+                # ILP at exactly the peak torch's knapsack reached: the like-for-like comparison at equal memory.
+                matched = {"recipe": recipe, "solver": "ilp@torch-budget-peak", "budget_bytes": int(plan.peak_bytes),
+                           "seq": args.seq, "warm_solve": True}
+                planned.append((matched, solve(captured, "ilp", int(plan.peak_bytes),
+                                               (QUICK_LIMITS if args.quick else SOLVER_LIMITS).get("ilp", {}),
+                                               matched)))
+                rows.append(matched)
+                show(matched)
             if on_row is not None:
                 on_row()  # results on disk after every point: a run stopped by a time limit keeps them
+    tokens = ids.numel()
+    with exclusive_gpu_timing():
+        for row, plan in planned:
+            if plan is None:
+                continue
+            try:
+                row.update(measure_plan(captured, plan, tokens, device, args.steps))
+            except Exception as error:  # noqa: BLE001
+                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            show(row)
+            if on_row is not None:
+                on_row()
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
-    if device == "cuda" and not args.no_compile:
-        middle = budgets[len(budgets) // 2]
-        for name, backend, options in (
-                ("memgraph-compile:ilp", "memgraph", {"solver": "ilp", "memory_budget": middle,
-                                                      "codegen": args.codegen}),
-                ("inductor-default", "inductor", None)):
-            try:
-                row = {"recipe": recipe, "budget_bytes": middle if options else None, "seq": args.seq}
-                row.update(compile_row(model, ids, name, backend, options, args.steps))
-            except Exception as error:  # noqa: BLE001
-                row = {"recipe": recipe, "solver": name, "error": f"{type(error).__name__}: {error}"[:300]}
-                traceback.print_exc()
-            rows.append(row)
-            print(row, flush=True)
-    del captured, model
+    del captured, model, planned
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -186,7 +187,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         points = [dict(r, feasible="error" not in r and "step_s" in r) for r in rows
-                  if r.get("recipe") == recipe and r.get("solver") in SOLVERS]
+                  if r.get("recipe") == recipe and r.get("solver") in SOLVERS + ("ilp@torch-budget-peak",)]
         pareto_plot(points, str(path.with_name(f"{path.stem}_{recipe}.png")), title=f"planner sweep: {recipe}")
 
 
@@ -199,8 +200,7 @@ def main() -> int:
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--recipes", default=None, help="lora,qlora (default; --quick: lora)")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
-    parser.add_argument("--no-compile", action="store_true", help="skip the full-compile comparison rows")
+    parser.add_argument("--name", default="planner_sweep", help="results file name (and plot stem)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -214,7 +214,7 @@ def main() -> int:
     started = time.perf_counter()
 
     def save() -> None:
-        write_results("planner_sweep", rows, model=args.model, seq=args.seq, total_s=time.perf_counter() - started)
+        write_results(args.name, rows, model=args.model, seq=args.seq, total_s=time.perf_counter() - started)
 
     for recipe in recipes:
         try:
@@ -224,7 +224,7 @@ def main() -> int:
             rows.append({"recipe": recipe, "error": f"{type(error).__name__}: {error}"[:300]})
     out = Path(os.environ.get("OUT") or RESULTS_DIR)
     save()
-    plot(rows, out / "planner_sweep.png")
+    plot(rows, out / f"{args.name}.png")
     print_table([{k: v for k, v in r.items() if k != "error"} for r in rows])
     return 0
 

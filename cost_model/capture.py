@@ -141,19 +141,26 @@ def _plan_functions(solvers: Sequence[str], plan_fn: Callable | None) -> dict[st
 
 def capture_backend(captured: list[CapturedGraph], solvers: Sequence[str] = ("none",), *,
                     plan_fn: Callable | None = None, run_under: Callable[[], Any] | None = None,
-                    observe_backward_inputs: Callable[[list], None] | None = None) -> Callable:
+                    observe_backward_inputs: Callable[[list], None] | None = None,
+                    rewrites: Sequence[str] = (), options: Any = None) -> Callable:
     """A torch.compile backend that plans with each solver (or ``plan_fn(graph, costs)``), partitions, runs
     the first solver's graphs and records everything in ``captured``.
 
     run_under: a context manager factory entered around every forward/backward graph run (e.g. a
     ``MemoryTracker``: Dynamo does not run compiled code under an active dispatch mode, so the tracker is
     entered inside the compiled graphs). observe_backward_inputs: called with backward's boxed inputs as it
-    starts (e.g. ``tracker.track``: autograd makes the tangents outside the graphs).
+    starts (e.g. ``tracker.track``: autograd makes the tangents outside the graphs). rewrites: names from
+    ``memgraph.passes.REWRITES`` run on Dynamo's graph first (configured by ``options``, default Options()).
     """
     forward_compiler, backward_compiler = _compilers(captured, run_under, observe_backward_inputs)
     partition_fn = _partition_fn(captured, _plan_functions(solvers, plan_fn))
 
     def backend(gm, example_inputs):
+        if rewrites:
+            from memgraph.options import Options
+            from memgraph.passes import apply_rewrites
+
+            gm, _ = apply_rewrites(gm, example_inputs, options or Options(), only=rewrites)
         return _compat.aot_module(gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=backward_compiler,
                                   partition_fn=partition_fn)
 
@@ -161,16 +168,18 @@ def capture_backend(captured: list[CapturedGraph], solvers: Sequence[str] = ("no
 
 
 def capture_step(model: Callable, *, solvers: Sequence[str] = ("none",), plan_fn: Callable | None = None,
-                 dynamic_dims: dict[str, int] | None = None, **inputs: Any) -> list[CapturedGraph]:
+                 dynamic_dims: dict[str, int] | None = None, rewrites: Sequence[str] = (),
+                 **inputs: Any) -> list[CapturedGraph]:
     """Compile ``model``, run one forward + backward on ``inputs`` (keyword arguments) and return the
     captured graphs. ``dynamic_dims``: {input name: dim} marked dynamic (``{"input_ids": 1, "labels": 1}``).
+    ``rewrites``: memgraph rewrites applied first (e.g. ``("nf4",)`` for a bitsandbytes 4-bit model).
     The output must be a scalar tensor or have a ``loss`` attribute."""
     import torch._dynamo
 
     captured: list[CapturedGraph] = []
     for name, dim in (dynamic_dims or {}).items():
         torch._dynamo.mark_dynamic(inputs[name], dim)
-    compiled = torch.compile(model, backend=capture_backend(captured, solvers, plan_fn=plan_fn))
+    compiled = torch.compile(model, backend=capture_backend(captured, solvers, plan_fn=plan_fn, rewrites=rewrites))
     output = compiled(**inputs)
     loss = output if isinstance(output, torch.Tensor) else output.loss
     loss.backward()

@@ -174,7 +174,7 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 def run_step(fw: fx.GraphModule, bw: fx.GraphModule, primals: Sequence[Any], num_fwd_outputs: int, *,
              tracker: MemoryTracker | None = None, sample: Callable[[str], int] | None = None,
              outputs_alive: bool = True, tangents: Callable[[list[fx.Node], list[Any]], list[Any]] | None = None,
-             ) -> StepMeasurement:
+             node_by_node: bool = True) -> StepMeasurement:
     """Run one training step of partitioned graphs as torch's AOTAutograd runtime does, and measure it.
 
     primals: real forward inputs (parameters, buffers, inputs), held by the caller for the whole step.
@@ -182,6 +182,8 @@ def run_step(fw: fx.GraphModule, bw: fx.GraphModule, primals: Sequence[Any], num
     the bytes live now (e.g. ``lambda _: torch.cuda.memory_allocated()``) when measuring on a GPU.
     tangents: builds backward's incoming gradients from its tangent placeholders and the user outputs;
     default: ones for the first (the loss) and zeros for the rest, as autograd materializes them.
+    node_by_node: False runs the graphs' generated code (boxed, values freed after last use: the same memory)
+    at full speed, sampling only after the forward and after the backward; for timing a step.
     """
     if tracker is None and sample is None:
         raise ValueError("run_step needs a tracker or a sample function")
@@ -191,7 +193,8 @@ def run_step(fw: fx.GraphModule, bw: fx.GraphModule, primals: Sequence[Any], num
     with context, torch.no_grad():
         if tracker is not None:
             tracker.track(list(primals), label="primals")
-        outputs = GraphRunner(fw, "forward", sample, record).boxed_run(list(primals))
+        run = _node_by_node_runner if node_by_node else _generated_code_runner
+        outputs = run(fw, "forward", sample, record)(list(primals))
         user_outputs = list(outputs[:num_fwd_outputs])
         saved = list(outputs[num_fwd_outputs:])
         del outputs
@@ -203,7 +206,7 @@ def run_step(fw: fx.GraphModule, bw: fx.GraphModule, primals: Sequence[Any], num
         seed = made[:1]  # torch.autograd.backward holds the loss's ones until backward returns
         args = saved + list(made)
         del saved, made
-        grads = GraphRunner(bw, "backward", sample, record).boxed_run(args)
+        grads = run(bw, "backward", sample, record)(args)
         del seed
         grads = list(grads) if isinstance(grads, (list, tuple)) else [grads]
         for index, (param, grad) in enumerate(zip(primals, grads)):
@@ -213,6 +216,26 @@ def run_step(fw: fx.GraphModule, bw: fx.GraphModule, primals: Sequence[Any], num
                 record.append((f"accumulate_grad({index})", "backward", sample(f"accumulate_grad({index})")))
     peak = tracker.peak_bytes if tracker is not None else max((r[2] for r in record), default=0)
     return StepMeasurement(peak, tracker.peak_label if tracker is not None else None, record, user_outputs, grads)
+
+
+def _node_by_node_runner(gm: fx.GraphModule, phase: str, sample: Callable[[str], int], record: list):
+    return GraphRunner(gm, phase, sample, record).boxed_run
+
+
+_BOXED: "weakref.WeakKeyDictionary[fx.GraphModule, fx.GraphModule]" = weakref.WeakKeyDictionary()
+
+
+def _generated_code_runner(gm: fx.GraphModule, phase: str, sample: Callable[[str], int], record: list):
+    if gm not in _BOXED:  # generate once: a timed step must not pay for code generation
+        _BOXED[gm] = _compat.boxed_graph_module(gm)
+    boxed = _BOXED[gm]
+
+    def run(args: list) -> Any:
+        result = boxed(args)
+        record.append((f"end of {phase}", phase, sample(f"end of {phase}")))
+        return result
+
+    return run
 
 
 def _autograd_tangents(nodes: list[fx.Node], user_outputs: list[Any]) -> list[Any]:

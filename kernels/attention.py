@@ -16,13 +16,18 @@ How the pieces fit (one direction, top to bottom in this file):
    exact (computed from the unquantized K/V).
 2. What the backward keeps: ``kv_bits=16``: q, k, v, O, LSE (as flash attention does). ``kv_bits<16``: q and the
    packed K/V only (no bf16 K or V, no O, no LSE): 4.75 bits per K/V element, 0.297x the bf16 bytes.
-3. Backward pre-pass: ``kv_bits=16``: ``delta = rowsum(dO * O)`` (``_attn_bwd_delta_kernel``). ``kv_bits<16``:
-   ``_attn_bwd_stats_kernel`` recomputes LSE' and ``delta' = rowsum(P' * dP')`` from the *dequantized* K'/V', so
-   the backward is the exact gradient of attention(q, K', V') (straight-through for dK/dV). Reusing the exact
-   forward's LSE/O with quantized K/V makes gradient errors explode on outlier channels (see NOTES.md).
-4. ``_attn_bwd_dkdv_kernel``: one program per KV head and key block, looping over the query heads of its GQA
-   group and the query blocks that can see the keys (no atomics). ``_attn_bwd_dq_kernel``: one program per
-   query head and query block, looping over the visible key blocks. Both dequantize K/V in-kernel.
+3. Backward pre-passes, ``kv_bits<16`` only: K'/V' are dequantized once into a 16-bit transient
+   (``_dequantize_kv_kernel``; ``KV_DEQUANT="in_kernel"`` instead unpacks K/V tiles inside the kernels below),
+   then ``_attn_bwd_stats_kernel`` recomputes LSE' and ``delta' = rowsum(P' * dP')`` from K'/V', so the backward
+   is the exact gradient of attention(q, K', V') (straight-through for dK/dV). Reusing the exact forward's LSE/O
+   with quantized K/V makes gradient errors explode on outlier channels (see NOTES.md). ``kv_bits=16`` has no
+   pre-pass.
+4. ``_attn_bwd_dq_kernel``: one program per query head and query block (BLOCK_M rows), looping over the visible
+   key blocks; with ``kv_bits=16`` it also forms ``delta = rowsum(dO * O)`` for the next kernel.
+   ``_attn_bwd_dkdv_kernel``: one program per KV head and key block (BLOCK_N keys), looping over the query heads
+   of its GQA group and the query blocks that can see the keys; short sequences split the group over several
+   programs whose float32 partials ``_sum_partials_kernel`` adds (no atomics, deterministic). Both work in base 2
+   (scale and log2(e) folded into one multiply before exp2), as the forward does.
 
 Every kernel splits its loop into at most three ranges: blocks that need the causal/window/tail mask, the
 unmasked middle, and masked blocks again; the unmasked middle is the bulk of the work and pays for no mask.
@@ -41,7 +46,7 @@ import logging
 import math
 import os
 import types
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -53,7 +58,8 @@ try:
     HAS_TRITON = True
 except ImportError:  # the kernels below are still defined (as plain functions) but never launched
     HAS_TRITON = False
-    triton = types.SimpleNamespace(jit=lambda fn=None, **_: fn, cdiv=lambda a, b: -(-a // b))
+    triton = types.SimpleNamespace(jit=lambda fn=None, **_: fn if fn is not None else (lambda f: f),
+                                   cdiv=lambda a, b: -(-a // b))
     tl = types.SimpleNamespace(constexpr=lambda value=None: value)
 
 __all__ = [
@@ -413,17 +419,23 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qs, stride_kb
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Triton: backward pre-passes (delta, or LSE' and delta' from the quantized K/V)
+# Triton: backward pre-passes (kv_bits < 16 only: K'/V' dequantized once, then LSE' and delta')
 # ------------------------------------------------------------------------------------------------------------
+# kv_bits=16 has no pre-pass: delta = rowsum(dO * O) is formed by the dQ kernel, which loads dO anyway.
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O) per query row (kv_bits=16; O and dO contiguous [B*Hq, S, D])."""
-    row = tl.program_id(0).to(tl.int64) * seq_len
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o = _load_rows(O + row * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_len, True).to(tl.float32)
-    do = _load_rows(DO + row * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_len, True).to(tl.float32)
-    tl.store(DELTA + row + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_len)
+def _dequantize_kv_kernel(KC, KM, VC, VM, K, V, seq_len, HEAD_DIM: tl.constexpr, KV_BITS: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K', V' as contiguous [B * Hkv, S, D] tensors in the compute dtype (KV_DEQUANT="prepass"): tile for tile
+    what the in-kernel path builds (_load_k/_load_v, then the same cast), so both modes give the same gradients."""
+    bhkv = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    out = (bhkv.to(tl.int64) * seq_len + offs_n[:, None]) * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    in_seq = (offs_n < seq_len)[:, None]
+    k = _load_k(KC, 0, KC, KM, bhkv, start_n, seq_len, True, KV_BITS, HEAD_DIM, BLOCK_N)
+    tl.store(K + out, _cast(k, K.dtype.element_ty, DOT_PRECISION), mask=in_seq)
+    v = _load_v(VC, 0, VC, VM, bhkv, start_n, seq_len, True, KV_BITS, HEAD_DIM, BLOCK_N)
+    tl.store(V + out, _cast(v, V.dtype.element_ty, DOT_PRECISION), mask=in_seq)
 
 
 @triton.jit
@@ -498,94 +510,6 @@ def _attn_bwd_stats_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, stride_qb, s
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Triton: backward, dK/dV per key block
-# ------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, stride_qs, DO_row, LSE_row, DELTA_row, start_m, offs_n, seq_len, scale,
-               window, softcap, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-               MASKED: tl.constexpr):
-    """Add one query block's share to dK, dV; works on transposed tiles ([keys, queries]) to avoid transposes."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_rows(q_base, offs_m, stride_qs, offs_d, seq_len, MASKED)
-    do = _load_rows(DO_row, offs_m, HEAD_DIM, offs_d, seq_len, MASKED)
-    if MASKED:
-        in_seq = offs_m < seq_len
-        lse2 = tl.load(LSE_row + offs_m, mask=in_seq, other=0.0) * LOG2E
-        delta = tl.load(DELTA_row + offs_m, mask=in_seq, other=0.0)
-    else:
-        lse2 = tl.load(LSE_row + offs_m) * LOG2E
-        delta = tl.load(DELTA_row + offs_m)
-    s_t, t_t = _scores(_dot(k, tl.trans(q), None, DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
-    p_t = tl.exp2(s_t - lse2[None, :])
-    if MASKED:
-        p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], seq_len, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
-    dv = _dot(_cast(p_t, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
-    dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    if HAS_SOFTCAP:
-        ds_t = ds_t * (1.0 - t_t * t_t)  # d/dx of softcap * tanh(x / softcap)
-    dk = _dot(_cast(ds_t, q.dtype, DOT_PRECISION), q, dk, DOT_PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stride_qs,
-                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, num_kv_heads,
-                          heads_per_program, seq_len, scale, window, softcap, seq_bucket, KV_BITS: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                          HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-    """One program per (split, batch * KV head, key block). Each loops over `heads_per_program` query heads of
-    the GQA group; with a split > 1 (short sequences, too few programs to fill the GPU) every split writes a
-    float32 partial dK/dV that the launcher sums."""
-    num_splits = (num_heads // num_kv_heads) // heads_per_program
-    pid = tl.program_id(0)
-    split = pid % num_splits
-    bhkv = pid // num_splits
-    b = (bhkv // num_kv_heads).to(tl.int64)
-    hkv = bhkv % num_kv_heads
-    start_n = tl.program_id(1) * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_base = K + b * stride_kb + hkv.to(tl.int64) * stride_kh
-    v_base = V + b * stride_vb + hkv.to(tl.int64) * stride_vh
-    compute_dtype = Q.dtype.element_ty
-    k = _load_k(k_base, stride_ks, KC, KM, bhkv, start_n, seq_len, True, KV_BITS, HEAD_DIM, BLOCK_N)
-    v = _load_v(v_base, stride_vs, VC, VM, bhkv, start_n, seq_len, True, KV_BITS, HEAD_DIM, BLOCK_N)
-    k = _cast(k, compute_dtype, DOT_PRECISION)
-    v = _cast(v, compute_dtype, DOT_PRECISION)
-
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lo, full_lo, full_hi, hi = _query_block_ranges(start_n, seq_len, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    first_head = (hkv * (num_heads // num_kv_heads) + split * heads_per_program).to(tl.int64)
-    for offset in range(0, heads_per_program):
-        h = first_head + offset
-        q_base = Q + b * stride_qb + h * stride_qh
-        row = (b * num_heads + h) * seq_len
-        do_row = DO + row * HEAD_DIM
-        for start_m in range(lo, full_lo, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, stride_qs, do_row, LSE + row, DELTA + row, start_m, offs_n,
-                                seq_len, scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                DOT_PRECISION, BLOCK_M, True)
-        for start_m in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, stride_qs, do_row, LSE + row, DELTA + row, start_m, offs_n,
-                                seq_len, scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                DOT_PRECISION, BLOCK_M, False)
-        for start_m in range(full_hi, hi, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, stride_qs, do_row, LSE + row, DELTA + row, start_m, offs_n,
-                                seq_len, scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                DOT_PRECISION, BLOCK_M, True)
-    out = ((split * (tl.num_programs(0) // num_splits) + bhkv).to(tl.int64) * seq_len + offs_n[:, None]) * HEAD_DIM
-    out = out + offs_d[None, :]
-    in_seq = (offs_n < seq_len)[:, None]
-    tl.store(DK + out, _cast(dk * scale, DK.dtype.element_ty, DOT_PRECISION), mask=in_seq)
-    tl.store(DV + out, _cast(dv, DV.dtype.element_ty, DOT_PRECISION), mask=in_seq)
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Triton: backward, dQ per query block
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
@@ -593,6 +517,7 @@ def _dq_step(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, KC, KM, VC, VM,
              scale, window, softcap, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
              HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Add one key block's share to dQ: P and dP recomputed from the saved LSE and delta, dQ += dS k."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _cast(_load_k(K, stride_ks, KC, KM, bhkv, start_n, seq_len, MASKED, KV_BITS, HEAD_DIM, BLOCK_N), q.dtype,
               DOT_PRECISION)
@@ -610,14 +535,17 @@ def _dq_step(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, KC, KM, VC, VM,
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qs, stride_kb,
-                        stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, group, seq_len, scale,
-                        window, softcap, seq_bucket, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _attn_bwd_dq_kernel(Q, K, V, KC, KM, VC, VM, O, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qs,
+                        stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, group, seq_len,
+                        scale, window, softcap, seq_bucket, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (batch * query head, query block); same key ranges as the forward."""
+                        DELTA_FROM_O: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """One program per (batch * query head, query block of BLOCK_M rows), looping over the visible key blocks of
+    BLOCK_N keys (same ranges as the forward). DELTA_FROM_O (kv_bits=16): delta = rowsum(dO * O) is formed here
+    and stored for the dK/dV kernel, which runs after this one; otherwise the stats pre-pass wrote it."""
     bh = tl.program_id(0)
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # causal: the longest rows first
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
     hkv = (h // group).to(tl.int64)
@@ -629,8 +557,13 @@ def _attn_bwd_dq_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, DQ, stride_qb, 
     in_seq = offs_m < seq_len
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, offs_d, seq_len, True)
     do = _load_rows(DO + row * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_len, True)
+    if DELTA_FROM_O:
+        o = _load_rows(O + row * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_len, True)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + row + offs_m, delta, mask=in_seq)
+    else:
+        delta = tl.load(DELTA + row + offs_m, mask=in_seq, other=0.0)
     lse2 = tl.load(LSE + row + offs_m, mask=in_seq, other=0.0) * LOG2E
-    delta = tl.load(DELTA + row + offs_m, mask=in_seq, other=0.0)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
 
@@ -653,40 +586,181 @@ def _attn_bwd_dq_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, DQ, stride_qb, 
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Triton: backward, dK/dV per key block
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs, b, num_heads, head, start_m,
+               offs_n, seq_len, scale, window, softcap, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """Add one query block's share (query head `head`, rows start_m + [0, BLOCK_M)) to dK, dV.
+
+    Everything is computed on the key side, [keys, queries] tiles (s_t = k q^T, dp_t = v dO^T), so that the
+    products dV += P^T dO and dK += dS^T q need no transposed register tiles."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row = (b * num_heads + head) * seq_len
+    q = _load_rows(Q + b * stride_qb + head * stride_qh, offs_m, stride_qs, offs_d, seq_len, MASKED)
+    do = _load_rows(DO + row * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_len, MASKED)
+    if MASKED:
+        in_seq = offs_m < seq_len
+        lse2 = tl.load(LSE + row + offs_m, mask=in_seq, other=0.0) * LOG2E
+        delta = tl.load(DELTA + row + offs_m, mask=in_seq, other=0.0)
+    else:
+        lse2 = tl.load(LSE + row + offs_m) * LOG2E
+        delta = tl.load(DELTA + row + offs_m)
+    # Base 2: the scale and log2(e) are folded into one multiply (an FMA with the LSE subtraction), then exp2.
+    s_t, t_t = _scores(_dot(k, tl.trans(q), None, DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+    p_t = tl.exp2(s_t - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], seq_len, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
+    dv = _dot(_cast(p_t, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
+    dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)  # d/dx of softcap * tanh(x / softcap)
+    dk = _dot(_cast(ds_t, q.dtype, DOT_PRECISION), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["heads_per_program"])  # 4, 2 or 1 per split: one compiled kernel for all
+def _attn_bwd_dkdv_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stride_qs,
+                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, num_kv_heads,
+                          heads_per_program, seq_len, scale, window, softcap, seq_bucket, KV_BITS: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                          HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """One program per (split, batch * KV head, key block of BLOCK_N keys). K and V of the block are loaded (and
+    dequantized) once; the query blocks of `heads_per_program` heads of the GQA group stream past them, BLOCK_M
+    rows per step. No atomics: with a split > 1 (see _dkdv_split) each split writes float32 partials that
+    _sum_partials_kernel adds up."""
+    num_splits = (num_heads // num_kv_heads) // heads_per_program
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    bhkv = pid // num_splits
+    b = (bhkv // num_kv_heads).to(tl.int64)
+    hkv = bhkv % num_kv_heads
+    start_n = tl.program_id(1) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_base = K + b * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + hkv.to(tl.int64) * stride_vh
+    compute_dtype = Q.dtype.element_ty
+    k = _load_k(k_base, stride_ks, KC, KM, bhkv, start_n, seq_len, True, KV_BITS, HEAD_DIM, BLOCK_N)
+    v = _load_v(v_base, stride_vs, VC, VM, bhkv, start_n, seq_len, True, KV_BITS, HEAD_DIM, BLOCK_N)
+    k = _cast(k, compute_dtype, DOT_PRECISION)
+    v = _cast(v, compute_dtype, DOT_PRECISION)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # Causal: only the query blocks crossing the diagonal (lo..full_lo) are masked; the rest run unmasked.
+    lo, full_lo, full_hi, hi = _query_block_ranges(start_n, seq_len, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    first_head = (hkv * (num_heads // num_kv_heads) + split * heads_per_program).to(tl.int64)
+    # Each range is one flat loop over (query head, query block) pairs: Triton software-pipelines innermost loops,
+    # and one long loop keeps the pipeline full across the group's heads instead of draining at every head.
+    blocks = (full_lo - lo) // BLOCK_M
+    for i in range(0, heads_per_program * blocks):
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs, b, num_heads,
+                            first_head + i // blocks, lo + (i % blocks) * BLOCK_M, offs_n, seq_len, scale, window,
+                            softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_M, True)
+    blocks = (full_hi - full_lo) // BLOCK_M
+    for i in range(0, heads_per_program * blocks):
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs, b, num_heads,
+                            first_head + i // blocks, full_lo + (i % blocks) * BLOCK_M, offs_n, seq_len, scale,
+                            window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_M,
+                            False)
+    blocks = tl.cdiv(hi - full_hi, BLOCK_M)
+    for i in range(0, heads_per_program * blocks):
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs, b, num_heads,
+                            first_head + i // blocks, full_hi + (i % blocks) * BLOCK_M, offs_n, seq_len, scale,
+                            window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_M,
+                            True)
+    out = ((split * (tl.num_programs(0) // num_splits) + bhkv).to(tl.int64) * seq_len + offs_n[:, None]) * HEAD_DIM
+    out = out + offs_d[None, :]
+    in_seq = (offs_n < seq_len)[:, None]
+    tl.store(DK + out, _cast(dk * scale, DK.dtype.element_ty, DOT_PRECISION), mask=in_seq)
+    tl.store(DV + out, _cast(dv, DV.dtype.element_ty, DOT_PRECISION), mask=in_seq)
+
+
+@triton.jit
+def _sum_partials_kernel(PARTS, DK, DV, numel, num_splits, DOT_PRECISION: tl.constexpr, BLOCK: tl.constexpr):
+    """dK, dV = the sums over splits of the float32 partials PARTS [2 (dK, dV), splits, numel], in DK's dtype.
+    A fixed summation order: the result does not depend on which program finished first."""
+    which = tl.program_id(1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < numel
+    parts = PARTS + which.to(tl.int64) * num_splits * numel + offs
+    total = tl.zeros([BLOCK], tl.float32)
+    for _ in range(0, num_splits):
+        total += tl.load(parts, mask=in_range, other=0.0)
+        parts += numel  # pointer arithmetic: 64-bit however large split x numel gets
+    if which == 0:
+        tl.store(DK + offs, _cast(total, DK.dtype.element_ty, DOT_PRECISION), mask=in_range)
+    else:
+        tl.store(DV + offs, _cast(total, DV.dtype.element_ty, DOT_PRECISION), mask=in_range)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Launch configurations: autotuned on CUDA, small fixed blocks under the interpreter
 # ------------------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (16 and 32 use the 64 lists), the first
-# being the default when autotuning is off. Every entry compiles for sm_90 (triton 3.9) without register spills
-# and within 200 KiB of shared memory; 256-wide heads need small tiles. BLOCK_N is a multiple of
-# K_GROUP_TOKENS (the dequantizing loads broadcast one K (step, min) row per 32 keys). The lists are short so
-# that autotuning stays within the benchmark's time budget.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (16 and 32 use the 64 lists). BLOCK_M counts
+# query rows, BLOCK_N keys, in every kernel. The first entry is the default when autotuning is off (the benchmark's
+# correctness check), so it is a conservative one. How the entries were chosen, for Hopper (sm_90):
+# * wgmma computes 64 rows per warpgroup (4 warps): the tile side that carries an MMA's rows (fwd/stats/dQ:
+#   BLOCK_M, dK/dV: BLOCK_N) is 64 with 4 warps or 128 with 8 warps. The other side is the dK/dV step's BLOCK_M
+#   (32 or 64 query rows: the K dimension of dV += P^T dO, too thin at 16) or dQ's BLOCK_N (32 or 64 keys).
+# * Registers: the float32 accumulators ([rows, D]; dK/dV has two) take <= 128 registers per thread, so D=256
+#   uses half the rows per warp (dK/dV: BLOCK_N=64 with 8 warps; dQ: 64 rows/4 warps or 128/8).
+# * Shared memory (227 KiB per block on H100/H200): the tiles loaded once (dK/dV: K, V; fwd/stats/dQ: Q, dO)
+#   plus num_stages copies of the streamed ones, counted to stay within ~192 KiB (room for layout-conversion
+#   scratch). An entry that does not fit anyway is skipped by the autotuner and reported by the tuner.
+# * BLOCK_N is a multiple of K_GROUP_TOKENS (the in-kernel dequantizing loads broadcast one K (step, min) row per
+#   32 keys).
+# The lists stay short (<= 8) so that `benchmarks/bench_attention.py --tune` times every entry within its budget
+# and the autotuner's first call stays short; pin the winners from attention_tuning.json by reordering/pruning.
 CONFIGS = {
     "fwd": {
-        64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-        128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-        256: [(64, 64, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3)],
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 128, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+              (128, 32, 8, 3), (128, 32, 8, 4)],
+        256: [(64, 64, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
     },
     "stats": {
-        64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-        128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
-        256: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)],
+        64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)],
+        128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+              (128, 32, 8, 4), (128, 64, 4, 3)],
+        256: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 4, 2)],
     },
     "dq": {
-        64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
-        256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
+        64: [(128, 64, 8, 3), (128, 32, 4, 5), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 4)],
+        128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 4), (128, 32, 8, 5), (64, 64, 4, 3),
+              (64, 64, 4, 4), (64, 32, 4, 4)],
+        256: [(128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 4)],
     },
     "dkdv": {
-        64: [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2)],
-        128: [(16, 64, 8, 2), (16, 128, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2)],
-        256: [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 3)],
+        64: [(32, 128, 4, 3), (32, 128, 4, 5), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
+        128: [(32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 8, 5), (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3),
+              (32, 64, 4, 4), (64, 64, 4, 3)],
+        256: [(32, 64, 8, 2), (32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 2), (16, 64, 8, 3), (32, 32, 4, 3),
+              (64, 32, 4, 2)],
     },
 }
 AUTOTUNE = True  # False: each kernel runs its first config (fewer compiles; the benchmark's correctness check)
 INTERPRETER_BLOCKS = {"fwd": (16, 32), "stats": (16, 32), "dq": (16, 32), "dkdv": (16, 32)}  # (M, N): small
-DELTA_BLOCK_M = 64  # rows per program of the memory-bound delta pre-pass
-AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "DOT_PRECISION", "KV_BITS"]
-DKDV_TARGET_PROGRAMS_PER_SM = 2  # split GQA groups across programs until the dK/dV grid fills the GPU twice
+AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "DOT_PRECISION", "KV_BITS",
+                "DELTA_FROM_O"]
+# kv_bits < 16: "prepass" dequantizes K/V once per backward into a 16-bit K'/V' (a transient the size of dK + dV,
+# freed when the backward returns) and runs the 16-bit kernels on it; "in_kernel" dequantizes every K/V tile inside
+# the stats/dQ/dK-dV kernels (no transient, but each key block is unpacked again by every query block and head of
+# the stats and dQ passes, and the packed loads cannot feed the MMAs straight from the async copy pipeline).
+# Both compute identical gradients.
+KV_DEQUANT = "prepass"
+KV_DEQUANT_MODES = ("prepass", "in_kernel")
+DEQUANT_BLOCK_N = 64  # tokens per program of the memory-bound dequantization pre-pass (a multiple of K_GROUP_TOKENS)
+REDUCE_BLOCK = 1024  # elements per program of the memory-bound dK/dV partial sum
+# dK/dV GQA split: enough (split x KV head x key block) programs per SM that the longest program (the first key
+# block, causal) is not longer than an SM's share of the work; see _dkdv_split.
+DKDV_TARGET_PROGRAMS_PER_SM = 1.75
 
 
 def _config_list(kind: str, head_dim: int) -> list:
@@ -722,16 +796,18 @@ _KERNELS = {
 _FORCE_DKDV_SPLIT: Optional[int] = None
 
 
-def _launch(kind: str, grid, *args, **meta) -> None:
-    """Interpreter: small fixed blocks. CUDA: autotuned, or the first config when AUTOTUNE is False."""
+def _launch(kind: str, grid, *args, config=None, **meta) -> None:
+    """config=(BLOCK_M, BLOCK_N, num_warps, num_stages) runs exactly that config (the tuner). Otherwise: small
+    fixed blocks under the interpreter; on CUDA autotuned, or the first config when AUTOTUNE is False."""
     kernel, tuned = _KERNELS[kind]
-    if INTERPRET:
-        block_m, block_n = INTERPRETER_BLOCKS[kind]
-        kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
-    elif AUTOTUNE:
+    if config is None and INTERPRET:
+        config = (*INTERPRETER_BLOCKS[kind], 4, 1)  # warps and stages mean nothing to the interpreter
+    elif config is None and not AUTOTUNE:
+        config = _config_list(kind, meta["HEAD_DIM"])[0]
+    if config is None:
         tuned[grid](*args, **meta)
     else:
-        block_m, block_n, warps, stages = _config_list(kind, meta["HEAD_DIM"])[0]
+        block_m, block_n, warps, stages = config
         kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
@@ -743,6 +819,11 @@ def _flags(q: Tensor, causal: bool, window: Optional[int], softcap: Optional[flo
         "HAS_SOFTCAP": softcap is not None,
         "DOT_PRECISION": _dot_precision(q.dtype),
     }
+
+
+def _runtime(seq_len: int, scale: float, window: Optional[int], softcap: Optional[float]) -> tuple:
+    """The kernels' runtime arguments after the shapes: seq_len, scale, window, softcap, seq_bucket."""
+    return seq_len, scale, window or 0, softcap or 0.0, _seq_bucket(seq_len)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -767,7 +848,35 @@ def _device_guard(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _fwd_triton(q, k, v, causal, scale, window, softcap):
+class _KV(NamedTuple):
+    """K and V as the backward kernels read them: 16-bit tensors (bits=16) or the packed codes (bits 8/4)."""
+
+    tensors: tuple  # (K, V, K codes, K meta, V codes, V meta); the unused ones repeat a valid tensor
+    strides: tuple  # batch, head and sequence strides of K, then of V (zeros when packed)
+    bits: int  # KV_BITS as the kernels see it
+    heads: int
+
+
+def _kv_16bit(k: Tensor, v: Tensor) -> _KV:
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    return _KV((k, v, k, k, k, k), (*k.stride()[:3], *v.stride()[:3]), 16, k.shape[1])
+
+
+def _kv_packed(packed, bits: int) -> _KV:
+    return _KV((packed[0], packed[0], *packed), (0,) * 6, bits, packed[0].shape[1])
+
+
+def _kv_for_backward(packed, bits: int, dtype: torch.dtype, mode: Optional[str] = None) -> _KV:
+    """What the kv_bits < 16 backward reads, by KV_DEQUANT mode."""
+    mode = mode or KV_DEQUANT
+    if mode not in KV_DEQUANT_MODES:
+        raise ValueError(f"KV_DEQUANT must be one of {KV_DEQUANT_MODES}, got {mode!r}")
+    if mode == "prepass":
+        return _kv_16bit(*_dequantize_triton(packed, bits, dtype))
+    return _kv_packed(packed, bits)
+
+
+def _fwd_triton(q, k, v, causal, scale, window, softcap, config=None):
     batch, heads, seq_len, head_dim = q.shape
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     out = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
@@ -775,7 +884,7 @@ def _fwd_triton(q, k, v, causal, scale, window, softcap):
     grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     with _device_guard(q):
         _launch("fwd", grid, q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], heads,
-                heads // k.shape[1], seq_len, scale, window or 0, softcap or 0.0, _seq_bucket(seq_len),
+                heads // k.shape[1], *_runtime(seq_len, scale, window, softcap), config=config,
                 **_flags(q, causal, window, softcap))
     return out, lse
 
@@ -795,61 +904,165 @@ def _quantize_triton(k: Tensor, v: Tensor, bits: int):
     return k_codes, k_meta, v_codes, v_meta
 
 
-def _dkdv_split(batch: int, kv_heads: int, group: int, seq_len: int, device: torch.device) -> int:
-    """How many programs share one KV head's query heads (1 = no float32 partials, no reduction)."""
+def _dequantize_triton(packed, bits: int, dtype: torch.dtype):
+    """(K', V') [B, Hkv, S, D] in dtype from the packed format (bit-identical to dequantize_kv(..., dtype))."""
+    k_codes = packed[0]
+    batch, kv_heads, seq_len, code_bytes = k_codes.shape
+    head_dim = code_bytes * 8 // bits
+    k = torch.empty((batch, kv_heads, seq_len, head_dim), dtype=dtype, device=k_codes.device)
+    v = torch.empty_like(k)
+    with _device_guard(k):
+        _dequantize_kv_kernel[(batch * kv_heads, triton.cdiv(seq_len, DEQUANT_BLOCK_N))](
+            *packed, k, v, seq_len, HEAD_DIM=head_dim, KV_BITS=bits, DOT_PRECISION=_dot_precision(dtype),
+            BLOCK_N=DEQUANT_BLOCK_N)
+    return k, v
+
+
+def _launch_stats(q, kv: _KV, do, causal, scale, window, softcap, config=None):
+    """(LSE', delta') from K'/V' (kv_bits < 16)."""
+    batch, heads, seq_len, _ = q.shape
+    lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse)
+    grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
+    with _device_guard(q):
+        _launch("stats", grid, q, *kv.tensors, do, lse, delta, *q.stride()[:3], *kv.strides, heads,
+                heads // kv.heads, *_runtime(seq_len, scale, window, softcap), config=config, KV_BITS=kv.bits,
+                **_flags(q, causal, window, softcap))
+    return lse, delta
+
+
+def _launch_dq(q, kv: _KV, out, do, lse, delta, causal, scale, window, softcap, config=None):
+    """dQ. out given (kv_bits=16): the kernel also writes delta = rowsum(dO * O) into `delta` for dK/dV."""
+    batch, heads, seq_len, head_dim = q.shape
+    dq = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
+    grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
+    with _device_guard(q):
+        _launch("dq", grid, q, *kv.tensors, do if out is None else out, do, lse, delta, dq, *q.stride()[:3],
+                *kv.strides, heads, heads // kv.heads, *_runtime(seq_len, scale, window, softcap), config=config,
+                KV_BITS=kv.bits, DELTA_FROM_O=out is not None, **_flags(q, causal, window, softcap))
+    return dq
+
+
+def _launch_dkdv(q, kv: _KV, do, lse, delta, split, causal, scale, window, softcap, config=None):
+    """(dK, dV); split > 1 divides each GQA group over `split` programs and sums their float32 partials."""
+    batch, heads, seq_len, head_dim = q.shape
+    shape = (batch, kv.heads, seq_len, head_dim)
+    dk = torch.empty(shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty_like(dk)
+    parts = None if split == 1 else torch.empty((2, split, *shape), dtype=torch.float32, device=q.device)
+    targets = (dk, dv) if split == 1 else (parts[0], parts[1])
+    grid = lambda meta: (split * batch * kv.heads, triton.cdiv(seq_len, meta["BLOCK_N"]))  # noqa: E731
+    flags = _flags(q, causal, window, softcap)
+    with _device_guard(q):
+        _launch("dkdv", grid, q, *kv.tensors, do, lse, delta, *targets, *q.stride()[:3], *kv.strides, heads,
+                kv.heads, heads // kv.heads // split, *_runtime(seq_len, scale, window, softcap), config=config,
+                KV_BITS=kv.bits, **flags)
+        if split > 1:
+            numel = dk.numel()
+            _sum_partials_kernel[(triton.cdiv(numel, REDUCE_BLOCK), 2)](
+                parts, dk, dv, numel, split, DOT_PRECISION=flags["DOT_PRECISION"], BLOCK=REDUCE_BLOCK)
+    return dk, dv
+
+
+def _dkdv_split(batch: int, kv_heads: int, group: int, seq_len: int, head_dim: int, device: torch.device) -> int:
+    """How many programs share one KV head's query heads (1 = no float32 partials, no reduction).
+
+    Why: a dK/dV program's work is (query blocks that see its keys) x (heads it loops over); causal, the first key
+    block's programs are the longest, twice the average. The kernel takes at least max(longest program, total
+    work / SMs), and the longest program is at most the per-SM share once there are 2 programs per SM. Splitting
+    the group by s divides the longest program by s, but writes and re-reads 2 s float32 copies of dK/dV.
+    H100/H200 (132 SMs), Llama-3-8B (B=1, Hkv=8, group 4), D=128, BLOCK_N=128: S=2048 has 8 x 16 = 128 programs,
+    the longest twice an SM's share: split 2 gives 256 (1.94 per SM; 33 MB of partials written and read again,
+    ~20 us); split 4 would double that traffic to even out the last 3%, hence a target of 1.75 programs per SM
+    rather than 2. S=8192 has 512 programs: no split. `bench_attention.py --tune` times splits 1, 2 and 4."""
     if _FORCE_DKDV_SPLIT is not None:
         return _FORCE_DKDV_SPLIT if group % _FORCE_DKDV_SPLIT == 0 else 1
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    typical_block_n = 64
+    block_n = _config_list("dkdv", head_dim)[0][1]  # the usual key block for this head dim
+    programs = batch * kv_heads * triton.cdiv(seq_len, block_n)
     split = 1
-    while (batch * kv_heads * split * triton.cdiv(seq_len, typical_block_n) < DKDV_TARGET_PROGRAMS_PER_SM * sms
-           and group % (split * 2) == 0):
+    while programs * split < DKDV_TARGET_PROGRAMS_PER_SM * sms and group % (split * 2) == 0:
         split *= 2
     return split
 
 
 def _bwd_triton(do, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads):
+    """(dq, dk, dv). kv_bits=16: dQ (forming delta), then dK/dV; no pre-pass. kv_bits < 16: K'/V' (KV_DEQUANT),
+    the stats pre-pass (LSE', delta' from K'/V'), dQ, dK/dV."""
     batch, heads, seq_len, head_dim = q.shape
-    group = heads // kv_heads
     q = _last_dim_contiguous(q)
     do = do.contiguous()
-    flags = _flags(q, causal, window, softcap)
-    runtime = (seq_len, scale, window or 0, softcap or 0.0, _seq_bucket(seq_len))
+    options = (causal, scale, window, softcap)
     if kv_bits == 16:
-        k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
-        k_codes = k_meta = v_codes = v_meta = k  # unused by the kernels when KV_BITS == 16
-        k_strides, v_strides = k.stride()[:3], v.stride()[:3]
-        delta = torch.empty_like(lse)
-        with _device_guard(q):
-            _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(seq_len, DELTA_BLOCK_M))](
-                out.contiguous(), do, delta, seq_len, HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M)
+        kv = _kv_16bit(k, v)
+        out = out.contiguous()
+        delta = torch.empty_like(lse)  # written by the dQ kernel
     else:
-        k_codes, k_meta, v_codes, v_meta = packed
-        k = v = k_codes  # unused by the kernels when KV_BITS < 16
-        k_strides = v_strides = (0, 0, 0)
-        lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
-        delta = torch.empty_like(lse)
-        grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
-        with _device_guard(q):
-            _launch("stats", grid, q, k, v, k_codes, k_meta, v_codes, v_meta, do, lse, delta, *q.stride()[:3],
-                    *k_strides, *v_strides, heads, group, *runtime, KV_BITS=kv_bits, **flags)
-    dq = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
-    split = _dkdv_split(batch, kv_heads, group, seq_len, q.device)
-    partial_dtype = q.dtype if split == 1 else torch.float32
-    dk = torch.empty((split, batch, kv_heads, seq_len, head_dim), dtype=partial_dtype, device=q.device)
-    dv = torch.empty_like(dk)
-    with _device_guard(q):
-        grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
-        _launch("dq", grid, q, k, v, k_codes, k_meta, v_codes, v_meta, do, lse, delta, dq, *q.stride()[:3],
-                *k_strides, *v_strides, heads, group, *runtime, KV_BITS=kv_bits, **flags)
-        grid = lambda meta: (split * batch * kv_heads, triton.cdiv(seq_len, meta["BLOCK_N"]))  # noqa: E731
-        _launch("dkdv", grid, q, k, v, k_codes, k_meta, v_codes, v_meta, do, lse, delta, dk, dv, *q.stride()[:3],
-                *k_strides, *v_strides, heads, kv_heads, group // split, *runtime, KV_BITS=kv_bits, **flags)
-    if split == 1:
-        return dq, dk[0], dv[0]
-    return dq, dk.sum(0).to(q.dtype), dv.sum(0).to(q.dtype)
+        kv = _kv_for_backward(packed, kv_bits, q.dtype)
+        lse, delta = _launch_stats(q, kv, do, *options)
+        out = None
+    dq = _launch_dq(q, kv, out, do, lse, delta, *options)
+    split = _dkdv_split(batch, kv_heads, heads // kv_heads, seq_len, head_dim, q.device)
+    dk, dv = _launch_dkdv(q, kv, do, lse, delta, split, *options)
+    return dq, dk, dv
+
+
+TUNED_KINDS = ("fwd", "stats", "dq", "dkdv", "dequant")
+
+
+def kernel_runner(kind: str, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, *, kv_bits: int = 16,
+                  kv_dequant: Optional[str] = None, dkdv_split: int = 1, causal: bool = True,
+                  scale: Optional[float] = None, window: Optional[int] = None, softcap: Optional[float] = None,
+                  exact_inputs: bool = True):
+    """run(config=None) -> outputs, launching only the kernel `kind` (one of TUNED_KINDS) with config =
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) from CONFIGS[kind] ("dequant" has none): for
+    ``benchmarks/bench_attention.py --tune``, which times each kernel alone.
+
+    The kernel's inputs from earlier steps (O, LSE, packed K/V, K'/V', LSE', delta) are prepared once, as the op
+    does (each earlier kernel with its first config); exact_inputs=False leaves them as zeros (compile-only runs).
+    kv_bits < 16 runs the kernels the given kv_dequant mode runs ("stats" and "dq" see K'/V' with "prepass");
+    "dkdv" includes the partial sum when dkdv_split > 1."""
+    if kind not in TUNED_KINDS:
+        raise ValueError(f"kernel_runner: kind must be one of {TUNED_KINDS}, got {kind!r}")
+    batch, heads, seq_len, head_dim = q.shape
+    options = (causal, q.shape[-1] ** -0.5 if scale is None else scale, window, softcap)
+    q, do = _last_dim_contiguous(q), grad_out.contiguous()
+    if kind == "fwd":
+        return lambda config=None: _fwd_triton(q, k, v, *options, config=config)
+    prep = lambda name: None if INTERPRET else _config_list(name, head_dim)[0]  # noqa: E731 (no autotuning)
+    if exact_inputs:
+        out, lse = _fwd_triton(q, k, v, *options, config=prep("fwd"))
+        packed = _quantize_triton(k, v, kv_bits) if kv_bits < 16 else None
+    else:
+        out = torch.zeros_like(q)
+        lse = torch.zeros((batch, heads, seq_len), dtype=torch.float32, device=q.device)
+        shapes = packed_kv_shapes(batch, k.shape[1], seq_len, head_dim, kv_bits) if kv_bits < 16 else ()
+        packed = tuple(torch.zeros(shape, dtype=dtype, device=q.device) for shape, dtype in zip(shapes, _PACKED_DTYPES))
+    if kind == "dequant":
+        if kv_bits == 16:
+            raise ValueError("kernel_runner: kv_bits=16 has no dequantization")
+        return lambda config=None: _dequantize_triton(packed, kv_bits, q.dtype)
+    if kv_bits == 16:
+        if kind == "stats":
+            raise ValueError("kernel_runner: kv_bits=16 has no stats pass")
+        kv = _kv_16bit(k, v)
+        delta = torch.zeros_like(lse)
+        if exact_inputs and kind == "dkdv":
+            _launch_dq(q, kv, out, do, lse, delta, *options, config=prep("dq"))  # fills delta
+    else:
+        kv = _kv_for_backward(packed, kv_bits, q.dtype, kv_dequant)
+        if kind == "stats":
+            return lambda config=None: _launch_stats(q, kv, do, *options, config=config)
+        if exact_inputs:
+            lse, delta = _launch_stats(q, kv, do, *options, config=prep("stats"))
+        else:
+            delta = torch.zeros_like(lse)
+        out = None
+    if kind == "dq":
+        return lambda config=None: _launch_dq(q, kv, out, do, lse, delta, *options, config=config)
+    return lambda config=None: _launch_dkdv(q, kv, do, lse, delta, dkdv_split, *options, config=config)
 
 
 # ------------------------------------------------------------------------------------------------------------

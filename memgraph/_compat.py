@@ -22,6 +22,7 @@ __all__ = [
     "TORCH_VERSION", "CustomPartitionerFn", "make_boxed_func", "aot_module", "inductor_compile",
     "default_partition", "min_cut_partition", "extract_fwd_bwd_modules", "classify_nodes", "is_sym_node",
     "is_primal", "is_tangent", "fwd_bwd_outputs", "inductor_decompositions", "fake_mode_of",
+    "boxed_graph_module",
 ]
 
 default_partition = _partitioners.default_partition
@@ -242,3 +243,27 @@ def reorder_backward_like_autograd(bw: fx.GraphModule) -> fx.GraphModule:
     """Move each recomputed forward op to just before its first backward use (torch's partitioners do the
     same), instead of recomputing everything at the start of backward and holding it all."""
     return _partitioners.reordering_to_mimic_autograd_engine(bw)
+
+
+def boxed_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose generated code takes one list of inputs and clears it (torch's boxed calling
+    convention), so each input, like every intermediate, is freed right after its last use: the memory
+    behaviour of Inductor's code and of ``GraphRunner``, at the speed of generated Python."""
+    boxed = copy_graph_module(gm)
+    boxed.graph.set_codegen(_boxed_codegen())
+    boxed.recompile()
+    return boxed
+
+
+def _boxed_codegen() -> fx.graph.CodeGen:
+    if hasattr(fx.graph, "_BoxedCodeGen"):
+        return fx.graph._BoxedCodeGen()
+
+    class BoxedCodeGen(fx.graph.CodeGen):  # torch releases without _BoxedCodeGen: the same header by hand
+        def gen_fn_def(self, free_vars, maybe_return_annotation, **kwargs):
+            names = [v.split(":")[0].split("=")[0].strip() for v in free_vars if v != "self"]
+            lines = [f"def forward(self, args_list){maybe_return_annotation}:", "    args_iter = iter(args_list)"]
+            lines += [f"    {name} = next(args_iter)" for name in names] + ["    args_list.clear()"]
+            return "\n".join(lines)
+
+    return BoxedCodeGen()

@@ -72,7 +72,8 @@ class Options:
     kv_bits: bits of the K/V that attention keeps for backward (16 = exact).
     codegen: "inductor" compiles the planned graphs; "eager" runs them as FX (for debugging).
     report: path stem for a JSON (+ PNG) report of each compiled graph's plan, or None.
-    rewrites: whether graph rewrites (attention, NF4, ...) run before planning.
+    rewrites: which graph rewrites run before planning: True (all of ``memgraph.passes.REWRITES``), False
+    (none), or some of their names ("nf4", ["attention"], "attention,nf4").
     """
 
     memory_budget: int | None = None
@@ -80,7 +81,7 @@ class Options:
     kv_bits: int = 16
     codegen: str = "inductor"
     report: str | None = None
-    rewrites: bool = True
+    rewrites: bool | tuple[str, ...] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
@@ -93,8 +94,7 @@ class Options:
             raise MemgraphError(f"codegen={self.codegen!r} is not supported; choose one of {list(CODEGENS)}")
         if self.report is not None and not isinstance(self.report, (str, os.PathLike)):
             raise MemgraphError(f"report must be a path or None; got {self.report!r}")
-        if not isinstance(self.rewrites, bool):
-            raise MemgraphError(f"rewrites must be True or False; got {self.rewrites!r}")
+        object.__setattr__(self, "rewrites", _rewrite_names(self.rewrites))
         if self.memory_budget is not None:
             from memgraph.cost_model import solvers as registry
 
@@ -117,8 +117,31 @@ class Options:
             raise MemgraphError(f"unknown {source} key(s) {unknown}; valid keys are {list(cls.field_names())}")
         return cls(**mapping)
 
+    def rewrite_selection(self) -> tuple[str, ...] | None:
+        """The rewrites to run for ``passes.apply_rewrites(only=...)``: None means all of them."""
+        if self.rewrites is True:
+            return None
+        return () if self.rewrites is False else self.rewrites
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _rewrite_names(value: Any) -> bool | tuple[str, ...]:
+    from memgraph.passes import REWRITES
+
+    if isinstance(value, bool):
+        return value
+    names = value.split(",") if isinstance(value, str) else value
+    try:
+        names = tuple(dict.fromkeys(str(n).strip() for n in names if str(n).strip()))
+    except TypeError:
+        raise MemgraphError(f"rewrites must be True, False or rewrite names from {list(REWRITES)}; "
+                            f"got {value!r}") from None
+    unknown = [n for n in names if n not in REWRITES]
+    if unknown:
+        raise MemgraphError(f"unknown rewrites {unknown}; choose from {list(REWRITES)} (or True/False)")
+    return names
 
 
 def _coerce_env(name: str, text: str) -> Any:
@@ -134,7 +157,11 @@ def _coerce_env(name: str, text: str) -> Any:
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        raise MemgraphError(f"{ENV_PREFIX}REWRITES={text!r}; use 1/0, true/false, yes/no or on/off")
+        try:
+            return _rewrite_names(text)
+        except MemgraphError as error:
+            raise MemgraphError(f"{ENV_PREFIX}REWRITES={text!r}: {error}; or use 1/0, true/false, yes/no, "
+                                "on/off") from None
     if "None" in str(field_type) and text.strip().lower() in ("", "none"):
         return None
     return text

@@ -119,12 +119,12 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
 
 
 def _eager_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    """Run the graph node by node with the boxed convention, freeing each value (inputs included) after its last
-    use as Inductor's code does, so eager codegen has the memory the cost model predicts."""
-    from memgraph.cost_model.tracker import GraphRunner
+    """Eager codegen: the graph's generated Python with the boxed convention, freeing each value (inputs
+    included) after its last use as Inductor's code does, so it has the memory the cost model predicts."""
+    boxed = _compat.boxed_graph_module(gm)
 
     def run(args: list) -> Any:
-        return GraphRunner(gm).boxed_run(args)
+        return boxed(args)
 
     run._boxed_call = True
     return run
@@ -143,7 +143,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
 
 def _compile(gm: fx.GraphModule, example_inputs: list, options: Options, record: GraphRecord) -> Callable:
     if options.rewrites:
-        gm, record.rewrites = apply_rewrites(gm, example_inputs, options)
+        gm, record.rewrites = apply_rewrites(gm, example_inputs, options, only=options.rewrite_selection())
         if record.rewrites:
             log.info("memgraph: graph %d rewritten by %s", record.graph_id, record.rewrites)
     partitioner = MemgraphPartitioner(options, record)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Callable
+from typing import Callable, Collection
 
 import torch.fx as fx
 
@@ -38,10 +38,17 @@ def _load(spec: str) -> Callable | None:
     return getattr(module, function_name)
 
 
-def apply_rewrites(gm: fx.GraphModule, example_inputs: list, options) -> tuple[fx.GraphModule, list[str]]:
-    """Run every available rewrite in order; return the graph and the names of the rewrites that changed it."""
+def apply_rewrites(gm: fx.GraphModule, example_inputs: list, options,
+                   only: Collection[str] | None = None) -> tuple[fx.GraphModule, list[str]]:
+    """Run every available rewrite (or those named in ``only``) in order; return the graph and the names of
+    the rewrites that changed it."""
+    unknown = set(only or ()) - set(REWRITES)
+    if unknown:
+        raise ValueError(f"unknown rewrites {sorted(unknown)}; choose from {list(REWRITES)}")
     applied: list[str] = []
     for name, spec in REWRITES.items():
+        if only is not None and name not in only:
+            continue
         rewrite = _load(spec)
         if rewrite is None:
             continue

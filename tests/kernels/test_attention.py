@@ -105,18 +105,103 @@ def test_large_head_dims(head_dim, kv_bits):
         assert rel(a, b) < 1e-5, (name, rel(a, b))
 
 
-def test_dkdv_split_across_gqa_heads(monkeypatch):
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("kv_bits, kv_dequant", [(16, None), (4, "prepass"), (4, "in_kernel")])
+def test_dkdv_split_across_gqa_heads(monkeypatch, split, kv_bits, kv_dequant):
     """Short sequences split a GQA group's query heads across programs and sum float32 partials."""
-    monkeypatch.setattr(A, "_FORCE_DKDV_SPLIT", 2)
+    monkeypatch.setattr(A, "_FORCE_DKDV_SPLIT", split)
+    if kv_dequant:
+        monkeypatch.setattr(A, "KV_DEQUANT", kv_dequant)
     q, k, v, grad_out = _inputs(2, 4, 1, 37, 32, torch.float32, seed=3)
-    for kv_bits in (16, 4):
-        ours = _ours(q, k, v, grad_out, kv_bits=kv_bits, window=20)
-        if kv_bits == 16:
-            expected = _reference(q, k, v, grad_out, window=20)[1:]
-        else:
-            expected = A.reference_quantized_grads(q, k, v, grad_out, kv_bits=4, window=20)
-        for a, b in zip(ours[1:], expected):
-            assert rel(a, b) < 1e-5
+    ours = _ours(q, k, v, grad_out, kv_bits=kv_bits, window=20)
+    if kv_bits == 16:
+        expected = _reference(q, k, v, grad_out, window=20)[1:]
+    else:
+        expected = A.reference_quantized_grads(q, k, v, grad_out, kv_bits=kv_bits, window=20)
+    for a, b in zip(ours[1:], expected):
+        assert rel(a, b) < 1e-5
+
+
+def test_kv16_backward_runs_no_pre_pass(monkeypatch):
+    """kv_bits=16: dQ (which forms delta) then dK/dV, nothing else; kv_bits=4 adds K'/V' and the stats pass."""
+    launched = []
+    launch, dequantize = A._launch, A._dequantize_triton
+
+    def record_launch(kind, *args, **kwargs):
+        launched.append(kind)
+        return launch(kind, *args, **kwargs)
+
+    def record_dequantize(*args, **kwargs):
+        launched.append("dequant")
+        return dequantize(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_launch", record_launch)
+    monkeypatch.setattr(A, "_dequantize_triton", record_dequantize)
+    q, k, v, grad_out = _inputs(1, 4, 2, 40, 32, torch.bfloat16, seed=12)
+    _ours(q, k, v, grad_out, kv_bits=16)
+    assert launched == ["fwd", "dq", "dkdv"]
+    for mode, expected in (("prepass", ["fwd", "dequant", "stats", "dq", "dkdv"]),
+                           ("in_kernel", ["fwd", "stats", "dq", "dkdv"])):
+        launched.clear()
+        monkeypatch.setattr(A, "KV_DEQUANT", mode)
+        _ours(q, k, v, grad_out, kv_bits=4)
+        assert launched == expected, mode
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kv_dequant_modes_compute_the_same_gradients(monkeypatch, bits):
+    """KV_DEQUANT="prepass" (K'/V' materialized once) and "in_kernel" build the same K'/V' tiles."""
+    q, k, v, grad_out = _inputs(1, 4, 2, 70, 64, torch.bfloat16, seed=13, outlier_channels=3)
+    grads = {}
+    for mode in A.KV_DEQUANT_MODES:
+        monkeypatch.setattr(A, "KV_DEQUANT", mode)
+        grads[mode] = _ours(q, k, v, grad_out, kv_bits=bits, window=50, softcap=20.0)[1:]
+    for a, b in zip(grads["prepass"], grads["in_kernel"]):
+        assert rel(a, b) < 1e-6
+    scheme = A.reference_quantized_grads(q, k, v, grad_out, kv_bits=bits, window=50, softcap=20.0)
+    for a, b in zip(grads["prepass"], scheme):
+        assert rel(a, b) < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [16, 128])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_kernel_is_bit_identical_to_reference(dtype, head_dim, bits):
+    generator = torch.Generator().manual_seed(head_dim + bits)
+    k = (torch.randn(2, 3, 45, head_dim, generator=generator) * 3 + 1).to(dtype)
+    v = torch.randn(2, 3, 45, head_dim, generator=generator).to(dtype)
+    packed = A.quantize_kv(k, v, bits)
+    for got, want in zip(A._dequantize_triton(packed, bits, dtype), A.dequantize_kv(*packed, bits, dtype=dtype)):
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kv_bits, kv_dequant", [(16, None), (4, "prepass"), (4, "in_kernel")])
+def test_kernel_runner_launches_one_kernel_with_any_config(monkeypatch, kv_bits, kv_dequant):
+    """bench_attention.py --tune times kernels alone through kernel_runner: each config gives the op's results."""
+    q, k, v, grad_out = _inputs(1, 4, 2, 50, 64, torch.float32, seed=14)
+    if kv_dequant:
+        monkeypatch.setattr(A, "KV_DEQUANT", kv_dequant)
+    out, dq, dk, dv = _ours(q, k, v, grad_out, kv_bits=kv_bits)
+    expected = {"fwd": [out], "dq": [dq], "dkdv": [dk, dv]}
+    if kv_bits < 16:
+        k_deq, v_deq = A.dequantize_kv(*A.quantize_kv(k, v, kv_bits), kv_bits, dtype=q.dtype)
+        scores = (q @ k_deq.repeat_interleave(2, 1).transpose(-1, -2) * 64 ** -0.5).masked_fill(
+            ~A._visible_torch(torch.arange(50), torch.arange(50), True, None), float("-inf"))
+        probs = torch.softmax(scores, -1)
+        delta = (probs * (grad_out @ v_deq.repeat_interleave(2, 1).transpose(-1, -2))).sum(-1)
+        expected["stats"] = [torch.logsumexp(scores, -1), delta]
+        expected["dequant"] = [k_deq, v_deq]
+    for kind, want in expected.items():
+        configs = [None] if kind == "dequant" else A._config_list(kind, 64)[:2]
+        for split in ([1, 2] if kind == "dkdv" else [1]):
+            run = A.kernel_runner(kind, q, k, v, grad_out, kv_bits=kv_bits, kv_dequant=kv_dequant, dkdv_split=split)
+            for config in configs:
+                got = run(config)
+                got = got if isinstance(got, tuple) else (got,)
+                for a, b in zip(got, want):
+                    assert rel(a, b) < 1e-5, (kind, config, split)
+    with pytest.raises(ValueError, match="stats"):
+        A.kernel_runner("stats", q, k, v, grad_out, kv_bits=16)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -29,11 +29,27 @@ def test_defaults():
     ({"codegen": "cuda"}, r"codegen='cuda' is not supported; choose one of \['inductor', 'eager'\]"),
     ({"memory_budget": "8 parsecs"}, r"not a size; use bytes or a number with a unit"),
     ({"memory_budget": -5}, r"must be positive"),
-    ({"rewrites": "yes"}, r"rewrites must be True or False"),
+    ({"rewrites": "yes"}, r"unknown rewrites \['yes'\]; choose from \['attention', 'nf4'\]"),
+    ({"rewrites": 3}, r"rewrites must be True, False or rewrite names"),
 ])
 def test_bad_options_name_the_valid_choices(bad, message):
     with pytest.raises(ValueError, match=message):
         resolve_options(bad)
+
+
+@pytest.mark.parametrize("given, selection", [
+    (True, None), (False, ()), ("nf4", ("nf4",)), (["attention"], ("attention",)),
+    ("attention, nf4", ("attention", "nf4")),
+])
+def test_rewrites_select_passes_by_name(given, selection):
+    assert resolve_options({"rewrites": given}).rewrite_selection() == selection
+
+
+def test_rewrites_from_environment_by_name(monkeypatch):
+    monkeypatch.setenv("MEMGRAPH_REWRITES", "nf4")
+    assert resolve_options().rewrites == ("nf4",)
+    monkeypatch.setenv("MEMGRAPH_REWRITES", "off")
+    assert resolve_options().rewrites is False
 
 
 def test_budget_with_a_solver_that_ignores_budgets_is_rejected():
