@@ -215,6 +215,32 @@ def time_case(fn, seq, head_dim):
     }
 
 
+def profile_host(seq, head_dim, calls: int = 50) -> None:
+    """cProfile of memgraph's kv_bits=16 fwd+bwd (after a warm-up that autotunes): the host-side cost per call."""
+    import cProfile
+    import pstats
+
+    q, k, v, grad_out = _inputs(seq, head_dim)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    fn = _ours(16)
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        fn(*leaves).backward(grad_out)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize() if DEVICE == "cuda" else None
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        step()
+    profiler.disable()
+    print(f"host profile of {calls} fwd+bwd calls (S={seq}, D={head_dim}, kv_bits=16):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+
+
 def _cudagraph_ms(fn, leaves) -> Optional[float]:
     if DEVICE != "cuda":
         return None
@@ -488,6 +514,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes (S=2048, 8192 at D=128; 2048 at D=256)")
     parser.add_argument("--skip-check", action="store_true", help="skip the small-shape correctness check")
+    parser.add_argument("--cases", default=None, help="SEQxHEAD_DIM list, e.g. 2048x128,8192x128")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="run each kernel's first CONFIGS entry (the measured best) instead of autotuning")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where the host's time goes in memgraph's fwd+bwd at the first case (cProfile)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU dry run of the whole script on tiny shapes (Triton's interpreter); writes no results")
     parser.add_argument("--tune", action="store_true",
@@ -507,6 +538,10 @@ def main(argv=None) -> int:
         return 2
     if args.tune:
         return tune(args.tune_budget, args.tune_workers, args.smoke)
+    if args.no_autotune:
+        from memgraph.kernels import attention as module
+
+        module.AUTOTUNE = False
     start = time.perf_counter()
     if not args.skip_check:
         failures = check_correctness()
@@ -518,8 +553,12 @@ def main(argv=None) -> int:
     cases = [(2048, 128), (8192, 128), (32768, 128), (2048, 256), (8192, 256)]  # (seq, head_dim)
     if args.quick:
         cases = [(2048, 128), (8192, 128), (2048, 256)]
+    if args.cases:
+        cases = [tuple(int(n) for n in case.split("x")) for case in args.cases.split(",")]
     if args.smoke:
         cases = [(96, 64)]
+    if args.profile:
+        profile_host(*cases[0])
     rows = []
     for seq, head_dim in cases:
         sdpa = {"impl": "sdpa", "kv_bits": 16, "seq": seq, "head_dim": head_dim, **time_case(_sdpa(), seq, head_dim)}
@@ -537,7 +576,7 @@ def main(argv=None) -> int:
     if args.smoke:
         print_table(rows)
         return 0
-    write_results("attention", rows, batch=BATCH, heads=HEADS, kv_heads=KV_HEADS, causal=True, dtype="bfloat16",
+    write_results("attention", rows, autotune=not args.no_autotune, batch=BATCH, heads=HEADS, kv_heads=KV_HEADS, causal=True, dtype="bfloat16",
                   total_seconds=round(time.perf_counter() - start, 1))
     print_table(rows)
     return 0

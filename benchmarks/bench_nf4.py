@@ -10,7 +10,13 @@ What it does, in order:
    bitsandbytes' packed bytes, and nf4_linear forward / grad-input match a float64 reference.
 2. ``nf4_linear`` rows: forward + backward (grad of x only; x requires grad, the weight is frozen) of
    ``torch.ops.memgraph.nf4_linear`` vs ``bitsandbytes.matmul_4bit`` (what ``Linear4bit`` calls) vs bf16
-   ``F.linear``; median of ``triton.testing.do_bench``; fresh random inputs per (shape, M); peak extra memory.
+   ``F.linear``; fresh random inputs per (shape, M); peak extra memory. Three clocks per row:
+   ``fwd_bwd_ms`` - eager, median of ``triton.testing.do_bench`` (what a training loop without CUDA graphs
+   sees: the larger of GPU time and host time); ``fwd_bwd_ms_cudagraph`` - the same calls replayed from a CUDA
+   graph (``do_bench_cudagraph``: GPU time alone, warm L2; null with ``cudagraph_error`` when an
+   implementation cannot be captured); ``fwd_bwd_host_ms`` - wall time until the call returns, starting from
+   an idle GPU (the host's share: Python, dispatcher, autograd, launches). Eager is host-bound where
+   ``fwd_bwd_host_ms`` approaches ``fwd_bwd_ms``.
 3. ``nf4_dequantize`` rows: achieved bandwidth of our dequantize kernel and of bitsandbytes', against a
    measured device-to-device copy.
 4. ``nf4_strategies`` rows: forward only, Triton dequant + cuBLAS vs torch dequant + cuBLAS vs bitsandbytes
@@ -20,6 +26,8 @@ Results: benchmarks/results/{nf4_linear,nf4_dequantize,nf4_strategies}.json (or 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import statistics
 import sys
 import time
@@ -38,7 +46,7 @@ from memgraph.kernels.nf4 import NF4Weight, nf4_dequantize_reference, nf4_linear
 # Llama-3-8B projections as (in_features K, out_features N): q/o, k/v, gate/up, down.
 LLAMA3_8B_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 TOKENS = (2048, 8192)
-QUICK_SHAPES = [(4096, 4096), (4096, 14336)]
+QUICK_SHAPES = [(4096, 4096), (4096, 1024)]  # the launch-bound small shapes (M=2048)
 QUICK_TOKENS = (2048,)
 CPU_SHAPES = [(256, 128), (128, 384)]  # --device cpu: checks the script, numbers mean nothing
 CPU_TOKENS = (64,)
@@ -49,6 +57,7 @@ COPY_BYTES = 1 << 28  # 256 MiB device-to-device copy for the bandwidth ceiling
 WARMUP_MS, REP_MS = 25, 100
 QUICK_REP_MS = 40
 CPU_REPEATS = 5
+HOST_SAMPLES = 30
 MIB = 1 << 20
 
 
@@ -65,6 +74,66 @@ def bench_ms(fn: Callable[[], object], device: str, rep_ms: int) -> float:
         fn()
         times.append((time.perf_counter() - started) * 1e3)
     return statistics.median(times)
+
+
+def cudagraph_ms(fn: Callable[[], object], device: str, rep_ms: int) -> tuple[float | None, str | None]:
+    """``(median ms, None)`` of ``fn`` replayed from a CUDA graph, or ``(None, why)`` when it cannot be captured."""
+    if device != "cuda":
+        return None, "CUDA graphs need a CUDA device"
+    from triton.testing import do_bench_cudagraph
+
+    # A garbage collection during capture can finalise a Triton CompiledKernel, whose module unload is illegal
+    # while a stream captures (it invalidates the graph); older triton versions do not guard against it.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")), None
+    except Exception as error:  # noqa: BLE001 - e.g. a library that syncs or allocates outside torch in capture
+        return None, f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        with contextlib.suppress(Exception):  # surface (and clear) a pending error of a failed capture here
+            torch.cuda.synchronize()
+
+
+def cudagraph_times(impls: dict[str, Callable[[], object]], device: str, rep_ms: int,
+                    not_capturable: dict[str, str]) -> dict[str, tuple[float | None, str | None]]:
+    """``cudagraph_ms`` of each implementation, bitsandbytes last (the one that may not capture).
+
+    An implementation that failed to capture once is not captured again (recorded in ``not_capturable``): a failed
+    capture can leave the device unusable for the remaining measurements, and the reason is the same every time.
+    """
+    graphed = {}
+    for name in sorted(impls, key=lambda impl: impl == "bitsandbytes"):
+        if name in not_capturable:
+            graphed[name] = (None, not_capturable[name])
+            continue
+        graphed[name] = cudagraph_ms(impls[name], device, rep_ms)
+        if graphed[name][0] is None and device == "cuda":
+            not_capturable[name] = graphed[name][1]
+    return graphed
+
+
+def host_ms(fn: Callable[[], object], device: str) -> float:
+    """Median wall-clock ms until ``fn`` returns, each call starting from an idle device.
+
+    On CUDA that is the host's share of a call (queueing the work; the GPU runs behind it), on CPU the whole call.
+    """
+    times = []
+    for _ in range(HOST_SAMPLES):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or denominator is None else numerator / denominator
 
 
 def peak_extra_mib(fn: Callable[[], object], device: str) -> float | None:
@@ -139,6 +208,7 @@ def bench_fwd_bwd(shapes, tokens, device: str, rep_ms: int) -> list[dict]:
     import bitsandbytes as bnb
 
     rows = []
+    not_capturable: dict[str, str] = {}
     for k, n in shapes:
         generator = torch.Generator(device=device).manual_seed(k * 31 + n)
         w = (torch.randn(n, k, device=device, generator=generator) * WEIGHT_STD).to(torch.bfloat16)
@@ -156,12 +226,18 @@ def bench_fwd_bwd(shapes, tokens, device: str, rep_ms: int) -> list[dict]:
                 "bf16": lambda: torch.autograd.grad(F.linear(x, w_bf16), x, dy),
             }
             times = {name: bench_ms(fn, device, rep_ms) for name, fn in impls.items()}
+            graphed = cudagraph_times(impls, device, rep_ms, not_capturable)
             for name, fn in impls.items():
                 ms = times[name]
+                ms_graphed, graph_error = graphed[name]
                 rows.append({
                     "shape": f"{k}->{n}", "m": m, "impl": name, "fwd_bwd_ms": ms,
+                    "fwd_bwd_ms_cudagraph": ms_graphed, "fwd_bwd_host_ms": host_ms(fn, device),
                     "tflops": 4 * m * n * k / (ms * 1e-3) / 1e12,
                     "vs_bf16": ms / times["bf16"], "vs_bitsandbytes": ms / times["bitsandbytes"],
+                    "vs_bf16_cudagraph": ratio(ms_graphed, graphed["bf16"][0]),
+                    "vs_bitsandbytes_cudagraph": ratio(ms_graphed, graphed["bitsandbytes"][0]),
+                    "cudagraph_error": graph_error,
                     "peak_extra_mib": peak_extra_mib(fn, device),
                     "workspace_predicted_mib": nf4_linear_workspace_bytes(n, k, torch.bfloat16) / MIB
                     if name == "memgraph" else None,
@@ -190,7 +266,7 @@ def bench_dequantize(shapes, device: str, rep_ms: int) -> list[dict]:
         moved = ours.nbytes() + n * k * 2  # storage read + bf16 written
         tensors = (ours.packed, ours.absmax, ours.nested_absmax, ours.nested_code, ours.nested_offset)
         candidates = {
-            "memgraph": lambda: nf4._dequantize(*tensors, n * k, ours.blocksize, ours.nested_blocksize,
+            "memgraph": lambda: nf4._dequantize(*tensors, (n, k), ours.blocksize, ours.nested_blocksize,
                                                 torch.bfloat16),
             "bitsandbytes": lambda: BF.dequantize_4bit(param.data, param.quant_state),
         }
@@ -226,7 +302,7 @@ def bench_strategies(shapes, tokens, device: str, rep_ms: int) -> list[dict]:
             }
             if nf4._use_triton(torch.device(device)):
                 strategies["triton_dequant+cublas"] = lambda: F.linear(x, nf4._dequantize_triton(
-                    *storage[:5], n * k, ours.blocksize, ours.nested_blocksize, torch.bfloat16).view(n, k))
+                    *storage[:5], (n, k), ours.blocksize, ours.nested_blocksize, torch.bfloat16))
             times = {name: bench_ms(fn, device, rep_ms) for name, fn in strategies.items()}
             for name, ms in times.items():
                 rows.append({"shape": f"{k}->{n}", "m": m, "strategy": name, "fwd_ms": ms,

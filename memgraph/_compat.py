@@ -267,3 +267,20 @@ def _boxed_codegen() -> fx.graph.CodeGen:
             return "\n".join(lines)
 
     return BoxedCodeGen()
+
+
+# Dispatcher internals for ops that skip the C++ -> Python round trip when nothing is watching (kernels/nf4.py).
+_KEY = torch._C.DispatchKey
+_DEFAULT_TLS_INCLUDE = torch._C.DispatchKeySet(_KEY.BackendSelect).add(_KEY.ADInplaceOrView)
+PLAIN_TENSOR_KEYSETS = tuple(
+    torch._C.DispatchKeySet(backend).add(_KEY.ADInplaceOrView).add(autograd).add(autocast)
+    for backend, autograd, autocast in ((_KEY.CUDA, _KEY.AutogradCUDA, _KEY.AutocastCUDA),
+                                        (_KEY.CPU, _KEY.AutogradCPU, _KEY.AutocastCPU)))
+dispatch_keys = torch._C._dispatch_keys  # a tensor's DispatchKeySet
+below_autograd = torch._C._AutoDispatchBelowAutograd  # context: run an op's kernel below the Autograd key
+
+
+def no_dispatch_interposer() -> bool:
+    """No dispatch mode, functorch transform or tracer is active on this thread (the TLS include set is the
+    default one); if a torch release changes the default, this answers False and callers take the slow path."""
+    return torch._C._dispatch_tls_local_include_set() == _DEFAULT_TLS_INCLUDE

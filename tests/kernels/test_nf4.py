@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memgraph.kernels import nf4
 from memgraph.kernels.nf4 import NF4Weight
@@ -279,6 +281,116 @@ def test_without_triton_falls_back_to_torch_and_logs_once(monkeypatch, caplog):
     assert caplog.text.count("triton is not importable") == 1
 
 
+# --------------------------------------------------------------------------------------- dispatch paths
+# In plain eager the autograd kernel runs the implementation itself (no second dispatcher round trip); whatever
+# observes or transforms ops (dispatch modes, fake/functional tensors, functorch, AOTAutograd) must still see them.
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+NF4_OPS = (torch.ops.memgraph.nf4_linear.default, torch.ops.memgraph.nf4_linear_grad_input.default)
+
+
+def test_op_schemas_are_stable():
+    # The graph pass, the cost model and saved graphs call these by schema; keep it as it was under custom_op.
+    storage_args = ("Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+                    "Tensor? nested_offset, SymInt out_features, SymInt in_features, SymInt blocksize, "
+                    "SymInt nested_blocksize")
+    expected = (f"memgraph::nf4_linear(Tensor x, {storage_args}) -> Tensor",
+                f"memgraph::nf4_linear_grad_input(Tensor grad_output, {storage_args}) -> Tensor")
+    assert tuple(str(op._schema) for op in NF4_OPS) == expected
+    assert all(torch.Tag.pt2_compliant_tag in op.tags for op in NF4_OPS)
+
+
+def test_plain_eager_is_detected_and_nothing_else():
+    weight = NF4Weight.quantize(random_weight(8, 64, torch.float32, 13), double_quant=True)
+    storage = weight.storage()
+    x = torch.randn(2, 64, device=DEVICE)
+    assert nf4._plain_context() and nf4._plain_tensors(x, storage)
+    assert nf4._plain_tensors(torch.nn.Parameter(x), storage)
+    with _RecordOps():
+        assert not nf4._plain_context()
+    with FakeTensorMode() as fake_mode:
+        fake_x = fake_mode.from_tensor(x)
+    assert not nf4._plain_tensors(fake_x, storage)
+    assert not nf4._plain_tensors(x.to("meta"), storage)
+    with torch.inference_mode():
+        inference_x = torch.randn(2, 64, device=DEVICE)
+    assert not nf4._plain_tensors(inference_x, storage)
+
+    def inside_vmap(row):
+        assert not nf4._plain_context()
+        return row
+
+    torch.func.vmap(inside_vmap)(x)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_plain_eager_fwd_bwd_runs_both_matmuls_without_redispatch(device, monkeypatch):
+    # On CUDA the backward runs on autograd's device thread: its context must still count as plain eager.
+    weight = NF4Weight.quantize(random_weight(8, 64, torch.float32, 14).to(device), double_quant=True)
+    x = torch.randn(3, 64, device=device, requires_grad=True)
+    below_autograd, calls = nf4._below_autograd, []
+
+    def record(impl, op, activation, storage, direct):
+        calls.append((impl.__name__, direct))
+        return below_autograd(impl, op, activation, storage, direct)
+
+    monkeypatch.setattr(nf4, "_below_autograd", record)
+    torch.autograd.grad(weight.linear(x).sum(), x)
+    assert calls == [("_nf4_linear_impl", True), ("_nf4_linear_grad_input_impl", True)]
+
+
+def test_dispatch_modes_see_forward_and_backward_ops():
+    weight = NF4Weight.quantize(random_weight(8, 64, torch.float32, 15), double_quant=True)
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    with _RecordOps() as recorder:
+        torch.autograd.grad(weight.linear(x).sum(), x)
+    assert [op for op in recorder.ops if op in NF4_OPS] == list(NF4_OPS)
+    y = weight.linear(x)  # forward in plain eager, backward under a mode: the mode still sees grad-input
+    with _RecordOps() as recorder:
+        torch.autograd.grad(y.sum(), x)
+    assert [op for op in recorder.ops if op in NF4_OPS] == [NF4_OPS[1]]
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_direct_and_dispatched_paths_are_bit_identical(double_quant):
+    weight = NF4Weight.quantize(random_weight(24, 96, torch.float32, 16), double_quant=double_quant)
+    x = torch.randn(5, 96, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(5, 24, device=DEVICE, dtype=torch.bfloat16)
+    y = weight.linear(x)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    with _RecordOps():
+        y_dispatched = weight.linear(x)
+        (dx_dispatched,) = torch.autograd.grad(y_dispatched, x, dy)
+    assert same_bits(y, y_dispatched) and same_bits(dx, dx_dispatched)
+
+
+def test_backward_graph_calls_grad_input_op():
+    # AOTAutograd must record nf4_linear_grad_input in the backward graph (the cost model and passes read it).
+    from functorch.compile import aot_function, make_boxed_func
+
+    graphs = []
+
+    def compiler(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    weight = NF4Weight.quantize(random_weight(16, 64, torch.float32, 17), double_quant=True)
+    step = aot_function(lambda x, *storage: torch.ops.memgraph.nf4_linear(x, *storage).relu().sum(),
+                        fw_compiler=compiler, bw_compiler=compiler)
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    step(x, *weight.storage()).backward()
+    forward, backward = ({n.target for n in gm.graph.nodes if n.op == "call_function"} for gm in graphs)
+    assert NF4_OPS[0] in forward and NF4_OPS[1] in backward
+
+
 # ----------------------------------------------------------------------------------------------- errors
 def _storage(n=8, k=64, double_quant=False):
     return list(NF4Weight.quantize(random_weight(n, k, torch.float32, 10), double_quant=double_quant).storage())
@@ -356,3 +468,27 @@ def test_cuda_kernel_bit_identical_to_bitsandbytes_cuda():
         assert same_bits(weight.dequantize(), BF.dequantize_4bit(packed, state, quant_type="nf4"))
         ours = NF4Weight.quantize(w, double_quant=double_quant)
         assert torch.equal(ours.packed, packed)
+
+
+@pytest.mark.cuda
+def test_fwd_bwd_replays_from_a_cuda_graph():
+    # benchmarks/bench_nf4.py times nf4_linear fwd+bwd from a CUDA graph: capture must work and replay must match.
+    weight = NF4Weight.quantize(torch.randn(256, 512, device="cuda") * 0.02, double_quant=True)
+    storage = weight.storage()
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    step = lambda: torch.autograd.grad(torch.ops.memgraph.nf4_linear(x, *storage), x, dy)[0]  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        expected = step()  # warm-up outside the capture (Triton compile, cuBLAS handles, the NF4 table)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):  # replays reuse the captured workspace
+        graph.replay()
+        torch.cuda.synchronize()
+        # cuBLAS may pick another algorithm inside a capture: compare at the linear's tolerance, not bitwise.
+        assert rel_err(captured, expected) < LINEAR_TOLERANCE[torch.bfloat16]
+
