@@ -40,7 +40,11 @@ Custom ops (traceable by torch.compile/AOTAutograd, no graph break):
 ``torch.ops.memgraph.attention(q, k, v, causal, scale, kv_bits, window, softcap) -> (out, lse, k_codes, k_meta,
 v_codes, v_meta)`` is the forward (the packed tensors are empty when ``kv_bits=16``), and
 ``torch.ops.memgraph.attention_backward`` the backward, so AOTAutograd sees the packed K/V as the saved tensors.
+They are registered with torch.library's low-level API, and in plain eager (ordinary CPU/CUDA tensors, no dispatch
+mode, transform or tracer) ``attention()`` and the ops' autograd kernels run the implementation without another
+trip through the dispatcher: host time matters at short sequences (see "Custom ops" below).
 """
+import contextlib
 import functools
 import logging
 import math
@@ -50,6 +54,9 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import has_torch_function
+
+from memgraph import _compat
 
 try:
     import triton
@@ -704,8 +711,9 @@ def _sum_partials_kernel(PARTS, DK, DV, numel, num_splits, DOT_PRECISION: tl.con
 # Launch configurations: autotuned on CUDA, small fixed blocks under the interpreter
 # ------------------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (16 and 32 use the 64 lists). BLOCK_M counts
-# query rows, BLOCK_N keys, in every kernel. The first entry is the default when autotuning is off (the benchmark's
-# correctness check), so it is a conservative one. How the entries were chosen, for Hopper (sm_90):
+# query rows, BLOCK_N keys, in every kernel. The first entry is the default when autotuning is off: for D=128 (and
+# dK/dV at D=256) the fastest one measured on an H200 (benchmarks/results/attention_tuning.json, S=2048 and 8192,
+# the same winner at both). How the entries were chosen, for Hopper (sm_90):
 # * wgmma computes 64 rows per warpgroup (4 warps): the tile side that carries an MMA's rows (fwd/stats/dQ:
 #   BLOCK_M, dK/dV: BLOCK_N) is 64 with 4 warps or 128 with 8 warps. The other side is the dK/dV step's BLOCK_M
 #   (32 or 64 query rows: the K dimension of dV += P^T dO, too thin at 16) or dQ's BLOCK_N (32 or 64 keys).
@@ -721,27 +729,27 @@ def _sum_partials_kernel(PARTS, DK, DV, numel, num_splits, DOT_PRECISION: tl.con
 CONFIGS = {
     "fwd": {
         64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 128, 4, 3)],
-        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+        128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 4),
               (128, 32, 8, 3), (128, 32, 8, 4)],
         256: [(64, 64, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
     },
     "stats": {
         64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)],
-        128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
               (128, 32, 8, 4), (128, 64, 4, 3)],
         256: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 4, 2)],
     },
     "dq": {
         64: [(128, 64, 8, 3), (128, 32, 4, 5), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 4)],
-        128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 4), (128, 32, 8, 5), (64, 64, 4, 3),
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (128, 32, 8, 5), (64, 64, 4, 3),
               (64, 64, 4, 4), (64, 32, 4, 4)],
         256: [(128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 4)],
     },
     "dkdv": {
         64: [(32, 128, 4, 3), (32, 128, 4, 5), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
-        128: [(32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 8, 5), (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3),
+        128: [(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 8, 5), (64, 128, 8, 2), (32, 64, 4, 3),
               (32, 64, 4, 4), (64, 64, 4, 3)],
-        256: [(32, 64, 8, 2), (32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 2), (16, 64, 8, 3), (32, 32, 4, 3),
+        256: [(32, 32, 4, 3), (32, 64, 8, 2), (32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 2), (16, 64, 8, 3),
               (64, 32, 4, 2)],
     },
 }
@@ -811,14 +819,29 @@ def _launch(kind: str, grid, *args, config=None, **meta) -> None:
         kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
+# Host work per launch (up to 4 launches per fwd+bwd): the constexpr flags are built once per combination, and
+# ceil-divisions and powers of two are plain integer arithmetic (triton.cdiv / triton.next_power_of_2 are
+# ConstexprFunction wrappers costing ~2 µs per call from Python).
+_FLAGS_CACHE: dict = {}
+
+
 def _flags(q: Tensor, causal: bool, window: Optional[int], softcap: Optional[float]) -> dict:
-    return {
-        "HEAD_DIM": q.shape[-1],
-        "CAUSAL": bool(causal),
-        "HAS_WINDOW": window is not None,
-        "HAS_SOFTCAP": softcap is not None,
-        "DOT_PRECISION": _dot_precision(q.dtype),
-    }
+    """The kernels' constexpr flags (a shared dict: callers unpack it, never mutate it)."""
+    key = (q.shape[-1], bool(causal), window is not None, softcap is not None, q.dtype)
+    flags = _FLAGS_CACHE.get(key)
+    if flags is None:
+        flags = _FLAGS_CACHE[key] = {
+            "HEAD_DIM": q.shape[-1],
+            "CAUSAL": bool(causal),
+            "HAS_WINDOW": window is not None,
+            "HAS_SOFTCAP": softcap is not None,
+            "DOT_PRECISION": _dot_precision(q.dtype),
+        }
+    return flags
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _runtime(seq_len: int, scale: float, window: Optional[int], softcap: Optional[float]) -> tuple:
@@ -835,17 +858,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _seq_bucket(seq_len: int) -> int:
-    return max(triton.next_power_of_2(seq_len), 64)
+    """The autotuning key's sequence bucket: max(next power of two >= seq_len, 64)."""
+    return max(1 << (seq_len - 1).bit_length(), 64) if seq_len > 64 else 64
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _device_guard(x: Tensor):
-    import contextlib
+_SAME_DEVICE = contextlib.nullcontext()  # reusable: nullcontext keeps no state
 
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+def _device_guard(x: Tensor):
+    """Triton launches on the current CUDA device: switch to x's GPU only when it is another one (the usual call
+    then skips building, entering and leaving a torch.cuda.device, two device queries and sets each)."""
+    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return _SAME_DEVICE
 
 
 class _KV(NamedTuple):
@@ -881,7 +910,7 @@ def _fwd_triton(q, k, v, causal, scale, window, softcap, config=None):
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     out = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (batch * heads, _cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     with _device_guard(q):
         _launch("fwd", grid, q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], heads,
                 heads // k.shape[1], *_runtime(seq_len, scale, window, softcap), config=config,
@@ -897,7 +926,7 @@ def _quantize_triton(k: Tensor, v: Tensor, bits: int):
         torch.empty(shape, dtype=dtype, device=k.device) for shape, dtype in zip(shapes, _PACKED_DTYPES)
     )
     with _device_guard(k):
-        _quantize_kv_kernel[(batch * kv_heads, triton.cdiv(seq_len, K_GROUP_TOKENS))](
+        _quantize_kv_kernel[(batch * kv_heads, _cdiv(seq_len, K_GROUP_TOKENS))](
             k, v, k_codes, k_meta, v_codes, v_meta, *k.stride()[:3], *v.stride()[:3], kv_heads, seq_len,
             HEAD_DIM=head_dim, KV_BITS=bits,
         )
@@ -912,7 +941,7 @@ def _dequantize_triton(packed, bits: int, dtype: torch.dtype):
     k = torch.empty((batch, kv_heads, seq_len, head_dim), dtype=dtype, device=k_codes.device)
     v = torch.empty_like(k)
     with _device_guard(k):
-        _dequantize_kv_kernel[(batch * kv_heads, triton.cdiv(seq_len, DEQUANT_BLOCK_N))](
+        _dequantize_kv_kernel[(batch * kv_heads, _cdiv(seq_len, DEQUANT_BLOCK_N))](
             *packed, k, v, seq_len, HEAD_DIM=head_dim, KV_BITS=bits, DOT_PRECISION=_dot_precision(dtype),
             BLOCK_N=DEQUANT_BLOCK_N)
     return k, v
@@ -923,7 +952,7 @@ def _launch_stats(q, kv: _KV, do, causal, scale, window, softcap, config=None):
     batch, heads, seq_len, _ = q.shape
     lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
-    grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (batch * heads, _cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     with _device_guard(q):
         _launch("stats", grid, q, *kv.tensors, do, lse, delta, *q.stride()[:3], *kv.strides, heads,
                 heads // kv.heads, *_runtime(seq_len, scale, window, softcap), config=config, KV_BITS=kv.bits,
@@ -935,7 +964,7 @@ def _launch_dq(q, kv: _KV, out, do, lse, delta, causal, scale, window, softcap, 
     """dQ. out given (kv_bits=16): the kernel also writes delta = rowsum(dO * O) into `delta` for dK/dV."""
     batch, heads, seq_len, head_dim = q.shape
     dq = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
-    grid = lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (batch * heads, _cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     with _device_guard(q):
         _launch("dq", grid, q, *kv.tensors, do if out is None else out, do, lse, delta, dq, *q.stride()[:3],
                 *kv.strides, heads, heads // kv.heads, *_runtime(seq_len, scale, window, softcap), config=config,
@@ -951,7 +980,7 @@ def _launch_dkdv(q, kv: _KV, do, lse, delta, split, causal, scale, window, softc
     dv = torch.empty_like(dk)
     parts = None if split == 1 else torch.empty((2, split, *shape), dtype=torch.float32, device=q.device)
     targets = (dk, dv) if split == 1 else (parts[0], parts[1])
-    grid = lambda meta: (split * batch * kv.heads, triton.cdiv(seq_len, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (split * batch * kv.heads, _cdiv(seq_len, meta["BLOCK_N"]))  # noqa: E731
     flags = _flags(q, causal, window, softcap)
     with _device_guard(q):
         _launch("dkdv", grid, q, *kv.tensors, do, lse, delta, *targets, *q.stride()[:3], *kv.strides, heads,
@@ -959,7 +988,7 @@ def _launch_dkdv(q, kv: _KV, do, lse, delta, split, causal, scale, window, softc
                 KV_BITS=kv.bits, **flags)
         if split > 1:
             numel = dk.numel()
-            _sum_partials_kernel[(triton.cdiv(numel, REDUCE_BLOCK), 2)](
+            _sum_partials_kernel[(_cdiv(numel, REDUCE_BLOCK), 2)](
                 parts, dk, dv, numel, split, DOT_PRECISION=flags["DOT_PRECISION"], BLOCK=REDUCE_BLOCK)
     return dk, dv
 
@@ -979,13 +1008,18 @@ def _dkdv_split(batch: int, kv_heads: int, group: int, seq_len: int, head_dim: i
         return _FORCE_DKDV_SPLIT if group % _FORCE_DKDV_SPLIT == 0 else 1
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     block_n = _config_list("dkdv", head_dim)[0][1]  # the usual key block for this head dim
-    programs = batch * kv_heads * triton.cdiv(seq_len, block_n)
+    programs = batch * kv_heads * _cdiv(seq_len, block_n)
     split = 1
     while programs * split < DKDV_TARGET_PROGRAMS_PER_SM * sms and group % (split * 2) == 0:
         split *= 2
     return split
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _bwd_triton(do, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads):
@@ -1304,12 +1338,26 @@ def _empty_packed(q: Tensor):
 # ------------------------------------------------------------------------------------------------------------
 # Custom ops: forward, backward, fake impls, autograd, FLOP formulas
 # ------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("memgraph::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
-                  kv_bits: int = 16, window: Optional[int] = None, softcap: Optional[float] = None
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, lse, k_codes, k_meta, v_codes, v_meta); the packed four are empty when kv_bits=16."""
-    _check(q, k, v, kv_bits, window, softcap)
+# Registered with torch.library's low-level API (define / impl per dispatch key / register_fake) rather than
+# torch.library.custom_op, as kernels/nf4.py does: custom_op wraps every call in generic Python (default filling
+# for setup_context, an output-aliasing check, a dynamo-disable wrapper, a Python redispatch per op), which costs
+# more host time than the kernels' GPU time at short sequences. Schemas, tags and fake impls are those custom_op
+# produced, so graphs, passes and the cost model see the same ops.
+_LIB = torch.library.Library("memgraph", "FRAGMENT")  # module-level: the registrations live as long as it does
+_LIB.define("attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None, SymInt kv_bits=16, "
+            "SymInt? window=None, float? softcap=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+            tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.define("attention_backward(Tensor grad_out, Tensor q, Tensor? k, Tensor? v, Tensor? out, Tensor? lse, "
+            "Tensor? k_codes, Tensor? k_meta, Tensor? v_codes, Tensor? v_meta, bool causal, float? scale, "
+            "SymInt kv_bits, SymInt? window, float? softcap) -> (Tensor, Tensor, Tensor)",
+            tags=(torch.Tag.pt2_compliant_tag,))
+_ATTENTION = torch.ops.memgraph.attention.default
+_ATTENTION_BACKWARD = torch.ops.memgraph.attention_backward.default
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], kv_bits: int,
+             window: Optional[int], softcap: Optional[float]):
+    """The forward op's work on checked arguments: (out, lse, k_codes, k_meta, v_codes, v_meta)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if _use_triton(q):
         out, lse = _fwd_triton(q, k, v, causal, scale, window, softcap)
@@ -1320,23 +1368,18 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: O
     return (out.contiguous(), lse.contiguous(), *packed)
 
 
-@_attention_op.register_fake
-def _attention_fake(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None):
-    batch, heads, seq_len, head_dim = q.shape
-    out = q.new_empty((batch, heads, seq_len, head_dim))
-    lse = q.new_empty((batch, heads, seq_len), dtype=torch.float32)
-    if kv_bits == 16:
-        return (out, lse, *(q.new_empty((0,), dtype=dtype) for dtype in _PACKED_DTYPES))
-    shapes = packed_kv_shapes(batch, k.shape[1], seq_len, head_dim, kv_bits)
-    return (out, lse, *(q.new_empty(shape, dtype=dtype) for shape, dtype in zip(shapes, _PACKED_DTYPES)))
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
+                    kv_bits: int = 16, window: Optional[int] = None, softcap: Optional[float] = None):
+    """(out, lse, k_codes, k_meta, v_codes, v_meta); the packed four are empty when kv_bits=16."""
+    _check(q, k, v, kv_bits, window, softcap)
+    return _forward(q, k, v, causal, scale, kv_bits, window, softcap)
 
 
-@torch.library.custom_op("memgraph::attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Optional[Tensor], v: Optional[Tensor],
-                           out: Optional[Tensor], lse: Optional[Tensor], k_codes: Optional[Tensor],
-                           k_meta: Optional[Tensor], v_codes: Optional[Tensor], v_meta: Optional[Tensor],
-                           causal: bool, scale: Optional[float], kv_bits: int, window: Optional[int],
-                           softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward_impl(grad_out: Tensor, q: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+                             out: Optional[Tensor], lse: Optional[Tensor], k_codes: Optional[Tensor],
+                             k_meta: Optional[Tensor], v_codes: Optional[Tensor], v_meta: Optional[Tensor],
+                             causal: bool, scale: Optional[float], kv_bits: int, window: Optional[int],
+                             softcap: Optional[float]):
     """(dq, dk, dv). kv_bits=16 reads k, v, out, lse; kv_bits<16 reads only q and the packed K/V."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     packed = (k_codes, k_meta, v_codes, v_meta)
@@ -1348,10 +1391,27 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Optional[Tensor], v: 
     else:
         k_deq, v_deq = dequantize_kv(*packed, kv_bits, dtype=q.dtype)
         grads = _torch_backward(grad_out, q, k_deq, v_deq, None, None, causal, scale, window, softcap)
-    return tuple(g.contiguous() for g in grads)  # the fake impl's strides (see the forward op)
+    dq, dk, dv = grads
+    # The fake impl's strides (see _forward); the kernels' outputs are fresh contiguous tensors already.
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-@_attention_backward_op.register_fake
+_LIB.impl("attention", _attention_impl, "CompositeExplicitAutograd")
+_LIB.impl("attention_backward", _attention_backward_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("memgraph::attention")
+def _attention_fake(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None):
+    batch, heads, seq_len, head_dim = q.shape
+    out = q.new_empty((batch, heads, seq_len, head_dim))
+    lse = q.new_empty((batch, heads, seq_len), dtype=torch.float32)
+    if kv_bits == 16:
+        return (out, lse, *(q.new_empty((0,), dtype=dtype) for dtype in _PACKED_DTYPES))
+    shapes = packed_kv_shapes(batch, k.shape[1], seq_len, head_dim, kv_bits)
+    return (out, lse, *(q.new_empty(shape, dtype=dtype) for shape, dtype in zip(shapes, _PACKED_DTYPES)))
+
+
+@torch.library.register_fake("memgraph::attention_backward")
 def _attention_backward_fake(grad_out, q, k, v, out, lse, k_codes, k_meta, v_codes, v_meta, causal, scale, kv_bits,
                              window, softcap):
     batch, heads, seq_len, head_dim = q.shape
@@ -1360,34 +1420,126 @@ def _attention_backward_fake(grad_out, q, k, v, out, lse, k_codes, k_meta, v_cod
     return q.new_empty(q.shape), q.new_empty(kv_shape), q.new_empty(kv_shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, kv_bits, window, softcap = inputs
-    out, lse, k_codes, k_meta, v_codes, v_meta = output
-    if kv_bits == 16:
-        ctx.save_for_backward(q, k, v, out, lse)
-    else:
-        # Only q and the packed K/V: no bf16 K or V, no O, no LSE (the backward recomputes LSE' and delta').
-        ctx.save_for_backward(q, k_codes, k_meta, v_codes, v_meta)
-    ctx.mark_non_differentiable(lse, k_codes, k_meta, v_codes, v_meta)
-    ctx.options = (causal, scale, kv_bits, window, softcap)
+# --- autograd ---
+# What the dispatcher does between the autograd kernel and ours for ordinary dense CPU/CUDA tensors with no
+# Python dispatch mode, functorch transform or tracer active: nothing. Then the autograd.Function calls the
+# implementation directly (no second dispatcher round trip), and the public ``attention()`` does not enter the
+# dispatcher at all. Anything else - FakeTensor, FunctionalTensor, FlopCounterMode or any TorchDispatchMode, vmap,
+# jit.trace, the profiler, inference tensors, torch.compile - goes through the dispatcher, which sees (records)
+# both ops.
+def _plain_context() -> bool:
+    """No dispatch mode, functorch transform, tracer or profiler is active on this thread (the dispatcher's
+    RecordFunction is what names the ops in profiler traces)."""
+    return _compat.no_dispatch_interposer() and not _compat.profiler_enabled()
 
 
-def _backward(ctx, grad_out, *_unused_grads):
-    causal, scale, kv_bits, window, softcap = ctx.options
-    if kv_bits == 16:
-        q, k, v, out, lse = ctx.saved_tensors
-        packed = (None, None, None, None)
-    else:
-        q, *packed = ctx.saved_tensors
-        k = v = out = lse = None
-    if grad_out is None:  # the output was not used: every gradient is zero
-        grad_out = torch.zeros_like(q)
-    dq, dk, dv = torch.ops.memgraph.attention_backward(grad_out, q, k, v, out, lse, *packed, causal, scale,
-                                                       kv_bits, window, softcap)
-    return dq, dk, dv, None, None, None, None, None
+def _plain_tensors(first: Tensor, *others: Optional[Tensor]) -> bool:
+    """Every tensor argument (None aside) is an ordinary dense CPU/CUDA tensor, all of one device type (no
+    subclass, wrapper, meta or inference tensor)."""
+    dispatch_keys = _compat.dispatch_keys
+    keys = dispatch_keys(first)
+    if keys not in _compat.PLAIN_TENSOR_KEYSETS:
+        return False
+    for tensor in others:
+        if tensor is not None and dispatch_keys(tensor) != keys:
+            return False
+    return True
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+class _AttentionFunction(torch.autograd.Function):
+    """memgraph.attention's autograd: saves q, k, v, O, LSE (kv_bits=16) or q and the packed K/V (kv_bits<16);
+    its backward is memgraph.attention_backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, options, direct):
+        # options = (causal, scale, kv_bits, window, softcap): one argument, so apply() tracks 5 inputs, not 9.
+        causal, scale, kv_bits, window, softcap = options
+        if direct:  # arguments already checked by the caller
+            outputs = _forward(q, k, v, causal, scale, kv_bits, window, softcap)
+        else:
+            with _compat.below_autograd():
+                outputs = _ATTENTION(q, k, v, causal, scale, kv_bits, window, softcap)
+        out, lse, k_codes, k_meta, v_codes, v_meta = outputs
+        if kv_bits == 16:
+            ctx.save_for_backward(q, k, v, out, lse)
+        else:
+            # Only q and the packed K/V: no bf16 K or V, no O, no LSE (the backward recomputes LSE' and delta').
+            ctx.save_for_backward(q, k_codes, k_meta, v_codes, v_meta)
+        ctx.mark_non_differentiable(lse, k_codes, k_meta, v_codes, v_meta)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the five non-differentiable outputs
+        ctx.options = options
+        ctx.direct = direct
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused_grads):
+        causal, scale, kv_bits, window, softcap = ctx.options
+        if kv_bits == 16:
+            q, k, v, out, lse = ctx.saved_tensors
+            packed = (None, None, None, None)
+        else:
+            q, *packed = ctx.saved_tensors
+            k = v = out = lse = None
+        if grad_out is None:  # the output was not used: every gradient is zero
+            grad_out = torch.zeros_like(q)
+        args = (grad_out, q, k, v, out, lse, *packed, causal, scale, kv_bits, window, softcap)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients get the op's autograd history
+            dq, dk, dv = _ATTENTION_BACKWARD(*args)
+        # Backward has its own context (a mode may be entered between forward and backward).
+        elif (ctx.direct and _plain_context()
+              and _compat.dispatch_keys(grad_out) in _compat.PLAIN_TENSOR_KEYSETS):
+            dq, dk, dv = _attention_backward_impl(*args)
+        else:
+            with _compat.below_autograd():
+                dq, dk, dv = _ATTENTION_BACKWARD(*args)
+        needs = ctx.needs_input_grad
+        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None
+
+
+def _attention_autograd(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None):
+    """memgraph.attention's Autograd-key kernel (the op called through the dispatcher)."""
+    direct = _plain_context() and _plain_tensors(q, k, v)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if direct:
+            _check(q, k, v, kv_bits, window, softcap)
+        return _AttentionFunction.apply(q, k, v, (causal, scale, kv_bits, window, softcap), direct)
+    if direct:
+        return _attention_impl(q, k, v, causal, scale, kv_bits, window, softcap)
+    with _compat.below_autograd():
+        return _ATTENTION(q, k, v, causal, scale, kv_bits, window, softcap)
+
+
+class _AttentionBackwardFunction(torch.autograd.Function):
+    """memgraph.attention_backward under create_graph=True: its gradients have history, and backpropagating
+    through them raises (as custom_op did for an op without an autograd formula) instead of autograd's fallback
+    warning and returning wrong gradients."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with _compat.below_autograd():
+            return _ATTENTION_BACKWARD(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("Trying to backward through memgraph.attention_backward.default but no autograd formula "
+                           "was registered: memgraph.attention has no double backward")
+
+
+def _attention_backward_autograd(*args):
+    """memgraph.attention_backward's Autograd-key kernel. Compiled backward graphs call the op with grad mode
+    off: in plain eager that runs the implementation directly, as the forward op's kernel does."""
+    if torch.is_grad_enabled():
+        for tensor in args[:10]:
+            if tensor is not None and tensor.requires_grad:
+                return _AttentionBackwardFunction.apply(*args)
+    if _plain_context() and _plain_tensors(*args[:10]):
+        return _attention_backward_impl(*args)
+    with _compat.below_autograd():
+        return _ATTENTION_BACKWARD(*args)
+
+
+_LIB.impl("attention", _attention_autograd, "Autograd")
+_LIB.impl("attention_backward", _attention_backward_autograd, "Autograd")
 
 
 def visible_pairs(seq_len, causal: bool, window: Optional[int]):
@@ -1449,4 +1601,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Op
     kv_bits=8 or 4 keeps K/V for backward in that many bits (the output is exact; gradients are those of
     attention with the dequantized K/V). See the module docstring for window, softcap and the packed format."""
     _check(q, k, v, kv_bits, window, softcap)
-    return torch.ops.memgraph.attention(q, k, v, causal, scale, kv_bits, window, softcap)[0]
+    if not (torch.compiler.is_compiling() or has_torch_function((q, k, v))) and _plain_context() \
+            and _plain_tensors(q, k, v):
+        # Plain eager (see "autograd" above): what the dispatcher would run, without entering it. Dynamo and torch
+        # function modes/subclasses get the op through the dispatcher.
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _AttentionFunction.apply(q, k, v, (causal, scale, kv_bits, window, softcap), True)[0]
+        return _forward(q, k, v, causal, scale, kv_bits, window, softcap)[0]
+    return _ATTENTION(q, k, v, causal, scale, kv_bits, window, softcap)[0]

@@ -284,3 +284,8 @@ def no_dispatch_interposer() -> bool:
     """No dispatch mode, functorch transform or tracer is active on this thread (the TLS include set is the
     default one); if a torch release changes the default, this answers False and callers take the slow path."""
     return torch._C._dispatch_tls_local_include_set() == _DEFAULT_TLS_INCLUDE
+
+
+# Whether torch.profiler / autograd.profiler is recording on this thread (kernels/attention.py then enters the
+# dispatcher, whose RecordFunction names the op in the trace, instead of calling its implementation directly).
+profiler_enabled = torch.autograd._profiler_enabled

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memgraph.kernels import attention as A
 
@@ -332,6 +334,11 @@ def test_opcheck(kv_bits):
     q, k, v, grad_out = _inputs(1, 2, 1, 33, 16, torch.float32, seed=2)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, None, kv_bits, 8, None)
     torch.library.opcheck(torch.ops.memgraph.attention.default, args)
+    out, lse, *packed = torch.ops.memgraph.attention(*(x.detach() for x in args[:3]), *args[3:])
+    saved = ((k.detach(), v.detach(), out, lse, None, None, None, None) if kv_bits == 16
+             else (None, None, None, None, *packed))
+    torch.library.opcheck(torch.ops.memgraph.attention_backward.default,  # no double backward: no grads
+                          (grad_out, q.detach(), *saved, True, None, kv_bits, 8, None))
 
 
 @pytest.mark.parametrize("kv_bits", [16, 4])
@@ -458,3 +465,180 @@ def test_torch_fallback_returns_the_strides_its_fake_promises(monkeypatch):
         grads = torch.ops.memgraph.attention_backward(torch.randn_like(out).transpose(2, 3).contiguous()
                                                       .transpose(2, 3), q, *saved, True, None, kv_bits, None, None)
         assert all(g.is_contiguous() for g in grads)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dispatch paths: plain eager skips the dispatcher; modes, tracers and compilers still see both ops
+# ------------------------------------------------------------------------------------------------------------
+ATTENTION_OPS = (torch.ops.memgraph.attention.default, torch.ops.memgraph.attention_backward.default)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _memgraph_ops(recorder):
+    return [op for op in recorder.ops if op in ATTENTION_OPS]
+
+
+def test_op_schemas_are_stable():
+    # passes/attention.py, the cost model and saved graphs call these by schema: as custom_op defined them.
+    expected = (
+        "memgraph::attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None, SymInt kv_bits=16, "
+        "SymInt? window=None, float? softcap=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        "memgraph::attention_backward(Tensor grad_out, Tensor q, Tensor? k, Tensor? v, Tensor? out, Tensor? lse, "
+        "Tensor? k_codes, Tensor? k_meta, Tensor? v_codes, Tensor? v_meta, bool causal, float? scale, "
+        "SymInt kv_bits, SymInt? window, float? softcap) -> (Tensor, Tensor, Tensor)",
+    )
+    assert tuple(str(op._schema) for op in ATTENTION_OPS) == expected
+    assert all(torch.Tag.pt2_compliant_tag in op.tags for op in ATTENTION_OPS)
+
+
+def test_plain_eager_is_detected_and_nothing_else():
+    q, k, v, _ = _inputs(1, 2, 1, 8, 16, torch.float32, seed=20)
+    assert A._plain_context() and A._plain_tensors(q, k, v)
+    assert A._plain_tensors(torch.nn.Parameter(q), k, v)
+    with _RecordOps():
+        assert not A._plain_context()
+    with FakeTensorMode() as fake_mode:
+        fake_q = fake_mode.from_tensor(q)
+    assert not A._plain_tensors(fake_q, k, v) and not A._plain_tensors(q, fake_mode.from_tensor(k), v)
+    assert not A._plain_tensors(q.to("meta"), k, v)
+    with torch.inference_mode():
+        inference_q = torch.randn(1, 2, 8, 16)
+    assert not A._plain_tensors(inference_q, k, v)
+
+    def inside_vmap(row):
+        assert not A._plain_context()
+        return row
+
+    torch.func.vmap(inside_vmap)(q)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_plain_eager_fwd_bwd_never_enters_the_dispatcher(monkeypatch, kv_bits, device):
+    # On CUDA the backward runs on autograd's device thread: its context must still count as plain eager.
+    calls = []
+
+    def recording(op):
+        def call(*args):
+            calls.append(op)
+            return op(*args)
+
+        return call
+
+    monkeypatch.setattr(A, "_ATTENTION", recording(A._ATTENTION))
+    monkeypatch.setattr(A, "_ATTENTION_BACKWARD", recording(A._ATTENTION_BACKWARD))
+    q, k, v, grad_out = (x.to(device) for x in _inputs(1, 4, 2, 24, 16, torch.float32, seed=21))
+    _ours(q, k, v, grad_out, kv_bits=kv_bits)  # public attention(): neither op goes through the dispatcher
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = torch.ops.memgraph.attention(*leaves, True, None, kv_bits, None, None)[0]  # through it once
+    torch.autograd.grad(out, leaves, grad_out)  # ... and its autograd kernel runs the backward directly
+    with torch.no_grad():
+        A.attention(q, k, v, kv_bits=kv_bits)
+        # As compiled forward and backward graphs call the ops (grad mode off): one dispatcher entry each.
+        out, lse, *packed = torch.ops.memgraph.attention.default(q, k, v, True, None, kv_bits, None, None)
+        saved = (k, v, out, lse, None, None, None, None) if kv_bits == 16 else (None, None, None, None, *packed)
+        torch.ops.memgraph.attention_backward.default(grad_out, q, *saved, True, None, kv_bits, None, None)
+    assert calls == []
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_dispatch_modes_see_forward_and_backward_ops(kv_bits):
+    q, k, v, grad_out = _inputs(1, 4, 2, 24, 16, torch.float32, seed=22)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    with _RecordOps() as recorder:
+        torch.autograd.grad(A.attention(*leaves, kv_bits=kv_bits), leaves, grad_out)
+    assert _memgraph_ops(recorder) == list(ATTENTION_OPS)
+    out = A.attention(*leaves, kv_bits=kv_bits)  # forward in plain eager, backward under a mode: it sees backward
+    with _RecordOps() as recorder:
+        torch.autograd.grad(out, leaves, grad_out)
+    assert _memgraph_ops(recorder) == [ATTENTION_OPS[1]]
+    with _RecordOps() as recorder, torch.no_grad():
+        A.attention(q, k, v, kv_bits=kv_bits)
+    assert _memgraph_ops(recorder) == [ATTENTION_OPS[0]]
+
+
+def test_torch_function_modes_see_the_op():
+    from torch.overrides import TorchFunctionMode
+
+    class RecordFunctions(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, _ = _inputs(1, 2, 1, 8, 16, torch.float32, seed=23)
+    with RecordFunctions() as recorder:
+        A.attention(q, k, v)
+    assert ATTENTION_OPS[0] in recorder.funcs
+
+
+def test_profiler_traces_name_both_ops():
+    q, k, v, grad_out = _inputs(1, 2, 1, 8, 16, torch.float32, seed=27)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        torch.autograd.grad(A.attention(*leaves), leaves, grad_out)
+    names = {event.name for event in profiler.events()}
+    assert "memgraph::attention" in names and "memgraph::attention_backward" in names
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_direct_and_dispatched_paths_are_bit_identical(dtype, kv_bits):
+    q, k, v, grad_out = _inputs(1, 4, 2, 37, 32, dtype, seed=24)
+    kwargs = dict(kv_bits=kv_bits, window=20, softcap=10.0)
+    direct = _ours(q, k, v, grad_out, **kwargs)
+    with _RecordOps() as recorder:
+        dispatched = _ours(q, k, v, grad_out, **kwargs)
+    assert _memgraph_ops(recorder) == list(ATTENTION_OPS)
+    for a, b in zip(direct, dispatched):
+        assert torch.equal(a, b)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    outputs = torch.ops.memgraph.attention(*leaves, True, None, kv_bits, 20, 10.0)
+    grads = torch.autograd.grad(outputs[0], leaves, grad_out)
+    for a, b in zip((outputs[0], *grads), direct):
+        assert torch.equal(a, b)
+    with _RecordOps():
+        dispatched_outputs = torch.ops.memgraph.attention(q, k, v, True, None, kv_bits, 20, 10.0)
+    for a, b in zip(outputs, dispatched_outputs):
+        assert torch.equal(a, b)
+
+
+def test_backward_graph_calls_attention_backward():
+    # AOTAutograd (no Dynamo) must record memgraph.attention_backward in the backward graph.
+    from functorch.compile import aot_function, make_boxed_func
+
+    graphs = []
+
+    def compiler(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    step = aot_function(lambda q, k, v: A.attention(q, k, v, kv_bits=4).relu().sum(), fw_compiler=compiler,
+                        bw_compiler=compiler)
+    q, k, v, _ = _inputs(1, 4, 2, 24, 16, torch.float32, seed=25)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    step(*leaves).backward()
+    forward, backward = ({n.target for n in gm.graph.nodes if n.op == "call_function"} for gm in graphs)
+    assert ATTENTION_OPS[0] in forward and ATTENTION_OPS[1] not in forward
+    assert ATTENTION_OPS[1] in backward and ATTENTION_OPS[0] not in backward
+
+
+def test_double_backward_raises_like_custom_op_did():
+    q, k, v, grad_out = _inputs(1, 2, 1, 8, 16, torch.float32, seed=26)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    (dq,) = torch.autograd.grad(A.attention(*leaves), leaves[0], grad_out, create_graph=True)
+    assert torch.equal(dq, torch.autograd.grad(A.attention(*leaves), leaves[0], grad_out)[0])
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        dq.sum().backward()
