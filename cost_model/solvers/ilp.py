@@ -15,11 +15,16 @@ Formulation (Checkmate/Moccasin-style, with the schedule fixed to the one the pa
   <= budget``, written with one cumulative variable per segment between interval ends (O(n) nonzeros);
 * minimise ``sum_v seconds_v r_v`` (+ a tie-break of 1e-9 s per GiB saved, preferring less memory).
 
-The chosen set is then simulated by the cost model; if the simulated peak overshoots (the model above is an
-interval approximation of the cost model's sweep), the internal budget is lowered by the overshoot and the MILP
-solved again. Large graphs (many repeated decoder layers) tie the variables of corresponding ops in each
-repeated block (``tie_blocks``): one policy per layer position, which keeps an 8B graph to a few hundred
-binaries. ``plan.optimality_gap`` is HiGHS' relative MIP gap of the last solve.
+The intervals depend on which users of a value are recomputed: they are taken from a reference plan (first
+layer checkpointing and the fastest plan, then the best plan found so far), and a value that plan never
+recomputes gets the intervals of recomputing all its users ("filled"), so that every value is a decision
+(a chain of recomputation of any depth is reachable in one solve; unfilled rounds, where only values one
+step deeper than the reference's recomputation are decisions, are tried too: a tighter model near it). The chosen set is then simulated by the cost model;
+if the simulated peak overshoots (the model above is an interval approximation of the cost model's sweep),
+the next round uses that plan's own intervals (or, once plans repeat, the internal budget is lowered by the
+overshoot) and the MILP is solved again. Large graphs (many repeated decoder layers) tie the variables of
+corresponding ops in each repeated block (``tie_blocks``): one policy per layer position, which keeps an 8B
+graph to about two thousand binaries. ``plan.optimality_gap`` is HiGHS' relative MIP gap of the last solve.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from memgraph.plan import Plan
 
 TIE_BLOCKS_ABOVE = 2500  # forward nodes; above this, corresponding ops of repeated blocks share a policy
 TORCH_INCUMBENTS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)  # activation_memory_budget fractions tried as incumbents
+POLISH_SHARE = 0.2  # of time_limit kept for polishing the best plan
 _INF = np.inf
 
 
@@ -54,11 +60,14 @@ class Intervals:
     weight: dict[int, int]
 
 
-def intervals(problem: Problem, reference: set[int] | frozenset[int]) -> Intervals:
+def intervals(problem: Problem, reference: set[int] | frozenset[int], *, fill: bool = True) -> Intervals:
     """The step intervals of every forward value, and the plan-independent baseline.
 
     When a value is recomputed depends on which of its users are recomputed too; the intervals assume the
-    users in ``reference`` (a saved set) are saved, so needs propagate only through the others."""
+    users in ``reference`` (a saved set) are saved, so needs propagate only through the others. A value no
+    recomputed user of the reference reads gets the intervals of recomputing all its users (``fill``), or
+    none (it stays saved or unneeded this round: recomputation reaches one value deeper than the reference's,
+    which is accurate near the no-recompute end)."""
     costs = problem.costs
     estimate = problem.simulate(problem.save_all)
     step_of = {name: k for k, name in enumerate(estimate.names)}
@@ -74,10 +83,15 @@ def intervals(problem: Problem, reference: set[int] | frozenset[int]) -> Interva
     user_outputs = {owner.get(costs.index[n.name]) for n in _user_outputs(problem)} if outputs_alive else set()
 
     # first / end / direct end, users before inputs (reverse graph order); needs propagate only through users
-    # that ``reference`` recomputes (a value only saved users read gets no interval: it stays unrecomputed
-    # this round, and so do its users).
+    # that ``reference`` recomputes.
     everywhere = _needs(problem, position, owner, frozenset())
     first, end, _ = _needs(problem, position, owner, frozenset(reference))
+    # Values the reference never recomputes get the intervals of a plan that recomputes all their users:
+    # every value stays a decision, so one solve can recompute a chain of any depth (with the reference's
+    # intervals alone, each round could only reach one value deeper than the last plan).
+    for i, f in everywhere[0].items() if fill else ():
+        if i not in first:
+            first[i], end[i] = f, everywhere[1][i]
 
     # last forward use of each storage (any alias), from the save-everything forward
     last_forward: dict[int, int] = {}
@@ -360,27 +374,40 @@ def ilp(graph: TrainingGraph, estimate=None, budget: int | None = None, *, time_
     from memgraph.cost_model.solvers.checkpoint import checkpoint_saved
 
     lean = checkpoint_saved(problem)[0]
-    references = [set(problem.save_all), lean]
+    # First intervals, while time allows: those of layer checkpointing, unfilled (only what checkpointing
+    # recomputes is a decision: a small MILP) and filled (every value a decision: deeper recomputation, a
+    # looser model), then those of the fastest plan, filled and not. Which admits the cheapest plan depends
+    # on the budget. Later rounds recompute the intervals from the best plan found so far (else from the
+    # last one), filled as in the round that found it.
+    pending: list[tuple[set[int], bool]] = [(lean, False), (lean, True), (set(problem.save_all), True),
+                                            (set(problem.save_all), False)]
+    best_fill = True
     target, best, rounds, gap, status, formulation = float(budget), None, 0, None, "not solved", None
     milp_seconds = 0.0
-    seen: set[frozenset[int]] = set()
-    reference = references.pop(0)
+    used: set[frozenset[int]] = set()
+    reference, fill = pending.pop(0)
     deadline = started + time_limit
+    # the last POLISH_SHARE of the time is the polish's: the rounds' best plan is often a little under the
+    # budget (the interval model overcounts), and re-saving what still fits is cheap recompute time won
+    rounds_deadline = started + time_limit * (1 - POLISH_SHARE)
     round_seconds = 0.0
+    trace: list[tuple] = []
     for rounds in range(1, max_rounds + 1):
         round_started = time.perf_counter()
-        if deadline - round_started <= (round_seconds if best is not None else 0.0):
-            break  # another round would overrun the time limit
-        formulation = formulate(problem, intervals(problem, reference), tie_blocks=tie_blocks)
-        # the first round may use most of the time; later rounds (new intervals, tighter target) the rest
-        share = 0.6 if rounds == 1 else 0.8
+        if rounds_deadline - round_started <= (min(round_seconds, 1.0) if best is not None else 0.0):
+            break  # too little time for another round (its MILP gets most of what is left)
+        used.add(frozenset(reference))
+        formulation = formulate(problem, intervals(problem, reference, fill=fill), tie_blocks=tie_blocks)
+        # a round may use most of the time left (HiGHS stops early once optimal, leaving the rest to later rounds)
+        share = 0.8
         solve_started = time.perf_counter()
-        result = formulation.solve(target, max((deadline - solve_started) * share, 0.3))
+        result = formulation.solve(target, max((rounds_deadline - solve_started) * share, 0.3))
         milp_seconds += time.perf_counter() - solve_started
         if result is None or result.x is None:
             status = "infeasible" if result is None or result.status == 2 else str(result.message)
-            if references:
-                reference = references.pop(0)  # the intervals of another plan may admit this budget
+            trace.append((rounds, int(target), None, None, round(time.perf_counter() - round_started, 2)))
+            if pending:
+                reference, fill = pending.pop(0)  # the intervals of another plan may admit this budget
                 continue
             if best is None and target <= budget:
                 target = budget * (1 + relax)  # the interval model overcounts: solve looser, then repair
@@ -392,25 +419,31 @@ def ilp(graph: TrainingGraph, estimate=None, budget: int | None = None, *, time_
         status = "optimal" if result.status == 0 else "time limit"
         gap = getattr(result, "mip_gap", None)
         seconds = problem.recompute_seconds(saved)
+        trace.append((rounds, int(target), peak, seconds, round(time.perf_counter() - round_started, 2)))
         if peak <= budget and (best is None or seconds < best[2]):
-            best = (saved, simulated, seconds, gap, status, "milp")
+            best, best_fill = (saved, simulated, seconds, gap, status, "milp"), fill
         elif peak > budget and (best is None or seconds < best[2]):
             # repair: evict what is alive at the simulated peak, cheapest per byte first
             from memgraph.cost_model.solvers.greedy import evict_until_fits
 
             repaired, repaired_estimate, _ = evict_until_fits(problem, budget, saved, max_rounds=repair,
-                                                              deadline=started + time_limit)
+                                                              deadline=rounds_deadline)
             repaired_seconds = problem.recompute_seconds(repaired)
             if repaired_estimate.peak_bytes_hint <= budget and (best is None or repaired_seconds < best[2]):
-                best = (repaired, repaired_estimate, repaired_seconds, gap, status, "milp+repair")
-        key = frozenset(saved)
-        if key in seen or saved == reference:
+                best, best_fill = (repaired, repaired_estimate, repaired_seconds, gap, status, "milp+repair"), fill
+        round_seconds = time.perf_counter() - round_started
+        if pending:
+            reference, fill = pending.pop(0)
+            continue
+        # next intervals: those of the best plan, else of this one (a plan's own users saved)
+        options = ([best[0]] if best is not None else []) + [saved]
+        following = next((o for o in options if frozenset(o) not in used), None)
+        if following is None:
             if peak <= budget:
                 break
             target -= peak - budget  # the interval model undercounts this plan: tighten and solve again
-        seen.add(key)
-        reference = saved  # recompute the intervals with this plan's users saved
-        round_seconds = time.perf_counter() - round_started
+            following = saved
+        reference, fill = following, best_fill if best is not None else fill
     if best is not None:  # polish: the interval model is conservative; re-save what still fits
         from memgraph.cost_model.solvers.greedy import fill_up
 
@@ -443,6 +476,6 @@ def ilp(graph: TrainingGraph, estimate=None, budget: int | None = None, *, time_
     saved, simulated, _, gap, status, source = best
     details = {"status": status, "source": source, "rounds": rounds, "milp_s": round(milp_seconds, 3),
                "tied_blocks": bool(tie_blocks),
-               "binaries": 2 * formulation.count, "segments": len(formulation.segment_base)}
+               "binaries": 2 * formulation.count, "segments": len(formulation.segment_base), "trace": trace}
     return problem.plan("ilp", saved, budget, estimate=simulated,
                         gap=None if gap is None or np.isnan(gap) else max(float(gap), 0.0), **details)

@@ -119,6 +119,27 @@ def test_ilp_reports_gap_and_solve_details(step, peaks):
     assert plan.budget_bytes == budget and plan.peak_bytes <= budget
 
 
+@pytest.mark.parametrize("fraction", [0.6, 0.8])
+def test_tied_ilp_is_never_slower_than_torch_budget_at_its_peak(step, monkeypatch, fraction):
+    """The 8B path (repeated layers share one policy, no torch incumbents) on the tiny model: at the peak torch's
+    knapsack reaches, the ILP's plan recomputes no more than torch's. (Regression: the interval model left a
+    value a decision only if the reference plan recomputed one of its users, so the tied MILP could not reach
+    torch's deeper per-layer recomputation and answered up to 25% slower.)"""
+    from memgraph.cost_model.solvers import ilp as ilp_module
+    from memgraph.cost_model.solvers.torch_budget import torch_saved
+
+    captured, _ = step
+    monkeypatch.setattr(ilp_module, "TIE_BLOCKS_ABOVE", 0)
+    problem = Problem.of(captured.graph, captured.costs)
+    torch_plan = torch_saved(problem, fraction)
+    budget = problem.peak(torch_plan)
+    assert budget < problem.peak(problem.save_all)
+    plan = _plan("ilp", captured, budget)
+    assert plan.details["tied_blocks"] and plan.peak_bytes <= budget
+    assert not plan.details["source"].startswith("torch-budget")
+    assert plan.recompute_seconds <= problem.recompute_seconds(torch_plan) * (1 + 1e-9), plan.details
+
+
 def test_checkpoint_finds_the_layers_from_structure(step):
     captured, _ = step
     problem = Problem.of(captured.graph, captured.costs)
