@@ -1427,25 +1427,6 @@ def _attention_backward_fake(grad_out, q, k, v, out, lse, k_codes, k_meta, v_cod
 # dispatcher at all. Anything else - FakeTensor, FunctionalTensor, FlopCounterMode or any TorchDispatchMode, vmap,
 # jit.trace, the profiler, inference tensors, torch.compile - goes through the dispatcher, which sees (records)
 # both ops.
-def _plain_context() -> bool:
-    """No dispatch mode, functorch transform, tracer or profiler is active on this thread (the dispatcher's
-    RecordFunction is what names the ops in profiler traces)."""
-    return _compat.no_dispatch_interposer() and not _compat.profiler_enabled()
-
-
-def _plain_tensors(first: Tensor, *others: Optional[Tensor]) -> bool:
-    """Every tensor argument (None aside) is an ordinary dense CPU/CUDA tensor, all of one device type (no
-    subclass, wrapper, meta or inference tensor)."""
-    dispatch_keys = _compat.dispatch_keys
-    keys = dispatch_keys(first)
-    if keys not in _compat.PLAIN_TENSOR_KEYSETS:
-        return False
-    for tensor in others:
-        if tensor is not None and dispatch_keys(tensor) != keys:
-            return False
-    return True
-
-
 class _AttentionFunction(torch.autograd.Function):
     """memgraph.attention's autograd: saves q, k, v, O, LSE (kv_bits=16) or q and the packed K/V (kv_bits<16);
     its backward is memgraph.attention_backward."""
@@ -1486,8 +1467,7 @@ class _AttentionFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the gradients get the op's autograd history
             dq, dk, dv = _ATTENTION_BACKWARD(*args)
         # Backward has its own context (a mode may be entered between forward and backward).
-        elif (ctx.direct and _plain_context()
-              and _compat.dispatch_keys(grad_out) in _compat.PLAIN_TENSOR_KEYSETS):
+        elif ctx.direct and _compat.plain_dispatch_context() and _compat.plain_tensors(grad_out):
             dq, dk, dv = _attention_backward_impl(*args)
         else:
             with _compat.below_autograd():
@@ -1498,7 +1478,7 @@ class _AttentionFunction(torch.autograd.Function):
 
 def _attention_autograd(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None):
     """memgraph.attention's Autograd-key kernel (the op called through the dispatcher)."""
-    direct = _plain_context() and _plain_tensors(q, k, v)
+    direct = _compat.plain_dispatch_context() and _compat.plain_tensors(q, k, v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         if direct:
             _check(q, k, v, kv_bits, window, softcap)
@@ -1532,7 +1512,7 @@ def _attention_backward_autograd(*args):
         for tensor in args[:10]:
             if tensor is not None and tensor.requires_grad:
                 return _AttentionBackwardFunction.apply(*args)
-    if _plain_context() and _plain_tensors(*args[:10]):
+    if _compat.plain_dispatch_context() and _compat.plain_tensors(*args[:10]):
         return _attention_backward_impl(*args)
     with _compat.below_autograd():
         return _ATTENTION_BACKWARD(*args)
@@ -1601,8 +1581,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Op
     kv_bits=8 or 4 keeps K/V for backward in that many bits (the output is exact; gradients are those of
     attention with the dequantized K/V). See the module docstring for window, softcap and the packed format."""
     _check(q, k, v, kv_bits, window, softcap)
-    if not (torch.compiler.is_compiling() or has_torch_function((q, k, v))) and _plain_context() \
-            and _plain_tensors(q, k, v):
+    traced = torch.compiler.is_compiling() or has_torch_function((q, k, v))
+    if not traced and _compat.plain_dispatch_context() and _compat.plain_tensors(q, k, v):
         # Plain eager (see "autograd" above): what the dispatcher would run, without entering it. Dynamo and torch
         # function modes/subclasses get the op through the dispatcher.
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

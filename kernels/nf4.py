@@ -432,24 +432,8 @@ def _(grad_output, packed, absmax, nested_absmax, nested_code, nested_offset, ou
 # What the dispatcher does between the autograd kernel and ours for ordinary dense CPU/CUDA tensors with no
 # Python dispatch mode, functorch transform or tracer active: nothing. Calling the implementation directly then
 # saves a C++ -> Python round trip (boxing 10 arguments) per call. Anything else - FakeTensor, FunctionalTensor,
-# FlopCounterMode, vmap, jit.trace, inference tensors - goes through the dispatcher, which sees (records) the op.
-def _plain_context() -> bool:
-    """No dispatch mode, functorch transform or tracer is active on this thread."""
-    return _compat.no_dispatch_interposer()
-
-
-def _plain_tensors(activation: torch.Tensor, storage: tuple) -> bool:
-    """Every tensor argument is an ordinary dense CPU/CUDA tensor (no subclass, wrapper or inference tensor)."""
-    dispatch_keys = _compat.dispatch_keys
-    keys = dispatch_keys(activation)
-    if keys not in _compat.PLAIN_TENSOR_KEYSETS:
-        return False
-    for tensor in storage[:5]:  # the storage must be on the activation's device anyway: the same keys
-        if tensor is not None and dispatch_keys(tensor) != keys:
-            return False
-    return True
-
-
+# FlopCounterMode, vmap, jit.trace, the profiler, inference tensors - goes through the dispatcher, which sees
+# (records) the op.
 def _below_autograd(impl, op, activation: torch.Tensor, storage: tuple, direct: bool) -> torch.Tensor:
     """The op's result without autograd history: ``impl`` itself when ``direct``, else a redispatch."""
     if direct:
@@ -482,7 +466,7 @@ def _nf4_matmul_function(impl, op, transpose_impl, transpose_op) -> type:
             if torch.is_grad_enabled():  # create_graph=True: the gradient needs its own autograd history
                 return transpose_op(grad, *storage), None, None
             # Backward has its own context (a mode may be entered between forward and backward).
-            direct = ctx.direct and _plain_context() and _compat.dispatch_keys(grad) in _compat.PLAIN_TENSOR_KEYSETS
+            direct = ctx.direct and _compat.plain_dispatch_context() and _compat.plain_tensors(grad)
             return _below_autograd(transpose_impl, transpose_op, grad, storage, direct), None, None
 
     return NF4MatmulFunction
@@ -492,7 +476,8 @@ def _autograd_kernel(function, impl, op):
     """The op's Autograd-key kernel: only the activation can need a gradient (the NF4 weight is frozen)."""
 
     def kernel(activation, *storage):
-        direct = _plain_context() and _plain_tensors(activation, storage)
+        # the storage must be on the activation's device anyway: the same keys
+        direct = _compat.plain_dispatch_context() and _compat.plain_tensors(activation, *storage[:5])
         if activation.requires_grad and torch.is_grad_enabled():
             return function.apply(activation, storage, direct)
         return _below_autograd(impl, op, activation, storage, direct)

@@ -280,12 +280,17 @@ dispatch_keys = torch._C._dispatch_keys  # a tensor's DispatchKeySet
 below_autograd = torch._C._AutoDispatchBelowAutograd  # context: run an op's kernel below the Autograd key
 
 
-def no_dispatch_interposer() -> bool:
-    """No dispatch mode, functorch transform or tracer is active on this thread (the TLS include set is the
-    default one); if a torch release changes the default, this answers False and callers take the slow path."""
-    return torch._C._dispatch_tls_local_include_set() == _DEFAULT_TLS_INCLUDE
+def plain_dispatch_context() -> bool:
+    """No dispatch mode, functorch transform, tracer or profiler is active on this thread: the TLS include set is
+    the default one (if a torch release changes the default, this answers False and callers take the slow path),
+    and the profiler is off (the dispatcher's RecordFunction is what names custom ops in profiler traces)."""
+    return torch._C._dispatch_tls_local_include_set() == _DEFAULT_TLS_INCLUDE and not torch.autograd._profiler_enabled()
 
 
-# Whether torch.profiler / autograd.profiler is recording on this thread (kernels/attention.py then enters the
-# dispatcher, whose RecordFunction names the op in the trace, instead of calling its implementation directly).
-profiler_enabled = torch.autograd._profiler_enabled
+def plain_tensors(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Every tensor argument (None aside) is an ordinary dense CPU/CUDA tensor, all of one device type (no
+    subclass, wrapper, meta or inference tensor)."""
+    keys = dispatch_keys(first)
+    if keys not in PLAIN_TENSOR_KEYSETS:
+        return False
+    return all(tensor is None or dispatch_keys(tensor) == keys for tensor in others)

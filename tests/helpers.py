@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -63,3 +64,15 @@ def tiny_llama_with_biases(layers: int = 2, **overrides):
         if isinstance(module, torch.nn.Linear) and module.bias is not None:
             torch.nn.init.normal_(module.bias, std=0.1)
     return model
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every op that reaches the dispatcher while it is active (what a tracer or FlopCounterMode sees)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from memgraph import _compat
 from memgraph.kernels import attention as A
+from tests.helpers import RecordOps
 
 HEAD_PAIRS = [(1, 1), (2, 1), (4, 2), (3, 3), (4, 1)]  # (Hq, Hkv): MHA, MQA, GQA
 
@@ -473,16 +474,6 @@ def test_torch_fallback_returns_the_strides_its_fake_promises(monkeypatch):
 ATTENTION_OPS = (torch.ops.memgraph.attention.default, torch.ops.memgraph.attention_backward.default)
 
 
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 def _memgraph_ops(recorder):
     return [op for op in recorder.ops if op in ATTENTION_OPS]
 
@@ -502,20 +493,20 @@ def test_op_schemas_are_stable():
 
 def test_plain_eager_is_detected_and_nothing_else():
     q, k, v, _ = _inputs(1, 2, 1, 8, 16, torch.float32, seed=20)
-    assert A._plain_context() and A._plain_tensors(q, k, v)
-    assert A._plain_tensors(torch.nn.Parameter(q), k, v)
-    with _RecordOps():
-        assert not A._plain_context()
+    assert _compat.plain_dispatch_context() and _compat.plain_tensors(q, k, v)
+    assert _compat.plain_tensors(torch.nn.Parameter(q), k, v)
+    with RecordOps():
+        assert not _compat.plain_dispatch_context()
     with FakeTensorMode() as fake_mode:
         fake_q = fake_mode.from_tensor(q)
-    assert not A._plain_tensors(fake_q, k, v) and not A._plain_tensors(q, fake_mode.from_tensor(k), v)
-    assert not A._plain_tensors(q.to("meta"), k, v)
+    assert not _compat.plain_tensors(fake_q, k, v) and not _compat.plain_tensors(q, fake_mode.from_tensor(k), v)
+    assert not _compat.plain_tensors(q.to("meta"), k, v)
     with torch.inference_mode():
         inference_q = torch.randn(1, 2, 8, 16)
-    assert not A._plain_tensors(inference_q, k, v)
+    assert not _compat.plain_tensors(inference_q, k, v)
 
     def inside_vmap(row):
-        assert not A._plain_context()
+        assert not _compat.plain_dispatch_context()
         return row
 
     torch.func.vmap(inside_vmap)(q)
@@ -554,14 +545,14 @@ def test_plain_eager_fwd_bwd_never_enters_the_dispatcher(monkeypatch, kv_bits, d
 def test_dispatch_modes_see_forward_and_backward_ops(kv_bits):
     q, k, v, grad_out = _inputs(1, 4, 2, 24, 16, torch.float32, seed=22)
     leaves = [x.requires_grad_() for x in (q, k, v)]
-    with _RecordOps() as recorder:
+    with RecordOps() as recorder:
         torch.autograd.grad(A.attention(*leaves, kv_bits=kv_bits), leaves, grad_out)
     assert _memgraph_ops(recorder) == list(ATTENTION_OPS)
     out = A.attention(*leaves, kv_bits=kv_bits)  # forward in plain eager, backward under a mode: it sees backward
-    with _RecordOps() as recorder:
+    with RecordOps() as recorder:
         torch.autograd.grad(out, leaves, grad_out)
     assert _memgraph_ops(recorder) == [ATTENTION_OPS[1]]
-    with _RecordOps() as recorder, torch.no_grad():
+    with RecordOps() as recorder, torch.no_grad():
         A.attention(q, k, v, kv_bits=kv_bits)
     assert _memgraph_ops(recorder) == [ATTENTION_OPS[0]]
 
@@ -599,7 +590,7 @@ def test_direct_and_dispatched_paths_are_bit_identical(dtype, kv_bits):
     q, k, v, grad_out = _inputs(1, 4, 2, 37, 32, dtype, seed=24)
     kwargs = dict(kv_bits=kv_bits, window=20, softcap=10.0)
     direct = _ours(q, k, v, grad_out, **kwargs)
-    with _RecordOps() as recorder:
+    with RecordOps() as recorder:
         dispatched = _ours(q, k, v, grad_out, **kwargs)
     assert _memgraph_ops(recorder) == list(ATTENTION_OPS)
     for a, b in zip(direct, dispatched):
@@ -609,7 +600,7 @@ def test_direct_and_dispatched_paths_are_bit_identical(dtype, kv_bits):
     grads = torch.autograd.grad(outputs[0], leaves, grad_out)
     for a, b in zip((outputs[0], *grads), direct):
         assert torch.equal(a, b)
-    with _RecordOps():
+    with RecordOps():
         dispatched_outputs = torch.ops.memgraph.attention(q, k, v, True, None, kv_bits, 20, 10.0)
     for a, b in zip(outputs, dispatched_outputs):
         assert torch.equal(a, b)

@@ -9,10 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from memgraph import _compat
 from memgraph.kernels import nf4
 from memgraph.kernels.nf4 import NF4Weight
+from tests.helpers import RecordOps
 
 bnb = pytest.importorskip("bitsandbytes")
 BF = bnb.functional
@@ -284,16 +285,6 @@ def test_without_triton_falls_back_to_torch_and_logs_once(monkeypatch, caplog):
 # --------------------------------------------------------------------------------------- dispatch paths
 # In plain eager the autograd kernel runs the implementation itself (no second dispatcher round trip); whatever
 # observes or transforms ops (dispatch modes, fake/functional tensors, functorch, AOTAutograd) must still see them.
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 NF4_OPS = (torch.ops.memgraph.nf4_linear.default, torch.ops.memgraph.nf4_linear_grad_input.default)
 
 
@@ -312,20 +303,20 @@ def test_plain_eager_is_detected_and_nothing_else():
     weight = NF4Weight.quantize(random_weight(8, 64, torch.float32, 13), double_quant=True)
     storage = weight.storage()
     x = torch.randn(2, 64, device=DEVICE)
-    assert nf4._plain_context() and nf4._plain_tensors(x, storage)
-    assert nf4._plain_tensors(torch.nn.Parameter(x), storage)
-    with _RecordOps():
-        assert not nf4._plain_context()
+    assert _compat.plain_dispatch_context() and _compat.plain_tensors(x, *storage[:5])
+    assert _compat.plain_tensors(torch.nn.Parameter(x), *storage[:5])
+    with RecordOps():
+        assert not _compat.plain_dispatch_context()
     with FakeTensorMode() as fake_mode:
         fake_x = fake_mode.from_tensor(x)
-    assert not nf4._plain_tensors(fake_x, storage)
-    assert not nf4._plain_tensors(x.to("meta"), storage)
+    assert not _compat.plain_tensors(fake_x, *storage[:5])
+    assert not _compat.plain_tensors(x.to("meta"), *storage[:5])
     with torch.inference_mode():
         inference_x = torch.randn(2, 64, device=DEVICE)
-    assert not nf4._plain_tensors(inference_x, storage)
+    assert not _compat.plain_tensors(inference_x, *storage[:5])
 
     def inside_vmap(row):
-        assert not nf4._plain_context()
+        assert not _compat.plain_dispatch_context()
         return row
 
     torch.func.vmap(inside_vmap)(x)
@@ -350,11 +341,11 @@ def test_plain_eager_fwd_bwd_runs_both_matmuls_without_redispatch(device, monkey
 def test_dispatch_modes_see_forward_and_backward_ops():
     weight = NF4Weight.quantize(random_weight(8, 64, torch.float32, 15), double_quant=True)
     x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
-    with _RecordOps() as recorder:
+    with RecordOps() as recorder:
         torch.autograd.grad(weight.linear(x).sum(), x)
     assert [op for op in recorder.ops if op in NF4_OPS] == list(NF4_OPS)
     y = weight.linear(x)  # forward in plain eager, backward under a mode: the mode still sees grad-input
-    with _RecordOps() as recorder:
+    with RecordOps() as recorder:
         torch.autograd.grad(y.sum(), x)
     assert [op for op in recorder.ops if op in NF4_OPS] == [NF4_OPS[1]]
 
@@ -366,7 +357,7 @@ def test_direct_and_dispatched_paths_are_bit_identical(double_quant):
     dy = torch.randn(5, 24, device=DEVICE, dtype=torch.bfloat16)
     y = weight.linear(x)
     (dx,) = torch.autograd.grad(y, x, dy)
-    with _RecordOps():
+    with RecordOps():
         y_dispatched = weight.linear(x)
         (dx_dispatched,) = torch.autograd.grad(y_dispatched, x, dy)
     assert same_bits(y, y_dispatched) and same_bits(dx, dx_dispatched)
