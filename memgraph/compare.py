@@ -52,7 +52,7 @@ def capture_training_graphs(model_or_fn: Any, *example_args: Any, example_kwargs
 
     def backend(gm, example_inputs):
         if resolved.rewrites:
-            gm, _ = apply_rewrites(gm, example_inputs, resolved, only=resolved.rewrite_selection())
+            gm, _ = apply_rewrites(gm, example_inputs, resolved)
         return _compat.aot_module(gm, example_inputs, fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition_fn)
 
     compiled = torch.compile(model_or_fn, backend=backend, dynamic=False)

@@ -118,7 +118,7 @@ class Options:
         return cls(**mapping)
 
     def rewrite_selection(self) -> tuple[str, ...] | None:
-        """The rewrites to run for ``passes.apply_rewrites(only=...)``: None means all of them."""
+        """The rewrites to run for ``passes.apply_rewrites``: None means all of them."""
         if self.rewrites is True:
             return None
         return () if self.rewrites is False else self.rewrites

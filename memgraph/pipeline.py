@@ -143,7 +143,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
 
 def _compile(gm: fx.GraphModule, example_inputs: list, options: Options, record: GraphRecord) -> Callable:
     if options.rewrites:
-        gm, record.rewrites = apply_rewrites(gm, example_inputs, options, only=options.rewrite_selection())
+        gm, record.rewrites = apply_rewrites(gm, example_inputs, options)
         if record.rewrites:
             log.info("memgraph: graph %d rewritten by %s", record.graph_id, record.rewrites)
     partitioner = MemgraphPartitioner(options, record)

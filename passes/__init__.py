@@ -40,8 +40,10 @@ def _load(spec: str) -> Callable | None:
 
 def apply_rewrites(gm: fx.GraphModule, example_inputs: list, options,
                    only: Collection[str] | None = None) -> tuple[fx.GraphModule, list[str]]:
-    """Run every available rewrite (or those named in ``only``) in order; return the graph and the names of
-    the rewrites that changed it."""
+    """Run the available rewrites that ``options.rewrites`` selects (or those named in ``only``) in order; return
+    the graph and the names of the rewrites that changed it."""
+    if only is None:
+        only = options.rewrite_selection()
     unknown = set(only or ()) - set(REWRITES)
     if unknown:
         raise ValueError(f"unknown rewrites {sorted(unknown)}; choose from {list(REWRITES)}")
