@@ -74,14 +74,24 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_gpu_timing():
-    """Hold a machine-wide lock while timing, so benchmark processes sharing one GPU (compiling and planning
-    concurrently to save device time) never time their steps at the same moment."""
+def _timing_lock(mode_name: str):
     import fcntl
 
     with open(os.environ.get("MEMGRAPH_TIMING_LOCK", "/tmp/memgraph-gpu-timing.lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, getattr(fcntl, mode_name))
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def exclusive_gpu_timing():
+    """Hold a machine-wide lock while timing, so benchmark processes sharing one GPU (compiling and planning
+    concurrently to save device time) never time their steps at the same moment."""
+    return _timing_lock("LOCK_EX")
+
+
+def untimed_gpu_work():
+    """Shared side of the timing lock: untimed GPU work (model build, capture) of several processes may overlap,
+    but never another process's timed steps."""
+    return _timing_lock("LOCK_SH")

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import exclusive_gpu_timing, print_table, write_results  # noqa: E402
 
 BATCH, HEADS, KV_HEADS = 1, 32, 8
 CHECK_SEQ = 300  # not a multiple of any block: exercises the masked tails
@@ -198,10 +198,11 @@ def time_case(fn, seq, head_dim):
     def forward_backward():
         fn(*leaves).backward(grad_out)
 
-    fwd_ms = _median_ms(forward)
-    fwd_bwd_ms = _median_ms(forward_backward, grad_to_none=leaves)
+    with exclusive_gpu_timing():  # other benchmark processes sharing the GPU never time at the same moment
+        fwd_ms = _median_ms(forward)
+        fwd_bwd_ms = _median_ms(forward_backward, grad_to_none=leaves)
+        graphed_ms = _cudagraph_ms(forward_backward, leaves)
     flops = forward_flops(seq, head_dim)
-    graphed_ms = _cudagraph_ms(forward_backward, leaves)
     return {
         "fwd_ms": fwd_ms,
         "fwd_bwd_ms": fwd_bwd_ms,

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import exclusive_gpu_timing, print_table, write_results  # noqa: E402
 
 from memgraph.kernels import nf4  # noqa: E402
 from memgraph.kernels.nf4 import NF4Weight, nf4_dequantize_reference, nf4_linear_workspace_bytes  # noqa: E402
@@ -338,9 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"launcher_strategy": strategy, "correctness": correctness, "correctness_failures": failures,
              "quick": args.quick}
 
-    linear_rows = bench_fwd_bwd(shapes, tokens, device, rep_ms)
-    dequant_rows = bench_dequantize(shapes, device, rep_ms)
-    strategy_rows = bench_strategies(shapes, tokens, device, rep_ms)
+    # One lock per table: other benchmark processes sharing the GPU never time at the same moment.
+    with exclusive_gpu_timing():
+        linear_rows = bench_fwd_bwd(shapes, tokens, device, rep_ms)
+    with exclusive_gpu_timing():
+        dequant_rows = bench_dequantize(shapes, device, rep_ms)
+    with exclusive_gpu_timing():
+        strategy_rows = bench_strategies(shapes, tokens, device, rep_ms)
     for name, rows in (("nf4_dequantize", dequant_rows), ("nf4_strategies", strategy_rows),
                        ("nf4_linear", linear_rows)):
         write_results(name, rows, **extra)

@@ -6,11 +6,12 @@
 
 The step's joint graph is captured once per recipe (Dynamo + AOTAutograd, one real forward + backward);
 budgets are spread from the layer-checkpointing peak to the no-recompute peak (predicted); each solver plans
-under each budget (``solve_s``) and its partitioned graphs run node by node (eager FX, as AOTAutograd's
-runtime: backward frees saved values as it consumes them): measured ``max_memory_allocated`` after a warm-up
-step and the median time of 3 steps (``tok_s``), running the graphs' generated Python (boxed: every value,
-saved inputs included, freed after its last use, as in the eager codegen) — every solver under the same code
-generator, so the differences are the plans', without an Inductor recompile per point.
+under each budget (``solve_s``) and its partitioned graphs run as AOTAutograd's runtime runs them (backward
+frees saved values as it consumes them): measured ``max_memory_allocated`` after a warm-up step, running the graphs' generated Python (boxed: every value, saved inputs included, freed after its last
+use, as in the eager codegen) — every solver under the same code generator, so the differences are the plans',
+without an Inductor recompile per point. ``tok_s`` is timed on the same step captured as one CUDA graph (GPU
+time: the eager codegen's ~20k Python-issued launches per 8B step make its wall time mostly host time, which
+varies with the machine's load by more than the plans differ); the eager step's time is kept as ``tok_s_eager``.
 "qlora" is the standard QLoRA recipe: frozen linears replaced by bitsandbytes NF4 ``Linear4bit``, captured
 with memgraph's ``nf4`` rewrite (bitsandbytes' matmuls become ``memgraph.nf4_linear``); attention stays SDPA.
 Compile time of a whole ``torch.compile(backend="memgraph")`` vs Inductor: ``bench_e2e.py`` (recipes
@@ -35,14 +36,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, exclusive_gpu_timing, print_table, write_results  # noqa: E402
+from _common import RESULTS_DIR, exclusive_gpu_timing, print_table, untimed_gpu_work, write_results  # noqa: E402
 
 SOLVERS = ("ilp", "greedy", "torch-budget", "checkpoint")
 # torch's knapsack re-partitions the 8B graph per bisection step (~4 s each): bound it to fit the GPU slot
 SOLVER_LIMITS = {"torch-budget": {"grid": (0.8, 0.5, 0.2, 0.0), "steps": 2, "time_limit": 20.0},
                  "greedy": {"time_limit": 8.0}}
 QUICK_LIMITS = {"torch-budget": {"grid": (0.6, 0.2), "steps": 1, "time_limit": 10.0},
-                "greedy": {"time_limit": 6.0}, "ilp": {"time_limit": 6.0}}
+                "greedy": {"time_limit": 6.0}}
 GIB = 2**30
 
 
@@ -59,13 +60,21 @@ def build(recipe: str, model_name: str, device: str):
     return models.add_lora(model, rank=16).train()
 
 
-def measure_plan(captured, plan, tokens: int, device: str, steps: int) -> dict[str, Any]:
-    """Run the plan's partitioned graphs: peak after a warm-up step, median step time (the caller holds the
-    GPU timing lock)."""
-    from memgraph.cost_model.tracker import MemoryTracker, run_step
+def prepare_plan(captured, plan):
+    """The plan's partitioned forward and backward graphs (kept for every measurement pass)."""
     from memgraph.passes.partition import partition
 
-    fw, bw = partition(captured.graph, plan)
+    return partition(captured.graph, plan)
+
+
+def measure_plan(captured, graphs, tokens: int, device: str, steps: int, cuda_graph: bool) -> dict[str, Any]:
+    """Run the plan's partitioned graphs (the caller holds the GPU timing lock): the peak of eager steps after a
+    warm-up step and their times; with ``cuda_graph``, also the GPU time of the step captured as one CUDA graph
+    (``gpu_times``): the eager codegen's Python issues ~20k kernel launches per 8B step, so its wall time is
+    mostly host time, which varies with the machine's load and hides the plans' differences."""
+    from memgraph.cost_model.tracker import MemoryTracker, run_step
+
+    fw, bw = graphs
     graph = captured.graph
 
     def one_step():
@@ -91,8 +100,46 @@ def measure_plan(captured, plan, tokens: int, device: str, steps: int) -> dict[s
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     measured = int(torch.cuda.max_memory_allocated()) if device == "cuda" else int(peak)
-    step_s = statistics.median(times)
-    return {"measured_peak_bytes": measured, "step_s": step_s, "tok_s": tokens / step_s}
+    result: dict[str, Any] = {"measured_peak_bytes": measured, "times": times}
+    if cuda_graph and device == "cuda":
+        result["gpu_times"] = cuda_graph_step_times(one_step, steps)
+    return result
+
+
+def cuda_graph_step_times(one_step, steps: int) -> list[float]:
+    """Seconds per replay of the step captured as one CUDA graph (its memory in a private pool, freed after)."""
+    torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph's pool needs the room
+    step_graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(step_graph):
+            one_step()
+        step_graph.replay()  # warm
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(steps):
+            start.record()
+            step_graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return times
+    finally:
+        del step_graph
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def record_timing(row: dict[str, Any], times: list[float], gpu_times: list[float], tokens: int) -> None:
+    """``step_s``/``tok_s``: the CUDA-graph step (GPU time, median) where measured, else the fastest eager step
+    (host jitter only ever adds time); the eager figures are kept beside it (``*_eager``)."""
+    row.update(step_s_eager=min(times), step_s_eager_median=statistics.median(times),
+               tok_s_eager=tokens / min(times), timed_steps=len(times))
+    if gpu_times:
+        row.update(step_s=statistics.median(gpu_times), step_s_cuda_graph_min=min(gpu_times),
+                   step_s_cuda_graph_max=max(gpu_times), timing="cuda_graph")
+    else:
+        row.update(step_s=min(times), timing="eager_min")
+    row["tok_s"] = tokens / row["step_s"]
 
 
 def solve(captured, solver: str, budget: int, limits: dict, row: dict[str, Any]):
@@ -124,7 +171,7 @@ def sweep(recipe: str, args, rows: list[dict[str, Any]], on_row=None) -> None:
     from memgraph.cost_model.solvers import common
 
     device = args.device
-    with exclusive_gpu_timing():
+    with untimed_gpu_work():
         model = build(recipe, args.model, device)
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
@@ -154,28 +201,81 @@ def sweep(recipe: str, args, rows: list[dict[str, Any]], on_row=None) -> None:
                 # ILP at exactly the peak torch's knapsack reached: the like-for-like comparison at equal memory.
                 matched = {"recipe": recipe, "solver": "ilp@torch-budget-peak", "budget_bytes": int(plan.peak_bytes),
                            "seq": args.seq, "warm_solve": True}
-                planned.append((matched, solve(captured, "ilp", int(plan.peak_bytes),
-                                               (QUICK_LIMITS if args.quick else SOLVER_LIMITS).get("ilp", {}),
-                                               matched)))
+                earlier = next((p for r, p in planned if r["solver"] == matched["solver"]
+                                and r["budget_bytes"] == matched["budget_bytes"]), None)
+                if earlier is not None:  # torch reached the same peak at an earlier budget: same problem, same plan
+                    matched.update(solve_s=0.0, predicted_peak_bytes=earlier.peak_bytes,
+                                   predicted_recompute_s=earlier.recompute_seconds,
+                                   optimality_gap=earlier.optimality_gap)
+                    planned.append((matched, earlier))
+                else:
+                    planned.append((matched, solve(captured, "ilp", int(plan.peak_bytes),
+                                                   (QUICK_LIMITS if args.quick else SOLVER_LIMITS).get("ilp", {}),
+                                                   matched)))
                 rows.append(matched)
                 show(matched)
             if on_row is not None:
                 on_row()  # results on disk after every point: a run stopped by a time limit keeps them
     tokens = ids.numel()
-    with exclusive_gpu_timing():
-        for row, plan in planned:
-            if plan is None:
-                continue
-            try:
-                row.update(measure_plan(captured, plan, tokens, device, args.steps))
-            except Exception as error:  # noqa: BLE001
-                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            show(row)
-            if on_row is not None:
-                on_row()
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    # Measured in passes over every plan (each pass: warm-up + steps per plan), so slow drift or another
+    # process's host work hits every plan alike instead of whichever plan ran at that moment.
+    # Identical plans (checkpoint at every budget, torch's knapsack at budgets above its reach, ...) are
+    # partitioned and timed once; their rows share the measurement.
+    distinct: dict[tuple, tuple[list[dict[str, Any]], Any, tuple[list[float], list[float]]]] = {}
+    for row, plan in planned:
+        if plan is None:
+            continue
+        key = (frozenset(plan.saved), frozenset(plan.recomputed))
+        if key in distinct:
+            distinct[key][0].append(row)
+            continue
+        try:
+            distinct[key] = ([row], prepare_plan(captured, plan), ([], []))
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+    print(f"[{recipe}] {len(distinct)} distinct plans among {len(planned)} points", flush=True)
+    cuda_graph = device == "cuda" and not args.no_cuda_graph
+    for number in range(args.passes):
+        with exclusive_gpu_timing():
+            for same_rows, graphs, times in distinct.values():
+                if any("error" in row for row in same_rows):
+                    continue
+                try:
+                    result = measure_plan(captured, graphs, tokens, device, args.steps, cuda_graph)
+                except Exception as error:  # noqa: BLE001
+                    message = f"{type(error).__name__}: {str(error)[:300]}"
+                    if not cuda_graph:
+                        for row in same_rows:
+                            row["error"] = message
+                        continue
+                    # A step that cannot be captured (a host sync, ...): time every later plan eagerly only.
+                    print(f"[{recipe}] CUDA graph capture failed, timing eagerly from here on: {message}", flush=True)
+                    cuda_graph = False
+                    for row in same_rows:
+                        row["cuda_graph_error"] = message
+                    try:
+                        result = measure_plan(captured, graphs, tokens, device, args.steps, False)
+                    except Exception as error2:  # noqa: BLE001
+                        for row in same_rows:
+                            row["error"] = f"{type(error2).__name__}: {str(error2)[:300]}"
+                        continue
+                times[0].extend(result["times"])
+                times[1].extend(result.get("gpu_times", []))
+                for row in same_rows:
+                    row["measured_peak_bytes"] = max(row.get("measured_peak_bytes", 0),
+                                                     result["measured_peak_bytes"])
+                    record_timing(row, times[0], times[1], tokens)
+                    row["passes"] = number + 1
+                    if row is not same_rows[0]:
+                        first = same_rows[0]
+                        row["same_plan_as"] = f"{first['solver']} @ {first['budget_bytes'] / GIB:.2f} GiB"
+                show(same_rows[0])
+                if on_row is not None:
+                    on_row()
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    del distinct
     del captured, model, planned
     gc.collect()
     if device == "cuda":
@@ -199,7 +299,10 @@ def main() -> int:
     parser.add_argument("--budgets", type=int, default=None, help="number of budgets (default 5; --quick 3)")
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--recipes", default=None, help="lora,qlora (default; --quick: lora)")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per plan per pass")
+    parser.add_argument("--passes", type=int, default=1, help="measurement passes over every plan")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="time eager steps only (default on CUDA: also the step captured as one CUDA graph)")
     parser.add_argument("--name", default="planner_sweep", help="results file name (and plot stem)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -155,9 +155,17 @@ def fake_tensor_prop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
 def concrete_int(value: Any) -> int:
     """An int for an int or a SymInt (its traced value), without adding a guard."""
     if isinstance(value, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import hint_int
+        hint = getattr(value.node, "hint", None)
+        if hint is not None:
+            return int(hint)
+        from torch.fx.experimental import symbolic_shapes
 
-        return int(hint_int(value))
+        # the helper's name changed across versions (hint_int; optimization_hint in 2.13)
+        for name in ("hint_int", "optimization_hint"):
+            function = getattr(symbolic_shapes, name, None)
+            if function is not None:
+                return int(function(value))
+        return int(value.node.shape_env.size_hint(value.node.expr))
     return int(value)
 
 
@@ -294,3 +302,11 @@ def plain_tensors(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
     if keys not in PLAIN_TENSOR_KEYSETS:
         return False
     return all(tensor is None or dispatch_keys(tensor) == keys for tensor in others)
+
+
+def dynamo_control_exceptions() -> tuple[type[BaseException], ...]:
+    """Exceptions Dynamo raises through a backend to steer its own analysis (restart the trace, e.g. to turn a
+    float into a tensor under dynamic shapes; skip the frame): a backend must let them through."""
+    from torch._dynamo import exc
+
+    return tuple(getattr(exc, name) for name in ("RestartAnalysis", "SkipFrame") if hasattr(exc, name))

@@ -26,9 +26,11 @@ def memgraph_backend(gm: fx.GraphModule, example_inputs: list, options: Mapping[
     resolved = resolve_options(options)
     from memgraph.pipeline import compile_graph
 
+    from memgraph import _compat
+
     try:
         return compile_graph(gm, example_inputs, resolved)
-    except MemgraphError:
+    except (MemgraphError, *_compat.dynamo_control_exceptions()):
         raise
     except Exception as error:  # noqa: BLE001 - never lose a training step to a compiler bug
         log.warning("memgraph: compiling a graph failed (%s: %s); running it eagerly", type(error).__name__, error)

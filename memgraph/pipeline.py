@@ -19,7 +19,7 @@ from memgraph.cost_model import solvers
 from memgraph.errors import MemgraphError
 from memgraph.graph import TrainingGraph
 from memgraph.options import Options
-from memgraph.passes import apply_rewrites
+from memgraph.passes import RUNTIME_CHECKS, apply_rewrites
 from memgraph.passes.partition import partition, recomputed_nodes
 from memgraph.plan import Plan
 
@@ -136,12 +136,33 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     _remember(record)
     try:
         return _compile(gm, example_inputs, options, record)
+    except _compat.dynamo_control_exceptions():
+        _RECORDS.remove(record)  # Dynamo re-traces and compiles again: this attempt is no graph of its own
+        raise
     except Exception as error:
         record.fallback = f"{type(error).__name__}: {error}"
         raise
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list, options: Options, record: GraphRecord) -> Callable:
+    compiled = _compile_rewritten(gm, example_inputs, options, record)
+    checks = getattr(gm, RUNTIME_CHECKS, None)
+    return _with_runtime_checks(compiled, checks) if checks else compiled
+
+
+def _with_runtime_checks(compiled: Callable, checks: list) -> Callable:
+    """``compiled`` preceded by the rewrites' run-time checks (e.g. a dynamic-shape attention mask's pattern at
+    the sizes of this call); Dynamo calls a backend's result with the graph's inputs as positional arguments."""
+
+    def run(*args: Any) -> Any:
+        for check in checks:
+            check.check(args)
+        return compiled(*args)
+
+    return run
+
+
+def _compile_rewritten(gm: fx.GraphModule, example_inputs: list, options: Options, record: GraphRecord) -> Callable:
     if options.rewrites:
         gm, record.rewrites = apply_rewrites(gm, example_inputs, options)
         if record.rewrites:

@@ -18,6 +18,10 @@ import torch.fx as fx
 
 log = logging.getLogger("memgraph.passes")
 
+# GraphModule attribute where a rewrite leaves checks the compiled graph must run before every call (objects with
+# ``check(args)``, e.g. the attention rewrite's dynamic-shape mask guard); the pipeline runs them.
+RUNTIME_CHECKS = "_memgraph_runtime_checks"
+
 # name -> "module:function"; order matters (attention before nf4 is irrelevant, both are local rewrites).
 REWRITES: dict[str, str] = {
     "attention": "memgraph.passes.attention:rewrite_attention",

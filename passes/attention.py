@@ -14,9 +14,11 @@ What is rewritten, and how it is proven equivalent:
 * a mask computed from constants only (no graph input, no module state, nothing random: HF's causal and
   sliding-window masks when no ``attention_mask`` is passed) is evaluated once, here, and compared element by
   element with the causal, causal sliding-window, full and bidirectional-window patterns; a match gives
-  ``causal``/``window``. A mask that depends on a graph input (a padding mask) cannot be proven and is left alone;
-  so is one built from a symbolic length (dynamic shapes: HF builds its causal mask in the graph then), since a
-  pattern seen at one length proves nothing for the others. ``torch.compile(..., dynamic=False)`` keeps it fused.
+  ``causal``/``window``. A mask that depends on a graph input (a padding mask) cannot be proven and is left alone.
+* dynamic shapes: HF builds its mask in the graph from the symbolic length. A mask that reads nothing but the
+  graph's size inputs is a function of them alone: its pattern is read at a probe length (long enough to show a
+  window) and installed, and the compiled graph re-checks it at run time once per distinct size (``MaskGuard``),
+  raising rather than computing anything else if a length ever gives another pattern.
 * a ``repeat_kv`` expansion (checked on the example values' shapes) feeding K and V is bypassed: the op reads the
   un-expanded K/V, GQA is native, and the expanded copies disappear from the graph.
 
@@ -29,12 +31,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
 from memgraph.kernels import attention as attention_kernel
+from memgraph.passes import RUNTIME_CHECKS
 
 log = logging.getLogger("memgraph.passes.attention")
 
@@ -311,16 +314,17 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
 
 
 def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], list[fx.Node]]:
-    """(causal, window, nodes of the mask's subgraph) if the mask is a constant causal/window/full pattern."""
+    """(causal, window, nodes of the mask's subgraph) if the mask is a causal/window/full pattern computed from
+    constants, or from the symbolic sizes of a dynamic-shape graph (then checked again at run time, per length:
+    see ``MaskGuard``)."""
     if not isinstance(mask, fx.Node):
         raise _Unsupported(f"attn_mask={mask!r} is not a graph value")
     nodes = _ancestors(mask)
+    symbols = []
     for node in nodes:
         if node.op == "placeholder" and isinstance(_example(node), (int, torch.SymInt)):
-            # Dynamic shapes: HF then builds its causal mask in the graph from the symbolic length. Seeing the
-            # pattern at one length proves nothing for the others (a 4096 sliding window looks causal below 4096).
-            raise _Unsupported(f"the mask depends on the symbolic size {node.target!r} (dynamic shapes); a pattern "
-                               "checked at one length is no proof for all: compile with dynamic=False to fuse it")
+            symbols.append(node)  # a size of a dynamic-shape graph (HF builds the mask from the length then)
+            continue
         if node.op == "placeholder":
             raise _Unsupported(f"the mask depends on graph input {node.target!r} (a padding or custom mask)")
         if node.op != "call_function" and node.op != "call_method":
@@ -330,12 +334,9 @@ def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], 
             raise _Unsupported(f"the mask uses the random op {name}")
         if _may_be_mutated(node):
             raise _Unsupported(f"a value the mask is built from ({node.name}) is modified in place")
-    seq_len = q.shape[2]
     mask_example = _example(mask)
-    if not isinstance(seq_len, int) or not isinstance(mask_example, torch.Tensor):
-        raise _Unsupported("the mask's shape is symbolic or unknown")
-    if mask_example.numel() > MAX_MASK_ELEMENTS or seq_len * seq_len > MAX_MASK_ELEMENTS:
-        raise _Unsupported(f"the mask has too many elements to check ({mask_example.numel()})")
+    if not isinstance(mask_example, torch.Tensor):
+        raise _Unsupported("the mask has no example value")
 
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
     graph = fx.Graph()
@@ -343,17 +344,113 @@ def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], 
     for node in sorted(nodes, key=order.__getitem__):
         copies[node] = graph.node_copy(node, lambda n: copies[n])
     graph.output(copies[mask])
-    value = fx.GraphModule(torch.nn.Module(), graph)()
+    build = fx.GraphModule(torch.nn.Module(), graph)  # the mask from the sizes (placeholders in graph order)
+    symbols.sort(key=order.__getitem__)
+    if not symbols:
+        seq_len = q.shape[2]
+        if not isinstance(seq_len, int):
+            raise _Unsupported("the mask's shape is symbolic or unknown")
+        if mask_example.numel() > MAX_MASK_ELEMENTS or seq_len * seq_len > MAX_MASK_ELEMENTS:
+            raise _Unsupported(f"the mask has too many elements to check ({mask_example.numel()})")
+        causal, window = _mask_pattern(_evaluate(build, []), seq_len)
+        return causal, window, nodes
+    guard = _mask_guard(gm, build, symbols, nodes, q)
+    gm.__dict__.setdefault(RUNTIME_CHECKS, []).append(guard)
+    return guard.causal, guard.window, nodes
+
+
+def _evaluate(build: fx.GraphModule, sizes: list[int]) -> torch.Tensor:
+    if any(size * size > MAX_MASK_ELEMENTS for size in sizes):
+        raise _Unsupported(f"the mask at sizes {sizes} has too many elements to check")
+    value = build(*sizes)
     from torch._subclasses.fake_tensor import FakeTensor
 
     if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor):
         raise _Unsupported("the mask could not be evaluated")
-    causal, window = _mask_pattern(value, seq_len)
-    return causal, window, nodes
+    if value.numel() > MAX_MASK_ELEMENTS:
+        raise _Unsupported(f"the mask has too many elements to check ({value.numel()})")
+    return value
 
 
-def _mask_pattern(mask: torch.Tensor, seq_len: int) -> tuple[bool, Optional[int]]:
-    """Which attention pattern a constant mask encodes; raises _Unsupported for anything else."""
+def _mask_guard(gm: fx.GraphModule, build: fx.GraphModule, symbols: list[fx.Node], nodes: list[fx.Node],
+                q) -> "MaskGuard":
+    """The pattern of a mask built from symbolic sizes, read at a probe length long enough to show a window
+    (twice the largest integer constant the mask uses), and the run-time check of it."""
+    from memgraph import _compat
+
+    lengths = [node for node in symbols if _same_size(_example(node), q.shape[2])]
+    if not lengths:
+        raise _Unsupported("the mask depends on symbolic sizes other than the query length")
+    length = lengths[0]
+    hints = [_compat.concrete_int(_example(node)) for node in symbols]
+    constants = [abs(value) for node in nodes for value in _int_constants((node.args, node.kwargs))]
+    probe_length = max(hints[symbols.index(length)], min(2 * max(constants, default=0) + 2, MAX_PROBE_LENGTH))
+    probe = [probe_length if node is length else hint for node, hint in zip(symbols, hints)]
+    causal, window = _mask_pattern(_evaluate(build, probe), probe_length)
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    guard = MaskGuard(build, tuple(placeholders.index(node) for node in symbols), symbols.index(length), causal,
+                      window)
+    if not guard.holds(hints):  # the traced sizes themselves
+        raise _Unsupported("the mask's pattern at the traced length differs from the one at a longer length")
+    return guard
+
+
+def _int_constants(value: Any):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _int_constants(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _int_constants(item)
+
+
+MAX_PROBE_LENGTH = 1 << 14  # longest length a dynamic mask is evaluated at while compiling
+
+
+class MaskGuard:
+    """The run-time half of the proof for a mask built from the graph's symbolic sizes.
+
+    The mask's subgraph reads nothing but those sizes (no tensor input, nothing random or mutated), so it is a
+    function of them alone; the compiled graph calls ``check`` with its arguments before every run, and the
+    mask is evaluated and compared with the fused pattern once per distinct size tuple (cached). A mismatch
+    raises instead of computing a different attention: the graph must then be compiled with ``dynamic=False``
+    or without the attention rewrite.
+    """
+
+    def __init__(self, build: fx.GraphModule, positions: tuple[int, ...], length_index: int, causal: bool,
+                 window: Optional[int]):
+        self.build, self.positions, self.length_index = build, positions, length_index
+        self.causal, self.window = causal, window
+        self.checked: dict[tuple[int, ...], bool] = {}
+
+    def holds(self, sizes: list[int] | tuple[int, ...]) -> bool:
+        sizes = tuple(int(size) for size in sizes)
+        if sizes not in self.checked:
+            length = sizes[self.length_index]
+            try:
+                self.checked[sizes] = _pattern_is(_evaluate(self.build, list(sizes)), length, self.causal,
+                                                  self.window)
+            except _Unsupported:
+                self.checked[sizes] = False
+        return self.checked[sizes]
+
+    def check(self, args: Sequence[Any]) -> None:
+        sizes = tuple(args[position] for position in self.positions)
+        if not self.holds(sizes):
+            from memgraph.errors import MemgraphError
+
+            pattern = ("causal" if self.causal else "full") + (f" window {self.window}" if self.window else "")
+            raise MemgraphError(
+                f"the attention mask at sizes {sizes} is not the {pattern} pattern memgraph fused for this "
+                "dynamic-shape graph; compile with dynamic=False or with rewrites that exclude 'attention'")
+
+
+def _allowed(mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[seq_len, seq_len] bool: which (query, key) pairs the mask lets through (identical over batch/heads)."""
     if mask.dim() < 2 or mask.shape[-1] != seq_len or mask.shape[-2] not in (1, seq_len):
         raise _Unsupported(f"mask shape {tuple(mask.shape)} is not [..., {seq_len}, {seq_len}]")
     mask = mask.expand(*mask.shape[:-2], seq_len, seq_len).reshape(-1, seq_len, seq_len)
@@ -369,8 +466,18 @@ def _mask_pattern(mask: torch.Tensor, seq_len: int) -> tuple[bool, Optional[int]
     pattern = allowed[0]
     if not bool((allowed == pattern).all()):
         raise _Unsupported("the mask differs across batch/heads")
+    return pattern
+
+
+def _pattern_is(mask: torch.Tensor, seq_len: int, causal: bool, window: Optional[int]) -> bool:
+    pattern = _allowed(mask, seq_len)
     positions = torch.arange(seq_len, device=pattern.device)
-    visible = attention_kernel._visible_torch
+    return torch.equal(pattern, attention_kernel._visible_torch(positions, positions, causal, window))
+
+
+def _mask_pattern(mask: torch.Tensor, seq_len: int) -> tuple[bool, Optional[int]]:
+    """Which attention pattern a constant mask encodes; raises _Unsupported for anything else."""
+    pattern = _allowed(mask, seq_len)
     candidates = [(False, None), (True, None)]
     if seq_len > 0:
         candidates.append((True, int(pattern[-1].sum())))  # last row of a causal window sees `window` keys
@@ -378,7 +485,7 @@ def _mask_pattern(mask: torch.Tensor, seq_len: int) -> tuple[bool, Optional[int]
     for causal, window in candidates:
         if window is not None and window < 1:
             continue
-        if torch.equal(pattern.cpu(), visible(positions, positions, causal, window).cpu()):
+        if _pattern_is(mask, seq_len, causal, window):
             if window is not None and window >= seq_len:
                 window = None  # a window as long as the sequence masks nothing
             return causal, window

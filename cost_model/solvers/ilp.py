@@ -357,7 +357,7 @@ def decode(problem: Problem, formulation: Formulation, x: np.ndarray) -> set[int
 
 
 @register("ilp", uses_budget=True)
-def ilp(graph: TrainingGraph, estimate=None, budget: int | None = None, *, time_limit: float = 7.0,
+def ilp(graph: TrainingGraph, estimate=None, budget: int | None = None, *, time_limit: float = 6.0,
         tie_blocks: bool | None = None, max_rounds: int = 6, polish: int = 16, repair: int = 4,
         relax: float = 0.03, **_: Any) -> Plan:
     """Minimum predicted recompute time under the predicted-peak budget (MILP, scipy/HiGHS)."""

@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import memgraph
 from memgraph import models
 from memgraph.kernels import attention as A
+from memgraph.passes import RUNTIME_CHECKS
 from memgraph.passes.attention import rewrite_attention
 
 ATTENTION = torch.ops.memgraph.attention.default
@@ -141,27 +143,86 @@ def test_kv4_backward_keeps_no_full_precision_kv(kv_bits):
 
 
 @pytest.mark.parametrize("dynamic", [None, False], ids=["automatic-dynamic", "static"])
-def test_second_sequence_length(dynamic, caplog):
+def test_second_sequence_length(dynamic):
     """A second length recompiles. Automatic dynamic shapes make HF build its causal mask from the symbolic
-    length: that mask is not provable for every length, so SDPA stays (correct, unfused) and the log says why;
-    with dynamic=False every length is fused."""
+    length: it is still fused (its pattern is read at a probe length and re-checked per length at run time)."""
     model = models.build("llama")
     reference = copy.deepcopy(model)
     capture = Capture(4)
     compiled = torch.compile(model, backend=capture, dynamic=dynamic)
-    with caplog.at_level(logging.INFO, logger="memgraph.passes.attention"):
-        for seq in (16, 24):
-            ids = _ids(model, seq=seq, seed=seq)
-            loss, grads = _step(compiled, ids)
-            eager_loss, eager_grads = _step(reference, ids)
-            assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
-            assert all(_cos(grads[n], g) >= 0.98 for n, g in eager_grads.items() if g.norm() > 0)
+    for seq in (16, 24):
+        ids = _ids(model, seq=seq, seed=seq)
+        loss, grads = _step(compiled, ids)
+        eager_loss, eager_grads = _step(reference, ids)
+        assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
+        assert all(_cos(grads[n], g) >= 0.98 for n, g in eager_grads.items() if g.norm() > 0)
     layers = model.config.num_hidden_layers
     fused = [sum(n.op == "call_function" and n.target == ATTENTION for n in gm.graph.nodes) for gm in capture.dynamo]
-    if dynamic is False:
-        assert fused == [layers, layers]
-    else:
-        assert fused == [layers, 0] and "symbolic size" in caplog.text
+    assert fused == [layers, layers]
+    guards = [check for gm in capture.dynamo for check in getattr(gm, RUNTIME_CHECKS, [])]
+    assert bool(guards) == (dynamic is None)  # only the symbolic-length mask needs a run-time check
+
+
+def _memgraph_dynamic(model, dynamic=True):
+    return torch.compile(model, backend="memgraph", dynamic=dynamic,
+                         options={"codegen": "eager", "solver": "none", "rewrites": "attention"})
+
+
+def test_dynamic_sliding_window_is_fused_at_every_length(monkeypatch):
+    """Mistral's sliding-window mask under dynamic=True: the window (8) is found even from a traced length below
+    it (the probe length is twice the mask's largest constant), every length runs the fused op with eager's
+    gradients, and the mask is re-checked once per new length."""
+    model = models.build("mistral", sliding_window=8)
+    reference = copy.deepcopy(model)
+    from memgraph.passes import attention as attention_pass
+
+    checked = []
+    holds = attention_pass.MaskGuard.holds
+
+    def spy(self, sizes):
+        checked.append((tuple(int(s) for s in sizes), self.causal, self.window))
+        return holds(self, sizes)
+
+    monkeypatch.setattr(attention_pass.MaskGuard, "holds", spy)
+    compiled = _memgraph_dynamic(model)
+    for seq in (6, 24, 40, 24):
+        ids = _ids(model, batch=1, seq=seq, seed=seq)
+        loss, grads = _step(compiled, ids)
+        eager_loss, eager_grads = _step(reference, ids)
+        assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
+        assert max(_rel(grads[n], g) for n, g in eager_grads.items() if g.norm() > 0) < 1e-4
+    assert {(causal, window) for _, causal, window in checked} == {(True, 8)}
+    lengths = [max(sizes) for sizes, _, _ in checked]
+    assert {6, 24, 40} <= set(lengths)
+
+
+class _LengthDependentMask(torch.nn.Module):
+    """Causal, plus key j visible from query i when (j - i)^2 == 7 * S: no such pair at S = 20 or 24 (the
+    compiled length), but (i, i + 14) at S = 28. No constant in it reveals the 28."""
+
+    def forward(self, qkv):
+        q, k, v = qkv.unbind(0)  # one input: one symbolic length for all three
+        length = q.shape[2]
+        i = torch.arange(length)
+        gap = i[None, :] - i[:, None]
+        mask = (gap <= 0) | (gap * gap == 7 * length)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_dynamic_mask_that_changes_pattern_raises_at_run_time():
+    """The second length recompiles with a symbolic length (automatic dynamic shapes; dynamic=True would make
+    the head dim symbolic too, which the kernels cannot take): fused, checked per length, and a length whose
+    mask is not causal raises instead of computing a different attention."""
+    from memgraph.errors import MemgraphError
+
+    module = _LengthDependentMask()
+    compiled = _memgraph_dynamic(module, dynamic=None)
+    for seq in (24, 20):
+        qkv = torch.stack(_qkv(kv_heads=4, seq_len=seq, seed=seq))
+        assert _rel(compiled(qkv), module(qkv)) < 1e-5
+    assert [r.rewrites for r in memgraph.compiled_graphs()[-2:]] == [["attention"], ["attention"]]
+    with pytest.raises(MemgraphError, match="not the causal pattern"):
+        compiled(torch.stack(_qkv(kv_heads=4, seq_len=28)))
 
 
 def test_padding_mask_is_left_alone(caplog):
