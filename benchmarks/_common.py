@@ -50,10 +50,22 @@ def meta(**extra: Any) -> dict[str, Any]:
     }
 
 
+def results_dir() -> Path:
+    """Where results go: $OUT if set, else benchmarks/results; without a GPU a temporary folder instead, so a
+    CPU smoke run never replaces the committed GPU results."""
+    import tempfile
+
+    import torch
+
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    return RESULTS_DIR if torch.cuda.is_available() else Path(tempfile.gettempdir()) / "memgraph-bench-cpu"
+
+
 def write_results(name: str, rows: Iterable[dict[str, Any]], out_dir: str | os.PathLike | None = None,
                   **extra_meta: Any) -> Path:
-    """Write ``NAME.json`` into ``out_dir`` (default: $OUT if set, else benchmarks/results)."""
-    out = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)
+    """Write ``NAME.json`` into ``out_dir`` (default: ``results_dir()``)."""
+    out = Path(out_dir or results_dir())
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps({"meta": meta(**extra_meta), "rows": list(rows)}, indent=2, default=str) + "\n")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import print_table, results_dir, write_results  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
@@ -300,7 +299,7 @@ def main() -> int:
     if args.seqs:
         seqs = [int(s) for s in args.seqs.split(",")]
     solvers = args.solvers.split(",")
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out_dir = results_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     plan_every_compile()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, exclusive_gpu_timing, print_table, untimed_gpu_work, write_results  # noqa: E402
+from _common import exclusive_gpu_timing, print_table, results_dir, untimed_gpu_work, write_results  # noqa: E402
 
 SOLVERS = ("ilp", "greedy", "torch-budget", "checkpoint")
 # torch's knapsack re-partitions the 8B graph per bisection step (~4 s each): bound it to fit the GPU slot
@@ -325,7 +324,7 @@ def main() -> int:
         except Exception as error:  # noqa: BLE001 - keep the other recipe's rows
             traceback.print_exc()
             rows.append({"recipe": recipe, "error": f"{type(error).__name__}: {error}"[:300]})
-    out = Path(os.environ.get("OUT") or RESULTS_DIR)
+    out = results_dir()
     save()
     plot(rows, out / f"{args.name}.png")
     print_table([{k: v for k, v in r.items() if k != "error"} for r in rows])
