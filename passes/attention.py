@@ -432,8 +432,8 @@ class MaskGuard:
         if sizes not in self.checked:
             length = sizes[self.length_index]
             try:
-                self.checked[sizes] = _pattern_is(_evaluate(self.build, list(sizes)), length, self.causal,
-                                                  self.window)
+                pattern = _allowed(_evaluate(self.build, list(sizes)), length)
+                self.checked[sizes] = _pattern_is(pattern, self.causal, self.window)
             except _Unsupported:
                 self.checked[sizes] = False
         return self.checked[sizes]
@@ -469,9 +469,9 @@ def _allowed(mask: torch.Tensor, seq_len: int) -> torch.Tensor:
     return pattern
 
 
-def _pattern_is(mask: torch.Tensor, seq_len: int, causal: bool, window: Optional[int]) -> bool:
-    pattern = _allowed(mask, seq_len)
-    positions = torch.arange(seq_len, device=pattern.device)
+def _pattern_is(pattern: torch.Tensor, causal: bool, window: Optional[int]) -> bool:
+    """Whether an ``_allowed`` pattern is exactly the (causal, window) one."""
+    positions = torch.arange(pattern.shape[-1], device=pattern.device)
     return torch.equal(pattern, attention_kernel._visible_torch(positions, positions, causal, window))
 
 
@@ -485,7 +485,7 @@ def _mask_pattern(mask: torch.Tensor, seq_len: int) -> tuple[bool, Optional[int]
     for causal, window in candidates:
         if window is not None and window < 1:
             continue
-        if _pattern_is(mask, seq_len, causal, window):
+        if _pattern_is(pattern, causal, window):
             if window is not None and window >= seq_len:
                 window = None  # a window as long as the sequence masks nothing
             return causal, window
