@@ -149,7 +149,7 @@ def solve(captured, solver: str, budget: int, limits: dict, row: dict[str, Any])
     try:
         plan = solvers.get(solver).function(captured.graph, captured.costs, budget, **limits)
     except Exception as error:  # noqa: BLE001 - an infeasible or failing point is a row, not a crash
-        row.update(solve_s=time.perf_counter() - started, error=f"{type(error).__name__}: {str(error)[:300]}")
+        row.update(solve_s=time.perf_counter() - started, error=_error_text(error))
         return None
     row.update(solve_s=time.perf_counter() - started, predicted_peak_bytes=plan.peak_bytes,
                predicted_recompute_s=plan.recompute_seconds, optimality_gap=plan.optimality_gap)
@@ -215,11 +215,23 @@ def sweep(recipe: str, args, rows: list[dict[str, Any]], on_row=None) -> None:
                 show(matched)
             if on_row is not None:
                 on_row()  # results on disk after every point: a run stopped by a time limit keeps them
-    tokens = ids.numel()
-    # Measured in passes over every plan (each pass: warm-up + steps per plan), so slow drift or another
-    # process's host work hits every plan alike instead of whichever plan ran at that moment.
-    # Identical plans (checkpoint at every budget, torch's knapsack at budgets above its reach, ...) are
-    # partitioned and timed once; their rows share the measurement.
+    measure_distinct_plans(recipe, captured, planned, ids.numel(), args, on_row)
+    del captured, model, planned
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error)[:300]}"
+
+
+def measure_distinct_plans(recipe: str, captured, planned: list, tokens: int, args, on_row) -> None:
+    """Measure every plan in ``planned`` ((row, plan) pairs) into its row, in ``args.passes`` passes under the
+    GPU timing lock (each pass: warm-up + steps per plan, so slow drift or another process's host work hits every
+    plan alike). Identical plans (checkpoint at every budget, torch's knapsack at budgets above its reach, ...)
+    are partitioned and timed once; their rows share the measurement."""
+    device = args.device
     distinct: dict[tuple, tuple[list[dict[str, Any]], Any, tuple[list[float], list[float]]]] = {}
     for row, plan in planned:
         if plan is None:
@@ -231,54 +243,49 @@ def sweep(recipe: str, args, rows: list[dict[str, Any]], on_row=None) -> None:
         try:
             distinct[key] = ([row], prepare_plan(captured, plan), ([], []))
         except Exception as error:  # noqa: BLE001
-            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            row["error"] = _error_text(error)
     print(f"[{recipe}] {len(distinct)} distinct plans among {len(planned)} points", flush=True)
     cuda_graph = device == "cuda" and not args.no_cuda_graph
     for number in range(args.passes):
         with exclusive_gpu_timing():
-            for same_rows, graphs, times in distinct.values():
+            for same_rows, graphs, (times, gpu_times) in distinct.values():
                 if any("error" in row for row in same_rows):
                     continue
                 try:
                     result = measure_plan(captured, graphs, tokens, device, args.steps, cuda_graph)
                 except Exception as error:  # noqa: BLE001
-                    message = f"{type(error).__name__}: {str(error)[:300]}"
                     if not cuda_graph:
                         for row in same_rows:
-                            row["error"] = message
+                            row["error"] = _error_text(error)
                         continue
                     # A step that cannot be captured (a host sync, ...): time every later plan eagerly only.
-                    print(f"[{recipe}] CUDA graph capture failed, timing eagerly from here on: {message}", flush=True)
+                    print(f"[{recipe}] CUDA graph capture failed, timing eagerly from here on: {_error_text(error)}",
+                          flush=True)
                     cuda_graph = False
                     for row in same_rows:
-                        row["cuda_graph_error"] = message
+                        row["cuda_graph_error"] = _error_text(error)
                     try:
                         result = measure_plan(captured, graphs, tokens, device, args.steps, False)
                     except Exception as error2:  # noqa: BLE001
                         for row in same_rows:
-                            row["error"] = f"{type(error2).__name__}: {str(error2)[:300]}"
+                            row["error"] = _error_text(error2)
                         continue
-                times[0].extend(result["times"])
-                times[1].extend(result.get("gpu_times", []))
+                times.extend(result["times"])
+                gpu_times.extend(result.get("gpu_times", []))
+                first = same_rows[0]
                 for row in same_rows:
                     row["measured_peak_bytes"] = max(row.get("measured_peak_bytes", 0),
                                                      result["measured_peak_bytes"])
-                    record_timing(row, times[0], times[1], tokens)
+                    record_timing(row, times, gpu_times, tokens)
                     row["passes"] = number + 1
-                    if row is not same_rows[0]:
-                        first = same_rows[0]
+                    if row is not first:
                         row["same_plan_as"] = f"{first['solver']} @ {first['budget_bytes'] / GIB:.2f} GiB"
-                show(same_rows[0])
+                show(first)
                 if on_row is not None:
                     on_row()
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    del distinct
-    del captured, model, planned
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
