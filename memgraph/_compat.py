@@ -100,6 +100,13 @@ def fake_mode_of(values: Sequence[Any]):
     return detect_fake_mode(list(values))
 
 
+def new_fake_mode():
+    """A fresh FakeTensorMode (for graphs rebuilt from a file, which have none)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
 # --- cost model: symbolic sizes and fake values (added by the cost model) ---
 
 def symint_expr(value: Any):

@@ -4,7 +4,8 @@
     memgraph compare --model llama3-8b --seq 2048 --budgets 16GiB,20GiB --solvers ilp,greedy,checkpoint
 
 The training graph is captured once (Dynamo + AOTAutograd, with memgraph's rewrites) and every solver plans
-the same joint graph with the same cost model. Planning needs no real weights: the reference models are built
+the same joint graph with the same cost model. A graph saved with ``memgraph.save_graph`` (or
+``--save-graph``, e.g. on the GPU that ran the model) is compared without the model: ``--graph FILE``. Planning needs no real weights: the reference models are built
 on the ``meta`` device (shapes and dtypes only), so an 8B model plans on a laptop. On a GPU with a real model,
 each feasible plan is also compiled and run: measured peak (``torch.cuda.max_memory_allocated`` after a
 warm-up step) and step time.
@@ -179,8 +180,12 @@ def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None 
             solvers: Sequence[str] = DEFAULT_SOLVERS, example_kwargs: Mapping[str, Any] | None = None,
             options: Mapping[str, Any] | None = None, measure: bool | None = None, json_path: str | None = None,
             png_path: str | None = None, progress: bool = True, print_table: bool = True,
-            title: str | None = None) -> list[dict[str, Any]]:
+            title: str | None = None, save_graph_path: str | None = None) -> list[dict[str, Any]]:
     """Plan ``model_or_fn``'s training step with every solver at every budget; return one row per pair.
+
+    model_or_fn: a model or function (with its example inputs), or already captured graphs: a
+    ``TrainingGraph``, a list of them, or the path of a saved one (planned only; nothing to measure).
+    save_graph_path: also save the captured graph(s) there (``memgraph.load_graph`` reads them back).
 
     budgets: bytes or strings ("8GiB"); None or "auto" = 5 budgets from the layer-checkpointing peak to the
     no-recompute peak; "auto:N" = N such budgets; a None entry = the fastest plan.
@@ -195,11 +200,19 @@ def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None 
     example_kwargs = dict(example_kwargs or {})
     for name in solvers:
         registry.get(name)  # unknown names fail before the (slow) capture
-    graphs = capture_training_graphs(model_or_fn, *example_args, example_kwargs=example_kwargs, options=options)
+    graphs = _given_graphs(model_or_fn)
+    given = graphs is not None
+    if given and measure:
+        raise ValueError("measure=True needs the model: a saved or given graph can only be planned")
+    if not given:
+        graphs = capture_training_graphs(model_or_fn, *example_args, example_kwargs=example_kwargs,
+                                         options=options)
+    if save_graph_path:
+        _save_graphs(graphs, save_graph_path)
     estimates = _estimates(graphs)
     budget_list = _resolve_budgets(budgets, graphs, estimates)
     if measure is None:
-        measure = _on_cuda(model_or_fn)
+        measure = not given and _on_cuda(model_or_fn)
     tokens = _tokens(example_args, example_kwargs)
     cells = [(s, b) for s in solvers for b in (budget_list if registry.get(s).uses_budget else [None])]
     rows: list[dict[str, Any]] = []
@@ -225,6 +238,32 @@ def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None 
     if png_path:
         pareto_plot(rows, png_path, title=title)
     return rows
+
+
+def _given_graphs(model_or_fn: Any) -> list[TrainingGraph] | None:
+    """The graphs ``model_or_fn`` already is (a TrainingGraph, a list of them, a saved graph's path), or None."""
+    from memgraph.graph_io import load_graph
+
+    if isinstance(model_or_fn, TrainingGraph):
+        return [model_or_fn]
+    if isinstance(model_or_fn, (list, tuple)) and model_or_fn and all(
+            isinstance(g, TrainingGraph) for g in model_or_fn):
+        return list(model_or_fn)
+    if isinstance(model_or_fn, (str, os.PathLike)):
+        if not os.path.exists(model_or_fn):
+            raise FileNotFoundError(f"no saved graph at {model_or_fn}")
+        return [load_graph(model_or_fn)]
+    return None
+
+
+def _save_graphs(graphs: Sequence[TrainingGraph], path: str) -> None:
+    """One file per graph: ``path`` itself for one graph, ``NAME-i.json.gz`` beside it for several."""
+    from memgraph.graph_io import save_graph
+
+    root, _, suffix = str(path).partition(".")
+    for i, graph in enumerate(graphs):
+        target = path if len(graphs) == 1 else f"{root}-{i}.{suffix or 'json.gz'}"
+        print(f"saved the training graph to {save_graph(graph, target)}")
 
 
 def _resolve_budgets(budgets: Any, graphs, estimates) -> list[int | None]:
@@ -367,6 +406,12 @@ def build_model(name: str, *, device: str, dtype: str, lora: bool):
 def compare_command(args: argparse.Namespace) -> int:
     from memgraph import models
 
+    budgets = [b.strip() for b in args.budgets.split(",")] if args.budgets else None
+    solvers = [s.strip() for s in args.solvers.split(",")]
+    if args.graph:
+        compare(args.graph, budgets=budgets, solvers=solvers, measure=False, json_path=args.json,
+                png_path=args.png, title=os.path.basename(args.graph))
+        return 0
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else ("meta" if args.model in models.REFERENCE else "cpu")
@@ -374,13 +419,12 @@ def compare_command(args: argparse.Namespace) -> int:
     model = build_model(args.model, device=device, dtype=dtype, lora=not args.no_lora)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
-    budgets = [b.strip() for b in args.budgets.split(",")] if args.budgets else None
-    solvers = [s.strip() for s in args.solvers.split(",")]
     options = {"kv_bits": args.kv_bits}
     compare(model, example_kwargs={"input_ids": ids, "labels": ids, "use_cache": False}, budgets=budgets,
             solvers=solvers,
             options=options, measure=None if args.measure == "auto" else args.measure == "yes",
-            json_path=args.json, png_path=args.png, title=f"{args.model}, seq {args.seq}, batch {args.batch}")
+            json_path=args.json, png_path=args.png, title=f"{args.model}, seq {args.seq}, batch {args.batch}",
+            save_graph_path=args.save_graph)
     if args.json:
         print(f"wrote {args.json}")
     if args.png:
@@ -411,5 +455,9 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                         help="compile and run each feasible plan (needs the model on a GPU)")
     parser.add_argument("--json", default="compare.json", help="results path ('' to skip)")
     parser.add_argument("--png", default="compare.png", help="Pareto plot path ('' to skip)")
+    parser.add_argument("--graph", default=None,
+                        help="plan a graph saved with --save-graph or memgraph.save_graph instead of building "
+                             "--model (planning only)")
+    parser.add_argument("--save-graph", default=None, help="also save the captured graph here (.json.gz)")
     parser.set_defaults(run=compare_command)
     return parser

@@ -16,13 +16,16 @@ Formulation (Checkmate/Moccasin-style, with the schedule fixed to the one the pa
 * minimise ``sum_v seconds_v r_v`` (+ a tie-break of 1e-9 s per GiB saved, preferring less memory).
 
 The intervals depend on which users of a value are recomputed: they are taken from a reference plan (first
-layer checkpointing and the fastest plan, then the best plan found so far), and a value that plan never
-recomputes gets the intervals of recomputing all its users ("filled"), so that every value is a decision
-(a chain of recomputation of any depth is reachable in one solve; unfilled rounds, where only values one
-step deeper than the reference's recomputation are decisions, are tried too: a tighter model near it). The chosen set is then simulated by the cost model;
+layer checkpointing and the fastest plan, then the best plan found so far). A value that plan never
+recomputes is "filled", so that every value is a decision (a chain of recomputation of any depth is reachable
+in one solve): it gets the intervals of recomputing its users where this model needs them
+(``"needed-users"``, the closer model) or of recomputing all its users (``"all-users"``, earlier starts).
+Unfilled rounds, where only values one step deeper than the reference's recomputation are decisions, are
+tried too: a tighter model near it. The chosen set is then simulated by the cost model;
 if the simulated peak overshoots (the model above is an interval approximation of the cost model's sweep),
 the next round uses that plan's own intervals (or, once plans repeat, the internal budget is lowered by the
-overshoot) and the MILP is solved again. Large graphs (many repeated decoder layers) tie the variables of
+overshoot) and the MILP is solved again. Memory is in MiB and time in milliseconds in the MILP: HiGHS' tolerances are
+absolute, and in bytes and seconds its "optimal" answers missed better plans on an 8B graph. Large graphs (many repeated decoder layers) tie the variables of
 corresponding ops in each repeated block (``tie_blocks``): one policy per layer position, which keeps an 8B
 graph to about two thousand binaries. ``plan.optimality_gap`` is HiGHS' relative MIP gap of the last solve.
 """
@@ -44,6 +47,10 @@ from memgraph.plan import Plan
 TIE_BLOCKS_ABOVE = 2500  # forward nodes; above this, corresponding ops of repeated blocks share a policy
 TORCH_INCUMBENTS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)  # activation_memory_budget fractions tried as incumbents
 POLISH_SHARE = 0.2  # of time_limit kept for polishing the best plan
+ROUND_SECONDS = 1.5  # most a round's MILP may take: HiGHS finds these plans fast or not at all
+MEMORY_UNIT = 2**20  # bytes per MILP memory unit (MiB)
+TIME_UNIT = 1e-3  # seconds per MILP time unit (ms)
+FILLS = (None, "needed-users", "all-users")
 _INF = np.inf
 
 
@@ -60,14 +67,19 @@ class Intervals:
     weight: dict[int, int]
 
 
-def intervals(problem: Problem, reference: set[int] | frozenset[int], *, fill: bool = True) -> Intervals:
+def intervals(problem: Problem, reference: set[int] | frozenset[int], *, fill: str | None = "needed-users"
+              ) -> Intervals:
     """The step intervals of every forward value, and the plan-independent baseline.
 
     When a value is recomputed depends on which of its users are recomputed too; the intervals assume the
     users in ``reference`` (a saved set) are saved, so needs propagate only through the others. A value no
-    recomputed user of the reference reads gets the intervals of recomputing all its users (``fill``), or
-    none (it stays saved or unneeded this round: recomputation reaches one value deeper than the reference's,
-    which is accurate near the no-recompute end)."""
+    recomputed user of the reference reads gets (``fill``) the intervals of recomputing its users where they
+    are needed ("needed-users": from their own intervals, users before inputs; it lives at least as long as
+    with "all-users"), or of recomputing all its users ("all-users"), or none (None: it stays saved or
+    unneeded this round; recomputation reaches one value deeper than the reference's, which is accurate near
+    the no-recompute end)."""
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, not {fill!r}")
     costs = problem.costs
     estimate = problem.simulate(problem.save_all)
     step_of = {name: k for k, name in enumerate(estimate.names)}
@@ -89,8 +101,13 @@ def intervals(problem: Problem, reference: set[int] | frozenset[int], *, fill: b
     # Values the reference never recomputes get the intervals of a plan that recomputes all their users:
     # every value stays a decision, so one solve can recompute a chain of any depth (with the reference's
     # intervals alone, each round could only reach one value deeper than the last plan).
+    needed = _needs_of_users(problem, position, owner, first, end) if fill == "needed-users" else {}
     for i, f in everywhere[0].items() if fill else ():
-        if i not in first:
+        if i in first:
+            continue
+        if i in needed:  # where its users' recomputation needs it, no shorter than with all users recomputed
+            first[i], end[i] = needed[i][0], max(needed[i][1], everywhere[1][i])
+        else:
             first[i], end[i] = f, everywhere[1][i]
 
     # last forward use of each storage (any alias), from the save-everything forward
@@ -154,6 +171,30 @@ def _needs(problem: Problem, position: dict[int, int], owner: dict[int, int],
     return first, end, direct_end
 
 
+def _needs_of_users(problem: Problem, position: dict[int, int], owner: dict[int, int], first: dict[int, int],
+                    end: dict[int, int]) -> dict[int, tuple[int, int]]:
+    """For each value outside ``first`` (the reference does not need it): the first and last step at which
+    recomputing its users, each where its own interval says it is needed, needs it (users before inputs)."""
+    needed: dict[int, tuple[int, int]] = {}
+    forward_set = problem.forward_set
+    for i in sorted(problem.forward, reverse=True):
+        if i in first:
+            continue
+        starts, stops = [], []
+        for u in problem.users[i]:
+            if u in position:
+                span = (position[u], position[u])
+            elif u in forward_set and (u in first or u in needed):
+                span = (first[u], end[u]) if u in first else needed[u]
+            else:
+                continue
+            starts.append(span[0])
+            stops.append(span[1] if owner.get(u) == owner.get(i) and u != i else span[0])  # a view keeps its base
+        if starts:
+            needed[i] = (min(starts), max(stops))
+    return needed
+
+
 def _storage_owners(problem: Problem) -> dict[int, int]:
     """Forward node -> the node whose decision decides its storage (itself, or the base of a view)."""
     owner: dict[int, int] = {}
@@ -196,6 +237,7 @@ class Formulation:
     burst_rows: list[tuple[int, int]]  # (row, segment): segment total + burst transient <= budget - base
 
     def solve(self, budget: float, time_limit: float):
+        budget = budget / MEMORY_UNIT
         segments = len(self.segment_base)
         upper = self.upper.copy()
         columns = slice(self.segment_column, self.segment_column + segments)
@@ -285,9 +327,10 @@ def formulate(problem: Problem, spans: Intervals, *, tie_blocks: bool) -> Formul
     # the burst's transient (the largest such value, input + output) instead of for the whole step.
     events: list[tuple[int, int, float]] = []  # (step, column, +bytes at that step / -bytes after)
     bursts: dict[int, list[tuple[int, float]]] = {}
-    for i, w in spans.weight.items():
+    for i, nbytes in spans.weight.items():
         if i not in variable_of:
             continue
+        w = nbytes / MEMORY_UNIT
         v = variable_of[i]
         stop = spans.end[i] + 1
         if spans.saved_from[i] < stop:
@@ -305,7 +348,7 @@ def formulate(problem: Problem, spans: Intervals, *, tie_blocks: bool) -> Formul
     segment_of_step = np.searchsorted(np.array(cuts), np.arange(spans.steps), side="right") - 1
     segments = len(cuts) - 1
     segment_base = np.full(segments, -_INF)
-    np.maximum.at(segment_base, segment_of_step, spans.base)
+    np.maximum.at(segment_base, segment_of_step, spans.base / MEMORY_UNIT)
     by_segment: dict[int, list[tuple[int, float]]] = {}
     for step, col, w in events:
         if step >= spans.steps:
@@ -341,7 +384,7 @@ def formulate(problem: Problem, spans: Intervals, *, tie_blocks: bool) -> Formul
         if i in variable_of:
             saved_bytes[variable_of[i]] += w
     extra = segments + len(burst_steps)
-    c = np.concatenate([tie_break * saved_bytes, seconds, np.zeros(extra)])
+    c = np.concatenate([tie_break * saved_bytes, seconds, np.zeros(extra)]) / TIME_UNIT
     integrality = np.concatenate([np.ones(2 * n), np.zeros(extra)])
     lower = np.concatenate([lower, np.full(segments, -_INF), np.zeros(len(burst_steps))])
     upper = np.concatenate([upper, np.full(extra, _INF)])
@@ -358,7 +401,7 @@ def decode(problem: Problem, formulation: Formulation, x: np.ndarray) -> set[int
 
 @register("ilp", uses_budget=True)
 def ilp(graph: TrainingGraph, estimate=None, budget: int | None = None, *, time_limit: float = 6.0,
-        tie_blocks: bool | None = None, max_rounds: int = 6, polish: int = 16, repair: int = 4,
+        tie_blocks: bool | None = None, max_rounds: int = 10, polish: int = 16, repair: int = 4,
         relax: float = 0.03, **_: Any) -> Plan:
     """Minimum predicted recompute time under the predicted-peak budget (MILP, scipy/HiGHS)."""
     started = time.perf_counter()
@@ -375,16 +418,17 @@ def ilp(graph: TrainingGraph, estimate=None, budget: int | None = None, *, time_
 
     lean = checkpoint_saved(problem)[0]
     # First intervals, while time allows: those of layer checkpointing, unfilled (only what checkpointing
-    # recomputes is a decision: a small MILP) and filled (every value a decision: deeper recomputation, a
-    # looser model), then those of the fastest plan, filled and not. Which admits the cheapest plan depends
-    # on the budget. Later rounds recompute the intervals from the best plan found so far (else from the
-    # last one), filled as in the round that found it.
-    pending: list[tuple[set[int], bool]] = [(lean, False), (lean, True), (set(problem.save_all), True),
-                                            (set(problem.save_all), False)]
-    best_fill = True
+    # recomputes is a decision: a small MILP) and filled (every value a decision: deeper recomputation), then
+    # those of the fastest plan, filled and not. Which admits the cheapest plan depends on the budget. Later
+    # rounds recompute the intervals from the best plan found so far (else from the last one), filled as in
+    # the round that found it.
+    pending: list[tuple[set[int], str | None]] = [
+        (lean, None), (lean, "needed-users"), (lean, "all-users"),
+        (set(problem.save_all), "needed-users"), (set(problem.save_all), "all-users"), (set(problem.save_all), None)]
+    best_fill: str | None = "needed-users"
     target, best, rounds, gap, status, formulation = float(budget), None, 0, None, "not solved", None
     milp_seconds = 0.0
-    used: set[frozenset[int]] = set()
+    used: set[tuple[frozenset[int], str | None]] = set()  # (reference, fill) of the rounds so far
     reference, fill = pending.pop(0)
     deadline = started + time_limit
     # the last POLISH_SHARE of the time is the polish's: the rounds' best plan is often a little under the
@@ -396,18 +440,20 @@ def ilp(graph: TrainingGraph, estimate=None, budget: int | None = None, *, time_
         round_started = time.perf_counter()
         if rounds_deadline - round_started <= (min(round_seconds, 1.0) if best is not None else 0.0):
             break  # too little time for another round (its MILP gets most of what is left)
-        used.add(frozenset(reference))
+        used.add((frozenset(reference), fill))
         formulation = formulate(problem, intervals(problem, reference, fill=fill), tie_blocks=tie_blocks)
-        # a round may use most of the time left (HiGHS stops early once optimal, leaving the rest to later rounds)
-        share = 0.8
+        # a round may use most of the time left, up to ROUND_SECONDS (HiGHS stops early once optimal)
         solve_started = time.perf_counter()
-        result = formulation.solve(target, max((rounds_deadline - solve_started) * share, 0.3))
+        result = formulation.solve(target, min(max((rounds_deadline - solve_started) * 0.8, 0.3), ROUND_SECONDS))
         milp_seconds += time.perf_counter() - solve_started
         if result is None or result.x is None:
             status = "infeasible" if result is None or result.status == 2 else str(result.message)
             trace.append((rounds, int(target), None, None, round(time.perf_counter() - round_started, 2)))
             if pending:
                 reference, fill = pending.pop(0)  # the intervals of another plan may admit this budget
+                continue
+            if best is not None and (frozenset(best[0]), best_fill) not in used:
+                reference, fill = best[0], best_fill  # re-linearize around the best plan
                 continue
             if best is None and target <= budget:
                 target = budget * (1 + relax)  # the interval model overcounts: solve looser, then repair
@@ -437,13 +483,14 @@ def ilp(graph: TrainingGraph, estimate=None, budget: int | None = None, *, time_
             continue
         # next intervals: those of the best plan, else of this one (a plan's own users saved)
         options = ([best[0]] if best is not None else []) + [saved]
-        following = next((o for o in options if frozenset(o) not in used), None)
+        next_fill = best_fill if best is not None else fill
+        following = next((o for o in options if (frozenset(o), next_fill) not in used), None)
         if following is None:
             if peak <= budget:
                 break
             target -= peak - budget  # the interval model undercounts this plan: tighten and solve again
             following = saved
-        reference, fill = following, best_fill if best is not None else fill
+        reference, fill = following, next_fill
     if best is not None:  # polish: the interval model is conservative; re-save what still fits
         from memgraph.cost_model.solvers.greedy import fill_up
 

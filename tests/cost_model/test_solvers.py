@@ -3,6 +3,9 @@ partitioned graphs really run (dispatch-mode tracker), gradients do not change, 
 greedy or torch's budget, and the error for an impossible budget says what dominates."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -216,3 +219,73 @@ def test_pin_reasons():
     assert pin_reason(sdpa) is None  # dropout_p=0: deterministic
     assert pin_reason(copy) is not None
     assert pin_reason(mm) is None
+
+
+@pytest.fixture(scope="module")
+def large_step():
+    """A 3-layer Llama on the meta device at GiB-sized activations (seq 8192, hidden 1024): the sizes an 8B graph
+    puts into the MILP, without allocating them."""
+    torch._dynamo.reset()
+    with torch.device("meta"):
+        model = models.build("llama", dtype=torch.bfloat16, lora=True, num_hidden_layers=LAYERS, use_cache=False,
+                             hidden_size=1024, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=2,
+                             head_dim=128)
+    ids = torch.zeros((1, 8192), dtype=torch.long, device="meta")
+    (captured,) = capture_step(model, solvers=("none",), input_ids=ids, labels=ids)
+    return captured
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6])
+def test_tied_ilp_at_gib_sizes_is_never_slower_than_torch_budget(large_step, monkeypatch, fraction):
+    """As above at GiB-sized values. (Regression: with bytes and seconds as the MILP's units, HiGHS' absolute
+    tolerances made it answer "optimal" with plans 5% slower than torch's on the 8B graph.)"""
+    from memgraph.cost_model.solvers import ilp as ilp_module
+    from memgraph.cost_model.solvers.torch_budget import torch_saved
+
+    monkeypatch.setattr(ilp_module, "TIE_BLOCKS_ABOVE", 0)
+    problem = Problem.of(large_step.graph, large_step.costs)
+    torch_plan = torch_saved(problem, fraction)
+    budget = problem.peak(torch_plan)
+    assert 2**30 < budget < problem.peak(problem.save_all)
+    plan = solvers.get("ilp").function(large_step.graph, large_step.costs, budget)
+    assert plan.details["tied_blocks"] and plan.peak_bytes <= budget
+    assert not plan.details["source"].startswith("torch-budget")
+    assert plan.recompute_seconds <= problem.recompute_seconds(torch_plan) * (1 + 1e-9), plan.details
+
+
+def test_milp_units_keep_coefficients_near_one(large_step):
+    """HiGHS' tolerances are absolute: the MILP's memory coefficients are MiB and its costs milliseconds."""
+    from memgraph.cost_model.solvers.ilp import formulate, intervals
+
+    problem = Problem.of(large_step.graph, large_step.costs)
+    formulation = formulate(problem, intervals(problem, problem.save_all), tie_blocks=True)
+    coefficients = np.abs(np.asarray(formulation.vals))
+    assert coefficients.max() < 1e5  # a GiB value is 1024 MiB
+    costs = np.abs(formulation.c[formulation.c != 0])
+    assert costs.max() > 1e-3  # the costliest recomputation is at least a microsecond
+    with pytest.raises(ValueError, match="needed-users"):
+        intervals(problem, problem.save_all, fill="everything")
+
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.mark.parametrize("recipe", ["lora", "qlora"])
+def test_ilp_is_never_slower_than_torch_budget_on_the_8b_graph(recipe):
+    """The Llama-3-8B step (seq 2048, LoRA r=16; QLoRA with memgraph's NF4 ops) as captured on the H200 for
+    benchmarks/results/planner_sweep.json: at the peak torch's knapsack reaches (activation_memory_budget=0.6),
+    the ILP recomputes no more than torch. (Regression: with the MILP in bytes and seconds HiGHS answered
+    "optimal" 5% slower, 9.10 ms against torch's 8.75 ms, and the sweep measured ilp 0.4% slower there.)"""
+    from memgraph.cost_model import estimate_training_graph
+    from memgraph.cost_model.solvers.torch_budget import torch_saved
+    from memgraph.graph_io import load_graph
+
+    graph = load_graph(DATA / f"llama3_8b_{recipe}_seq2048.json.gz")
+    costs = estimate_training_graph(graph)
+    problem = Problem.of(graph, costs)
+    torch_plan = torch_saved(problem, 0.6)
+    budget = problem.peak(torch_plan)
+    assert budget < problem.peak(problem.save_all)
+    plan = solvers.get("ilp").function(graph, costs, budget)
+    assert plan.details["tied_blocks"] and plan.peak_bytes <= budget
+    assert plan.recompute_seconds <= problem.recompute_seconds(torch_plan) * (1 + 1e-9), plan.details
