@@ -21,12 +21,12 @@ recomputes is "filled", so that every value is a decision (a chain of recomputat
 in one solve): it gets the intervals of recomputing its users where this model needs them
 (``"needed-users"``, the closer model) or of recomputing all its users (``"all-users"``, earlier starts).
 Unfilled rounds, where only values one step deeper than the reference's recomputation are decisions, are
-tried too: a tighter model near it. The chosen set is then simulated by the cost model;
-if the simulated peak overshoots (the model above is an interval approximation of the cost model's sweep),
+tried too: a tighter model near it. The chosen set is then simulated by the cost model; if the simulated
+peak overshoots (the model above is an interval approximation of the cost model's sweep),
 the next round uses that plan's own intervals (or, once plans repeat, the internal budget is lowered by the
-overshoot) and the MILP is solved again. Memory is in MiB and time in milliseconds in the MILP: HiGHS' tolerances are
-absolute, and in bytes and seconds its "optimal" answers missed better plans on an 8B graph. Large graphs (many repeated decoder layers) tie the variables of
-corresponding ops in each repeated block (``tie_blocks``): one policy per layer position, which keeps an 8B
+overshoot) and the MILP is solved again. The MILP counts memory in MiB and time in milliseconds: HiGHS'
+tolerances are absolute, and in bytes and seconds its "optimal" answers missed better plans on an 8B graph.
+Large graphs (many repeated decoder layers) tie the variables of corresponding ops in each repeated block (``tie_blocks``): one policy per layer position, which keeps an 8B
 graph to about two thousand binaries. ``plan.optimality_gap`` is HiGHS' relative MIP gap of the last solve.
 """
 from __future__ import annotations
@@ -98,9 +98,9 @@ def intervals(problem: Problem, reference: set[int] | frozenset[int], *, fill: s
     # that ``reference`` recomputes.
     everywhere = _needs(problem, position, owner, frozenset())
     first, end, _ = _needs(problem, position, owner, frozenset(reference))
-    # Values the reference never recomputes get the intervals of a plan that recomputes all their users:
-    # every value stays a decision, so one solve can recompute a chain of any depth (with the reference's
-    # intervals alone, each round could only reach one value deeper than the last plan).
+    # Values the reference never recomputes are filled: every value stays a decision, so one solve can
+    # recompute a chain of any depth (with the reference's intervals alone, each round could only reach one
+    # value deeper than the last plan).
     needed = _needs_of_users(problem, position, owner, first, end) if fill == "needed-users" else {}
     for i, f in everywhere[0].items() if fill else ():
         if i in first:
@@ -325,7 +325,7 @@ def formulate(problem: Problem, spans: Intervals, *, tie_blocks: bool) -> Formul
     # memory: segments between interval ends, one cumulative variable each. A value recomputed and consumed
     # within one step (an intermediate of a recompute burst) lives only while its consumer runs: it counts as
     # the burst's transient (the largest such value, input + output) instead of for the whole step.
-    events: list[tuple[int, int, float]] = []  # (step, column, +bytes at that step / -bytes after)
+    events: list[tuple[int, int, float]] = []  # (step, column, +MiB at that step / -MiB after)
     bursts: dict[int, list[tuple[int, float]]] = {}
     for i, nbytes in spans.weight.items():
         if i not in variable_of:
