@@ -26,8 +26,9 @@ peak overshoots (the model above is an interval approximation of the cost model'
 the next round uses that plan's own intervals (or, once plans repeat, the internal budget is lowered by the
 overshoot) and the MILP is solved again. The MILP counts memory in MiB and time in milliseconds: HiGHS'
 tolerances are absolute, and in bytes and seconds its "optimal" answers missed better plans on an 8B graph.
-Large graphs (many repeated decoder layers) tie the variables of corresponding ops in each repeated block (``tie_blocks``): one policy per layer position, which keeps an 8B
-graph to about two thousand binaries. ``plan.optimality_gap`` is HiGHS' relative MIP gap of the last solve.
+Large graphs (many repeated decoder layers) tie the variables of corresponding ops in each repeated block
+(``tie_blocks``): one policy per layer position, which keeps an 8B graph to about two thousand binaries.
+``plan.optimality_gap`` is HiGHS' relative MIP gap of the last solve.
 """
 from __future__ import annotations
 
