@@ -260,9 +260,13 @@ def _save_graphs(graphs: Sequence[TrainingGraph], path: str) -> None:
     """One file per graph: ``path`` itself for one graph, ``NAME-i.json.gz`` beside it for several."""
     from memgraph.graph_io import save_graph
 
-    root, _, suffix = str(path).partition(".")
+    from pathlib import Path
+
+    path = Path(path)
+    suffixes = "".join(path.suffixes)  # ".json.gz"
+    stem = path.name[:len(path.name) - len(suffixes)]
     for i, graph in enumerate(graphs):
-        target = path if len(graphs) == 1 else f"{root}-{i}.{suffix or 'json.gz'}"
+        target = path if len(graphs) == 1 else path.with_name(f"{stem}-{i}{suffixes or '.json.gz'}")
         print(f"saved the training graph to {save_graph(graph, target)}")
 
 
@@ -409,6 +413,8 @@ def compare_command(args: argparse.Namespace) -> int:
     budgets = [b.strip() for b in args.budgets.split(",")] if args.budgets else None
     solvers = [s.strip() for s in args.solvers.split(",")]
     if args.graph:
+        if args.measure == "yes":
+            raise ValueError("--measure yes needs --model: a saved graph (--graph) can only be planned")
         compare(args.graph, budgets=budgets, solvers=solvers, measure=False, json_path=args.json,
                 png_path=args.png, title=os.path.basename(args.graph))
         return 0

@@ -72,3 +72,13 @@ def test_compare_plans_a_saved_graph_without_the_model(captured, tmp_path):
     assert not any("step_s" in r for r in rows)
     with pytest.raises(ValueError, match="needs the model"):
         compare(str(path), solvers=["ilp"], measure=True, progress=False, print_table=False)
+
+
+def test_several_graphs_are_saved_beside_the_given_path(captured, tmp_path):
+    from memgraph.compare import _save_graphs
+
+    (tmp_path / "run.d").mkdir()
+    _save_graphs([captured.graph, captured.graph], str(tmp_path / "run.d" / "step.json.gz"))
+    assert sorted(p.name for p in (tmp_path / "run.d").iterdir()) == ["step-0.json.gz", "step-1.json.gz"]
+    assert len(load_graph(tmp_path / "run.d" / "step-1.json.gz").joint.graph.nodes) == len(
+        captured.graph.joint.graph.nodes)
