@@ -25,20 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exclusive_gpu_timing, print_table, write_results  # noqa: E402
-from bench_planner import build, prepare_plan  # noqa: E402
+from bench_planner import capture_recipe, prepare_plan, step_function  # noqa: E402
 
 
 def step_graph(captured, graphs):
-    """The plan's step captured as one CUDA graph (after a warm-up step), and its measured peak."""
-    from memgraph.cost_model.tracker import run_step
-
-    fw, bw = graphs
-
-    def one_step():
-        result = run_step(fw, bw, captured.primals, captured.graph.num_fwd_outputs,
-                          sample=lambda _: torch.cuda.memory_allocated(), node_by_node=False)
-        del result
-
+    """The plan's step captured as one CUDA graph (after a warm-up step)."""
+    one_step = step_function(captured, graphs, "cuda")
     one_step()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # the warm-up's cached blocks: the graph's private pool needs the room
@@ -65,15 +57,9 @@ def interleaved_times(graphs: dict[str, Any], rounds: int) -> dict[str, list[flo
 
 
 def compare_recipe(recipe: str, plans: dict[str, list[str]], rounds: int, rows: list[dict[str, Any]]) -> None:
-    from memgraph.cost_model.capture import capture_step
     from memgraph.plan import Plan
 
-    model = build(recipe, "llama3-8b", "cuda")
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, 2048), generator=generator).to("cuda")
-    rewrites = ("nf4",) if recipe == "qlora" else ()
-    (captured,) = capture_step(model, solvers=("none",), rewrites=rewrites, input_ids=ids, labels=ids)
-    model.zero_grad(set_to_none=True)
+    model, ids, captured = capture_recipe(recipe, "llama3-8b", "cuda", 1, 2048)
     graphs = {}
     for label, saved in plans.items():
         plan = Plan(solver=label, saved=list(saved), recomputed=[])

@@ -59,6 +59,41 @@ def build(recipe: str, model_name: str, device: str):
     return models.add_lora(model, rank=16).train()
 
 
+def capture_recipe(recipe: str, model_name: str, device: str, batch: int, seq: int):
+    """The recipe's model, its input ids and its captured step (Dynamo + AOTAutograd, one forward + backward);
+    the same graph, node names included, as ``tests/data``'s saved 8B graphs."""
+    from memgraph.cost_model.capture import capture_step
+
+    model = build(recipe, model_name, device)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator).to(device)
+    rewrites = ("nf4",) if recipe == "qlora" else ()
+    (captured,) = capture_step(model, solvers=("none",), rewrites=rewrites, input_ids=ids, labels=ids)
+    model.zero_grad(set_to_none=True)
+    return model, ids, captured
+
+
+def step_function(captured, graphs, device: str):
+    """One step of the plan's partitioned graphs, returning its peak (sampled on CUDA, tracked on the CPU)."""
+    from memgraph.cost_model.tracker import MemoryTracker, run_step
+
+    fw, bw = graphs
+    graph = captured.graph
+
+    def one_step() -> int:
+        if device == "cuda":
+            result = run_step(fw, bw, captured.primals, graph.num_fwd_outputs,
+                              sample=lambda _: torch.cuda.memory_allocated(), node_by_node=False)
+        else:
+            result = run_step(fw, bw, captured.primals, graph.num_fwd_outputs, tracker=MemoryTracker(),
+                              node_by_node=False)
+        peak = result.peak_bytes
+        del result
+        return peak
+
+    return one_step
+
+
 def prepare_plan(captured, plan):
     """The plan's partitioned forward and backward graphs (kept for every measurement pass)."""
     from memgraph.passes.partition import partition
@@ -71,22 +106,7 @@ def measure_plan(captured, graphs, tokens: int, device: str, steps: int, cuda_gr
     warm-up step and their times; with ``cuda_graph``, also the GPU time of the step captured as one CUDA graph
     (``gpu_times``): the eager codegen's Python issues ~20k kernel launches per 8B step, so its wall time is
     mostly host time, which varies with the machine's load and hides the plans' differences."""
-    from memgraph.cost_model.tracker import MemoryTracker, run_step
-
-    fw, bw = graphs
-    graph = captured.graph
-
-    def one_step():
-        if device == "cuda":
-            result = run_step(fw, bw, captured.primals, graph.num_fwd_outputs,
-                              sample=lambda _: torch.cuda.memory_allocated(), node_by_node=False)
-        else:
-            result = run_step(fw, bw, captured.primals, graph.num_fwd_outputs, tracker=MemoryTracker(),
-                              node_by_node=False)
-        peak = result.peak_bytes
-        del result
-        return peak
-
+    one_step = step_function(captured, graphs, device)
     one_step()  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
@@ -166,19 +186,13 @@ def sweep(recipe: str, args, rows: list[dict[str, Any]], on_row=None) -> None:
     """Capture (GPU, under the timing lock), plan every (budget, solver) point (CPU), then measure every plan
     (GPU, under the lock): two recipes can run in parallel on one GPU without their GPU phases overlapping."""
     from memgraph.compare import auto_budgets
-    from memgraph.cost_model.capture import capture_step
     from memgraph.cost_model.solvers import common
 
     device = args.device
+    started = time.perf_counter()
     with untimed_gpu_work():
-        model = build(recipe, args.model, device)
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
-        started = time.perf_counter()
-        rewrites = ("nf4",) if recipe == "qlora" else ()
-        (captured,) = capture_step(model, solvers=("none",), rewrites=rewrites, input_ids=ids, labels=ids)
-        model.zero_grad(set_to_none=True)
-    print(f"[{recipe}] captured the step in {time.perf_counter() - started:.1f} s "
+        model, ids, captured = capture_recipe(recipe, args.model, device, args.batch, args.seq)
+    print(f"[{recipe}] built the model and captured the step in {time.perf_counter() - started:.1f} s "
           f"({len(captured.graph.joint.graph.nodes)} joint nodes)", flush=True)
     budgets = auto_budgets([captured.graph], args.budgets, [captured.costs])
     print(f"[{recipe}] budgets (GiB): {[round(b / GIB, 2) for b in budgets]}", flush=True)

@@ -101,7 +101,7 @@ def fake_mode_of(values: Sequence[Any]):
 
 
 def new_fake_mode():
-    """A fresh FakeTensorMode (for graphs rebuilt from a file, which have none)."""
+    """A fresh FakeTensorMode that accepts real tensors among its inputs (for graphs without one)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
@@ -150,10 +150,9 @@ def storage_key(tensor: torch.Tensor) -> int | None:
 
 def fake_tensor_prop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Fill ``node.meta["val"]`` of a plain GraphModule by running it on fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    mode = fake_mode_of(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
+    mode = fake_mode_of(example_inputs) or new_fake_mode()
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*[
         mode.from_tensor(x) if isinstance(x, torch.Tensor) and fake_mode_of([x]) is None else x
         for x in example_inputs])

@@ -5,8 +5,9 @@
 
 The training graph is captured once (Dynamo + AOTAutograd, with memgraph's rewrites) and every solver plans
 the same joint graph with the same cost model. A graph saved with ``memgraph.save_graph`` (or
-``--save-graph``, e.g. on the GPU that ran the model) is compared without the model: ``--graph FILE``. Planning needs no real weights: the reference models are built
-on the ``meta`` device (shapes and dtypes only), so an 8B model plans on a laptop. On a GPU with a real model,
+``--save-graph``, e.g. on the GPU that ran the model) is compared without the model: ``--graph FILE``.
+Planning needs no real weights: the reference models are built on the ``meta`` device (shapes and dtypes
+only), so an 8B model plans on a laptop. On a GPU with a real model,
 each feasible plan is also compiled and run: measured peak (``torch.cuda.max_memory_allocated`` after a
 warm-up step) and step time.
 """
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -260,8 +262,6 @@ def _save_graphs(graphs: Sequence[TrainingGraph], path: str) -> None:
     """One file per graph: ``path`` itself for one graph, ``NAME-i.json.gz`` beside it for several."""
     from memgraph.graph_io import save_graph
 
-    from pathlib import Path
-
     path = Path(path)
     suffixes = "".join(path.suffixes)  # ".json.gz"
     stem = path.name[:len(path.name) - len(suffixes)]
@@ -415,22 +415,19 @@ def compare_command(args: argparse.Namespace) -> int:
     if args.graph:
         if args.measure == "yes":
             raise ValueError("--measure yes needs --model: a saved graph (--graph) can only be planned")
-        compare(args.graph, budgets=budgets, solvers=solvers, measure=False, json_path=args.json,
-                png_path=args.png, title=os.path.basename(args.graph))
-        return 0
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else ("meta" if args.model in models.REFERENCE else "cpu")
-    dtype = args.dtype or ("bf16" if args.model in models.REFERENCE else "fp32")
-    model = build_model(args.model, device=device, dtype=dtype, lora=not args.no_lora)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
-    options = {"kv_bits": args.kv_bits}
-    compare(model, example_kwargs={"input_ids": ids, "labels": ids, "use_cache": False}, budgets=budgets,
-            solvers=solvers,
-            options=options, measure=None if args.measure == "auto" else args.measure == "yes",
-            json_path=args.json, png_path=args.png, title=f"{args.model}, seq {args.seq}, batch {args.batch}",
-            save_graph_path=args.save_graph)
+        subject, settings = args.graph, {"measure": False, "title": os.path.basename(args.graph)}
+    else:
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else ("meta" if args.model in models.REFERENCE else "cpu")
+        dtype = args.dtype or ("bf16" if args.model in models.REFERENCE else "fp32")
+        subject = build_model(args.model, device=device, dtype=dtype, lora=not args.no_lora)
+        ids = torch.randint(0, subject.config.vocab_size, (args.batch, args.seq), device=device)
+        settings = {"example_kwargs": {"input_ids": ids, "labels": ids, "use_cache": False},
+                    "options": {"kv_bits": args.kv_bits},
+                    "measure": None if args.measure == "auto" else args.measure == "yes",
+                    "title": f"{args.model}, seq {args.seq}, batch {args.batch}", "save_graph_path": args.save_graph}
+    compare(subject, budgets=budgets, solvers=solvers, json_path=args.json, png_path=args.png, **settings)
     if args.json:
         print(f"wrote {args.json}")
     if args.png:
