@@ -49,7 +49,7 @@ CHECK_HEAD_DIMS = (128, 256)
 DEVICE = "cuda"
 BF16_ATOL = 2e-3  # relative-error slack, as in tests/kernels/test_attention.py
 KV4_GATES = (0.20, 0.98)  # max relative error, min cosine of dQ/dK/dV (DESIGN.md, Gaussian inputs)
-KV_DEQUANT_MODES = ("prepass", "in_kernel")  # memgraph.kernels.attention.KV_DEQUANT_MODES, timed side by side
+KV_DEQUANT_MODES = ("prepass", "in_kernel")  # memgraph.kernels.attention.launch.KV_DEQUANT_MODES, timed side by side
 
 
 def _inputs(seq, head_dim, seed=0, dtype=torch.bfloat16):
@@ -68,7 +68,7 @@ def _ours(kv_bits, **kwargs):
 @contextlib.contextmanager
 def _kv_dequant(mode):
     """Run the kv_bits < 16 backward with KV_DEQUANT=mode (None: the module default)."""
-    from memgraph.kernels import attention as module
+    from memgraph.kernels.attention import launch as module
 
     saved = module.KV_DEQUANT
     module.KV_DEQUANT = mode or saved
@@ -110,7 +110,7 @@ def _cos(a, b):
 def check_correctness() -> list[str]:
     """Small-shape checks against a float32 reference; returns the failures (empty = all good). Runs with
     autotuning off (each kernel's first config) so that it compiles one config per kernel variant."""
-    from memgraph.kernels import attention as module
+    from memgraph.kernels.attention import launch as module
 
     module.AUTOTUNE = False
     try:
@@ -300,7 +300,7 @@ class TuneJob(NamedTuple):
 
 
 def _tune_jobs(cases, max_configs=None) -> list[TuneJob]:
-    from memgraph.kernels.attention import _config_list
+    from memgraph.kernels.attention.launch import _config_list
 
     group = HEADS // KV_HEADS
     jobs = []
@@ -326,7 +326,7 @@ def _error_text(error: BaseException) -> str:
 
 
 def _runner(job: TuneJob, inputs, exact_inputs=True):
-    from memgraph.kernels.attention import kernel_runner
+    from memgraph.kernels.attention.launch import kernel_runner
 
     return kernel_runner(job.kind, *inputs, kv_bits=job.kv_bits, kv_dequant=job.kv_dequant, dkdv_split=job.split,
                          exact_inputs=exact_inputs)
@@ -540,7 +540,7 @@ def main(argv=None) -> int:
     if args.tune:
         return tune(args.tune_budget, args.tune_workers, args.smoke)
     if args.no_autotune:
-        from memgraph.kernels import attention as module
+        from memgraph.kernels.attention import launch as module
 
         module.AUTOTUNE = False
     start = time.perf_counter()

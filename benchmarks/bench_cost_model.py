@@ -217,14 +217,14 @@ def overlay(variant: str, seq: int, solver: str, args, out_dir: Path) -> dict[st
     import torch._dynamo
 
     from memgraph import cost_model
-    from memgraph.cost_model.capture import capture_step
+    from memgraph.capture import capture
     from memgraph.cost_model.plot import align_measured
     from memgraph.cost_model.tracker import MemoryTracker, run_step
 
     torch._dynamo.reset()
     model = build_model(variant, args.overlay_layers, args.device, args.tiny)
     ids = torch.randint(0, model.config.vocab_size, (1, seq), device=args.device)
-    captured = capture_step(model, solvers=(solver,), input_ids=ids, labels=ids)
+    captured = capture(model, options={"rewrites": False}, solvers=(solver,), input_ids=ids, labels=ids)
     part = captured[-1].partitions[solver]
     predicted = cost_model.estimate_partitioned(part.graph, part.fw, part.bw)
     model.zero_grad(set_to_none=True)

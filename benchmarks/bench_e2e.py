@@ -2,16 +2,23 @@
 
 A recipe is ``WEIGHTS/COMPILER[?option=value&...]``:
   WEIGHTS  bf16 (LoRA on bf16 weights) | bnb (QLoRA: bitsandbytes NF4 Linear4bit) | nf4 (memgraph.quantize_)
-  COMPILER eager | inductor (torch.compile default) | memgraph (options after '?', e.g. solver=mincut&kv_bits=4)
-Each recipe runs in its own process with its own empty compile cache, so none inherits another's warm caches
-or allocator state. Measures compile time (first step minus a steady step), median step time of timed steps
-after a warm-up step, and peak memory (max_memory_allocated after reset following the warm-up step).
+  COMPILER eager | inductor (torch.compile default) | memgraph (options after '?', e.g. solver=mincut&kv_bits=4;
+           a list option joins its items with '+': rewrites=attention+nf4) | eager-gc (HF gradient
+           checkpointing) | liger-gc (HF gradient checkpointing + Liger-Kernel's kernels, its fused linear
+           cross-entropy included) | inductor (torch.compile; options activation_memory_budget=0.3)
+Each recipe runs in its own process with its own empty compile cache (``--cache-dir`` shares one instead: a
+second run of the same recipe then measures a warm compile), so none inherits another's warm caches or allocator
+state. ``--parallel N`` runs N recipes at once: their untimed phases (model build, compile, first step) overlap,
+their timed steps take a machine-wide lock in turn. Measures compile time (first step minus a steady step),
+median step time of timed steps after a warm-up step, and peak memory (max_memory_allocated after reset
+following the warm-up step).
 
     python benchmarks/bench_e2e.py --name pipeline_overhead --recipes bf16/inductor,bf16/memgraph?solver=mincut
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
 import json
 import os
@@ -28,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exclusive_gpu_timing, print_table, write_results  # noqa: E402
 
 WEIGHTS = ("bf16", "bnb", "nf4")
-COMPILERS = ("eager", "inductor", "memgraph")
+COMPILERS = ("eager", "inductor", "memgraph", "eager-gc", "liger-gc")
 
 
 def parse_recipe(recipe: str) -> tuple[str, str, dict]:
@@ -40,15 +47,34 @@ def parse_recipe(recipe: str) -> tuple[str, str, dict]:
     options = {}
     for pair in filter(None, query.split("&")):
         key, _, value = pair.partition("=")
-        options[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
+        options[key] = _option_value(value)
     return weights, compiler, options
 
 
-def build_model(name: str, weights: str, layers: int | None):
+def _option_value(text: str):
+    if "+" in text:
+        return [_option_value(item) for item in text.split("+")]
+    if text.isdigit():
+        return int(text)
+    try:
+        return {"true": True, "false": False}[text]
+    except KeyError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def build_model(name: str, weights: str, layers: int | None, compiler: str = "eager"):
     from memgraph import models
 
     overrides = {"num_hidden_layers": layers} if layers else {}
-    model = models.build(name, dtype=torch.bfloat16, device="cuda", **overrides)
+    model = models.build(name, dtype=torch.bfloat16, device="cuda", use_cache=False, **overrides)
+    if compiler == "liger-gc":  # Liger patches the instance's modules and forward (before LoRA wraps them)
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
     model.requires_grad_(False)
     if weights == "bnb":
         models.to_bnb_4bit(model)
@@ -65,14 +91,21 @@ def compile_model(model, compiler: str, options: dict):
     torch._dynamo.reset()
     if compiler == "eager":
         return model
+    if compiler in ("eager-gc", "liger-gc"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # PEFT's recipe: the frozen embedding's output needs grad for GC
+        return model
     if compiler == "inductor":
+        budget = options.pop("activation_memory_budget", None)
+        if budget is not None:
+            torch._functorch.config.activation_memory_budget = float(budget)
         return torch.compile(model)
     return torch.compile(model, backend="memgraph", options=options)
 
 
 def run_recipe(args, recipe: str) -> dict:
     weights, compiler, options = parse_recipe(recipe)
-    model = build_model(args.model, weights, args.layers)
+    model = build_model(args.model, weights, args.layers, compiler)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     step_model = compile_model(model, compiler, options)
@@ -112,7 +145,8 @@ def run_recipe(args, recipe: str) -> dict:
         if records:
             row.update(graphs=len(records), solve_s=sum(r.plan.solve_seconds or 0 for r in records),
                        rewrites=sorted({name for r in records for name in r.rewrites}),
-                       fallbacks=sum(r.fallback is not None for r in records))
+                       fallbacks=sum(r.fallback is not None for r in records),
+                       cache=[r.cache for r in records], notes=[n for r in records for n in r.notes])
             peaks = [r.plan.peak_bytes for r in records]
             if None not in peaks:
                 row["predicted_peak_gib"] = max(peaks) / 2**30
@@ -140,6 +174,10 @@ def main() -> None:
     parser.add_argument("--name", default="pipeline_overhead", help="results file name")
     parser.add_argument("--baseline", default=None, help="recipe the ratios are taken against")
     parser.add_argument("--recipe-timeout", type=float, default=None, help="seconds per recipe")
+    parser.add_argument("--parallel", type=int, default=1, help="recipes run at once (timed steps take turns)")
+    parser.add_argument("--cache-dir", default=None, help="one compile cache for every recipe (default: a fresh "
+                                                          "empty one per recipe)")
+    parser.add_argument("--extra", default=None, help="JSON of fields added to every row")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,27 +189,47 @@ def main() -> None:
     recipes = args.recipes.split(",")
     for recipe in recipes:
         parse_recipe(recipe)  # fail before any GPU work on a typo
-    rows = []
-    for recipe in recipes:
-        # A fresh, empty compile cache per recipe: every recipe compiles cold (fair compile times) while
-        # identical kernels within one compile are still shared, as in a user's first run.
-        cache = tempfile.mkdtemp(prefix="memgraph-bench-cache-")
-        environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
-        with tempfile.NamedTemporaryFile(suffix=".json") as row_file:
-            command = [sys.executable, __file__, "--only", recipe, "--row-out", row_file.name, "--model", args.model,
-                       "--seq", str(args.seq), "--steps", str(args.steps)]
-            if args.layers:
-                command += ["--layers", str(args.layers)]
-            try:
-                result = subprocess.run(command, env=environment, timeout=args.recipe_timeout)
-                error = None if result.returncode == 0 else f"exit code {result.returncode}"
-            except subprocess.TimeoutExpired:
-                error = f"timed out after {args.recipe_timeout} s"
-            rows.append({"recipe": recipe, "seq": args.seq, "error": error} if error
-                        else json.loads(Path(row_file.name).read_text()))
-        print_table(rows[-1:])
-        _write(args, rows, recipes)  # after every recipe: a later time-out keeps what was measured
-    print_table(rows)
+    extra = json.loads(args.extra) if args.extra else {}
+    rows: list[dict | None] = [None] * len(recipes)
+
+    def finished(index: int, row: dict) -> None:
+        rows[index] = {**row, **extra}
+        print_table([rows[index]])
+        done = [r for r in rows if r is not None]
+        _write(args, done, recipes)  # after every recipe: a later time-out keeps what was measured
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:
+        futures = {pool.submit(run_in_process, args, recipe): i for i, recipe in enumerate(recipes)}
+        for future in concurrent.futures.as_completed(futures):
+            finished(futures[future], future.result())
+    print_table([r for r in rows if r is not None])
+
+
+def run_in_process(args, recipe: str) -> dict:
+    """One recipe in a fresh process: its row, or its error (exit code and the last lines it printed)."""
+    # A fresh, empty compile cache per recipe unless one is shared: every recipe compiles cold (fair compile
+    # times) while identical kernels within one compile are still shared, as in a user's first run.
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="memgraph-bench-cache-")
+    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+    with tempfile.NamedTemporaryFile(suffix=".json") as row_file, tempfile.TemporaryFile("w+") as log:
+        command = [sys.executable, __file__, "--only", recipe, "--row-out", row_file.name, "--model", args.model,
+                   "--seq", str(args.seq), "--steps", str(args.steps)]
+        if args.layers:
+            command += ["--layers", str(args.layers)]
+        try:
+            result = subprocess.run(command, env=environment, timeout=args.recipe_timeout, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            error = None if result.returncode == 0 else f"exit code {result.returncode}"
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {args.recipe_timeout} s"
+        log.seek(0)
+        output = log.read()
+        if error is None:
+            return json.loads(Path(row_file.name).read_text())
+        lines = [line for line in output.splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "Error" in line or "error" in line), "")
+        print(f"[{recipe}] failed: {error}\n" + "\n".join(lines[-15:]), flush=True)
+        return {"recipe": recipe, "seq": args.seq, "error": f"{error}: {reason[-300:]}".strip(": ")}
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exclusive_gpu_timing, print_table, write_results  # noqa: E402
 
 from memgraph.kernels import nf4  # noqa: E402
+from memgraph.kernels._dispatch import use_triton  # noqa: E402
 from memgraph.kernels.nf4 import NF4Weight, nf4_dequantize_reference, nf4_linear_workspace_bytes  # noqa: E402
 
 # Llama-3-8B projections as (in_features K, out_features N): q/o, k/v, gate/up, down.
@@ -291,7 +292,7 @@ def bench_dequantize(shapes, device: str, rep_ms: int) -> list[dict]:
 def bench_strategies(shapes, tokens, device: str, rep_ms: int) -> list[dict]:
     import bitsandbytes.functional as BF
 
-    picked = "triton_dequant+cublas" if nf4._use_triton(torch.device(device)) else "torch_dequant+cublas"
+    picked = "triton_dequant+cublas" if use_triton(torch.empty(0, device=device), nf4.log) else "torch_dequant+cublas"
     rows = []
     for k, n in shapes:
         generator = torch.Generator(device=device).manual_seed(k * 7 + n)
@@ -309,7 +310,7 @@ def bench_strategies(shapes, tokens, device: str, rep_ms: int) -> list[dict]:
                 "bf16_weight": lambda: F.linear(x, w_bf16),
                 "nf4_linear_op": lambda: torch.ops.memgraph.nf4_linear(x, *storage),  # = the launcher's pick
             }
-            if nf4._use_triton(torch.device(device)):
+            if use_triton(torch.empty(0, device=device), nf4.log):
                 strategies["triton_dequant+cublas"] = lambda: F.linear(x, nf4._dequantize_triton(
                     *storage[:5], (n, k), ours.blocksize, ours.nested_blocksize, torch.bfloat16))
             times = {name: bench_ms(fn, device, rep_ms) for name, fn in strategies.items()}
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     correctness = check_correctness(shapes, device, failures)
     print_table(correctness)
-    strategy = "triton_dequant+cublas" if nf4._use_triton(torch.device(device)) else "torch_dequant+cublas"
+    strategy = "triton_dequant+cublas" if use_triton(torch.empty(0, device=device), nf4.log) else "torch_dequant+cublas"
     extra = {"launcher_strategy": strategy, "correctness": correctness, "correctness_failures": failures,
              "quick": args.quick}
 

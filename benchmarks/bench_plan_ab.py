@@ -63,9 +63,10 @@ def compare_recipe(recipe: str, plans: dict[str, list[str]], rounds: int, rows: 
     graphs = {}
     for label, saved in plans.items():
         plan = Plan(solver=label, saved=list(saved), recomputed=[])
-        predicted = captured.costs.simulate(saved)
+        indices = captured.costs.indices(saved)
+        predicted = captured.costs.simulate(indices)
         rows.append({"recipe": recipe, "plan": label, "predicted_peak_bytes": int(predicted.peak_bytes_hint),
-                     "predicted_recompute_s": captured.costs.recompute_seconds(saved)})
+                     "predicted_recompute_s": captured.costs.recompute_seconds(indices)})
         graphs[label] = step_graph(captured, prepare_plan(captured, plan))
     with exclusive_gpu_timing():
         times = interleaved_times(graphs, rounds)
@@ -89,8 +90,7 @@ def compare_recipe(recipe: str, plans: dict[str, list[str]], rounds: int, rows: 
 
 def make_plans(path: str, fraction: float = 0.6) -> None:
     """torch-budget's plan at ``fraction`` and the ILP's at its predicted peak, for the saved 8B graphs."""
-    from memgraph.cost_model import estimate_training_graph, solvers
-    from memgraph.cost_model.solvers.common import Problem
+    from memgraph.cost_model import graph_costs, solvers
     from memgraph.cost_model.solvers.torch_budget import torch_saved
     from memgraph.graph_io import load_graph
 
@@ -98,14 +98,13 @@ def make_plans(path: str, fraction: float = 0.6) -> None:
     plans = {}
     for recipe in ("lora", "qlora"):
         graph = load_graph(data / f"llama3_8b_{recipe}_seq2048.json.gz")
-        costs = estimate_training_graph(graph)
-        problem = Problem.of(graph, costs)
-        knapsack = torch_saved(problem, fraction)
-        ilp = solvers.get("ilp").function(graph, costs, problem.peak(knapsack))
-        plans[recipe] = {f"torch-budget@{fraction}": problem.names(sorted(knapsack)),
+        costs = graph_costs(graph)
+        knapsack = torch_saved(costs, fraction)
+        ilp = solvers.get("ilp").function(graph, costs, costs.peak(knapsack))
+        plans[recipe] = {f"torch-budget@{fraction}": costs.names_of(knapsack),
                          "ilp@torch-budget-peak": list(ilp.saved)}
-        print(f"{recipe}: budget {problem.peak(knapsack)} B; predicted recompute torch "
-              f"{problem.recompute_seconds(knapsack) * 1e3:.3f} ms, ilp {ilp.recompute_seconds * 1e3:.3f} ms")
+        print(f"{recipe}: budget {costs.peak(knapsack)} B; predicted recompute torch "
+              f"{costs.recompute_seconds(knapsack) * 1e3:.3f} ms, ilp {ilp.recompute_seconds * 1e3:.3f} ms")
     Path(path).write_text(json.dumps(plans))
 
 

@@ -62,13 +62,13 @@ def build(recipe: str, model_name: str, device: str):
 def capture_recipe(recipe: str, model_name: str, device: str, batch: int, seq: int):
     """The recipe's model, its input ids and its captured step (Dynamo + AOTAutograd, one forward + backward);
     the same graph, node names included, as ``tests/data``'s saved 8B graphs."""
-    from memgraph.cost_model.capture import capture_step
+    from memgraph.capture import capture
 
     model = build(recipe, model_name, device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator).to(device)
-    rewrites = ("nf4",) if recipe == "qlora" else ()
-    (captured,) = capture_step(model, solvers=("none",), rewrites=rewrites, input_ids=ids, labels=ids)
+    rewrites = ("nf4",) if recipe == "qlora" else False
+    (captured,) = capture(model, options={"rewrites": rewrites}, solvers=("none",), input_ids=ids, labels=ids)
     model.zero_grad(set_to_none=True)
     return model, ids, captured
 
@@ -186,7 +186,6 @@ def sweep(recipe: str, args, rows: list[dict[str, Any]], on_row=None) -> None:
     """Capture (GPU, under the timing lock), plan every (budget, solver) point (CPU), then measure every plan
     (GPU, under the lock): two recipes can run in parallel on one GPU without their GPU phases overlapping."""
     from memgraph.compare import auto_budgets
-    from memgraph.cost_model.solvers import common
 
     device = args.device
     started = time.perf_counter()
@@ -202,7 +201,8 @@ def sweep(recipe: str, args, rows: list[dict[str, Any]], on_row=None) -> None:
             # Cold solves (as in a compile) at the first budget; later budgets share the problem's memo (e.g.
             # torch's partition at a fraction already tried), so their solve_s is marked warm.
             if position == 0:
-                common._PROBLEMS.clear()
+                captured.costs.simulations.clear()
+                captured.costs.memo.clear()
             limits = (QUICK_LIMITS if args.quick else SOLVER_LIMITS).get(solver, {})
             row: dict[str, Any] = {"recipe": recipe, "solver": solver, "budget_bytes": budget, "seq": args.seq,
                                    "warm_solve": position > 0}

@@ -1,21 +1,21 @@
 """Cost model: predicted peak memory of a training step (exact, or symbolic in dynamic sizes) and the runtime of
-every node (roofline), for the solvers, the pipeline's plan annotations and the report.
+every node (roofline), for the solvers, the pipeline's plan and the report.
 
 Public API::
 
     estimate(gm_or_graph, example_inputs=None, *, plan=None)   -> MemoryEstimate
-    estimate_training_graph(graph, codegen=None)                -> GraphCosts   (what solvers receive)
-    estimate_partitioned(graph, fw_gm, bw_gm, codegen=None)     -> MemoryEstimate
-    recompute_seconds(graph, plan)                              -> float
+    graph_costs(graph, codegen=None)                            -> GraphCosts   (what every solver reads)
+    estimate_partitioned(graph, fw_gm, bw_gm, codegen=None)     -> MemoryEstimate (checks GraphCosts.simulate)
     MemoryEstimate: peak_bytes (int | sympy), peak_bytes_hint, peak_node, peak_phase, timeline, breakdown,
-                    unknown_ops, max_size(symbol, budget_bytes), peak_at(s0=...), plot(path, measured=None)
-    GraphCosts: output_bytes / allocated_bytes / seconds / flops / kind / phase per node,
-                simulate(saved) -> MemoryEstimate, recompute_seconds(saved), recomputed(saved)
+                    unknown_ops, max_size(symbol, budget), peak_at(s0=...), plot(path, measured=None)
+    GraphCosts: per node (inputs, users, seconds, weight, kinds, phase), the decision space (forward, frontier,
+                pinned, ...), recomputed / make_valid / simulate / plan per saved set (see graph_costs.py)
     DeviceSpec (roofline ceilings; DeviceSpec.measure() on a GPU), StepSemantics (what a step keeps alive,
     and ``codegen``: "eager" = one allocation per node, "inductor" = the buffers Inductor's code allocates)
     tracker.MemoryTracker, tracker.run_step: measure the same quantities on real tensors.
 
-See ``memory.py`` for the precise definition of the step peak.
+"estimate" always means a ``MemoryEstimate``; "costs" the ``GraphCosts`` of one graph. See ``memory.py`` for the
+precise definition of the step peak.
 """
 from __future__ import annotations
 
@@ -24,14 +24,13 @@ from typing import Any, Sequence
 
 import torch.fx as fx
 
-from memgraph.cost_model.costs import GraphCosts, InvalidSavedSet
+from memgraph.cost_model.graph_costs import GraphCosts, InvalidSavedSet
 from memgraph.cost_model.memory import CATEGORIES, MemoryEstimate, StepSemantics, TimelinePoint
 from memgraph.cost_model.runtime import DeviceSpec, node_flops, node_kind, node_seconds
 
 __all__ = [
-    "estimate", "estimate_training_graph", "estimate_partitioned", "recompute_seconds", "MemoryEstimate",
-    "GraphCosts", "InvalidSavedSet", "DeviceSpec", "StepSemantics", "TimelinePoint", "CATEGORIES",
-    "node_seconds", "node_flops", "node_kind",
+    "estimate", "graph_costs", "estimate_partitioned", "MemoryEstimate", "GraphCosts", "InvalidSavedSet",
+    "DeviceSpec", "StepSemantics", "TimelinePoint", "CATEGORIES", "node_seconds", "node_flops", "node_kind",
 ]
 
 
@@ -40,10 +39,10 @@ def _semantics(semantics: StepSemantics | None, codegen: str | None) -> StepSema
     return semantics if codegen is None else dataclasses.replace(semantics, codegen=codegen)
 
 
-def estimate_training_graph(graph, *, device: DeviceSpec | None = None, semantics: StepSemantics | None = None,
-                            codegen: str | None = None) -> GraphCosts:
-    """The cost model's view of a joint graph, handed to every solver as ``estimate`` (see ``GraphCosts``).
-    ``codegen`` ("eager" or "inductor") overrides ``semantics.codegen``: what will run the graphs."""
+def graph_costs(graph, *, device: DeviceSpec | None = None, semantics: StepSemantics | None = None,
+                codegen: str | None = None) -> GraphCosts:
+    """The cost model's view of a joint graph, handed to every solver (see ``GraphCosts``). ``codegen``
+    ("eager" or "inductor") overrides ``semantics.codegen``: what will run the graphs."""
     return GraphCosts(graph, device=device, semantics=_semantics(semantics, codegen))
 
 
@@ -51,10 +50,9 @@ def estimate_partitioned(graph, fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, *,
                          semantics: StepSemantics | None = None, device: DeviceSpec | None = None,
                          codegen: str | None = None) -> MemoryEstimate:
     """Predicted memory of one step run as the partitioned graphs: forward, then backward, then grads into
-    ``.grad``. ``peak_bytes`` is symbolic when sizes are; ``peak_bytes_hint`` is always an int;
-    ``step_seconds`` is the roofline time of all the step's nodes on ``device``. ``codegen`` ("eager" or
-    "inductor") overrides ``semantics.codegen``: with "inductor" only the buffers Inductor allocates count."""
-    from memgraph.cost_model.costs import hints_of_values
+    ``.grad``. It must equal ``GraphCosts.simulate`` of the plan the graphs were partitioned by (the tests hold
+    the two to each other); ``step_seconds`` is the roofline time of all the step's nodes on ``device``."""
+    from memgraph.cost_model.graph_costs import hints_of_values
     from memgraph.cost_model.step import graph_step, simulate_step
 
     semantics = _semantics(semantics, codegen)
@@ -65,15 +63,6 @@ def estimate_partitioned(graph, fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, *,
     predicted.step_seconds = float(sum(node_seconds(n, device or DeviceSpec(), hints)
                                        for gm in (fw_gm, bw_gm) for n in gm.graph.nodes))
     return predicted
-
-
-def recompute_seconds(graph, plan, *, device: DeviceSpec | None = None) -> float:
-    """Predicted time of the nodes the plan recomputes (``plan.recomputed``, joint-graph names)."""
-    from memgraph.cost_model.costs import hints_of_values
-
-    nodes = [graph.node(name) for name in plan.recomputed]
-    hints = hints_of_values([n.meta.get("val") for n in nodes])
-    return float(sum(node_seconds(n, device or DeviceSpec(), hints) for n in nodes))
 
 
 def estimate(gm_or_graph: Any, example_inputs: Sequence[Any] | None = None, *, plan=None,
@@ -88,14 +77,12 @@ def estimate(gm_or_graph: Any, example_inputs: Sequence[Any] | None = None, *, p
 
     semantics = semantics or StepSemantics()
     if isinstance(gm_or_graph, TrainingGraph):
-        if plan is None:
-            from memgraph.cost_model import solvers
-
-            plan = solvers.get("none").function(gm_or_graph, None, None)
-        return GraphCosts(gm_or_graph, semantics=semantics).simulate(plan.saved, symbolic=True)
+        costs = GraphCosts(gm_or_graph, semantics=semantics)
+        saved = costs.save_all if plan is None else costs.indices(plan.saved)
+        return costs.simulate(saved, symbolic=True)
     if not isinstance(gm_or_graph, fx.GraphModule):
         raise TypeError(f"estimate() takes a TrainingGraph or an fx.GraphModule; got {type(gm_or_graph).__name__}")
-    from memgraph.cost_model.costs import hints_of_values
+    from memgraph.cost_model.graph_costs import hints_of_values
     from memgraph.cost_model.step import estimate_single_graph
     from memgraph.cost_model.values import ensure_fake_values
 

@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
+from memgraph import _compat
 from memgraph.cost_model.symbolic import Size, as_size
 from memgraph.cost_model.values import NodeValue, Output
 
@@ -108,7 +109,7 @@ def with_kernel(value: NodeValue, node: fx.Node) -> NodeValue:
 
 
 def _op_name(target) -> str:
-    if isinstance(target, torch._ops.OpOverload):
+    if _compat.is_op_overload(target):
         return target._schema.name.split("::")[-1]
     return getattr(target, "__name__", "")
 
@@ -125,13 +126,13 @@ def _is_view(node: fx.Node) -> bool:
     target = node.target
     if target is operator.getitem:
         return True
-    return isinstance(target, torch._ops.OpOverload) and (target.is_view or target in (
+    return _compat.is_op_overload(target) and (target.is_view or target in (
         aten._unsafe_view.default, aten.alias.default, aten.detach.default, aten.lift_fresh.default))
 
 
 @functools.lru_cache(maxsize=None)
 def _target_kind(target) -> str:
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
+    if not _compat.is_op_overload(target) or target.namespace not in ("aten", "prims"):
         return EXTERN  # custom ops, higher-order ops, Python callables: extern or fallback kernels
     name = _op_name(target)
     if torch.Tag.nondeterministic_seeded in target.tags:
@@ -147,17 +148,12 @@ def _target_kind(target) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _needs_realized_inputs(target) -> bool:
-    from torch._inductor.lowering import needs_realized_inputs
-
-    return target in needs_realized_inputs
+    return _compat.inductor_needs_realized_inputs(target)
 
 
 @functools.lru_cache(maxsize=None)
 def _has_lowering(target) -> bool:
-    from torch._inductor.decomposition import select_decomp_table
-    from torch._inductor.lowering import lowerings
-
-    return target in lowerings or target.overloadpacket in lowerings or target in select_decomp_table()
+    return _compat.inductor_has_lowering(target)
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ import sympy
 import torch
 
 from memgraph.cost_model import symbolic
+from memgraph.options import CODEGENS
 from memgraph.cost_model.symbolic import Size, Terms, as_size
 from memgraph.cost_model.values import NodeValue
 
@@ -37,7 +38,6 @@ WEIGHTS, INPUTS, SAVED, OUTPUTS, GRADS, TEMPORARIES = "weights", "inputs", "save
 CATEGORIES = (WEIGHTS, INPUTS, SAVED, OUTPUTS, GRADS, TEMPORARIES)
 _CATEGORY_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
 FORWARD, BACKWARD = "forward", "backward"
-CODEGENS = ("eager", "inductor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +191,10 @@ def run_phase(program: Program, phase: str, nodes: Sequence[NodeValue], outputs:
             pending_allocs += allocations[index]
             pending_frees += frees[index]
             continue
-        program.step(value.name, phase, pending_allocs + allocations[index], pending_frees + frees[index])
+        # An op's workspace lives while it runs: allocated with its outputs, freed when it returns.
+        scratch = [program.new_storage(value.scratch, TEMPORARIES, value.name)] if value.scratch != 0 else []
+        program.step(value.name, phase, pending_allocs + allocations[index] + scratch,
+                     pending_frees + frees[index] + scratch)
         pending_allocs, pending_frees = [], []
     if pending_allocs or pending_frees:
         program.step(f"{phase}_inputs", phase, pending_allocs, pending_frees)

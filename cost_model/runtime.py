@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
+from memgraph import _compat
 from memgraph.cost_model.symbolic import as_size, evaluate
 from memgraph.cost_model.values import tensors_in
 
@@ -72,7 +73,7 @@ def is_view_like(node: fx.Node) -> bool:
     target = node.target
     if node.op != "call_function" or target is operator.getitem:
         return True
-    if isinstance(target, torch._ops.OpOverload):
+    if _compat.is_op_overload(target):
         return target.is_view or target in _METADATA_OPS
     return not any(True for _ in tensors_in(node.meta.get("val")))
 
@@ -89,7 +90,7 @@ def _hint(value: Any, hints) -> int:
 def node_flops(node: fx.Node, hints=None) -> int:
     """FLOPs of ``node`` by torch's registered formula (0 if none), at the traced sizes."""
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not _compat.is_op_overload(target):
         return 0
     formula = flop_registry.get(target.overloadpacket)
     if formula is None:
@@ -103,7 +104,7 @@ def node_flops(node: fx.Node, hints=None) -> int:
 
 
 def has_flop_formula(node: fx.Node) -> bool:
-    return isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket in flop_registry
+    return _compat.is_op_overload(node.target) and node.target.overloadpacket in flop_registry
 
 
 def _fake_args(node: fx.Node):
@@ -165,7 +166,7 @@ def node_kind(node: fx.Node) -> str:
     target = node.target
     if is_view_like(node):
         return VIEW
-    if not isinstance(target, torch._ops.OpOverload):
+    if not _compat.is_op_overload(target):
         return OTHER
     namespace = target.namespace
     tags = target.tags

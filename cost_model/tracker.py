@@ -20,8 +20,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from memgraph import _compat
 from memgraph.cost_model.symbolic import rounded_allocation
@@ -36,7 +34,7 @@ class _Storage:
         self.ref, self.nbytes, self.tensors, self.label = ref, nbytes, 0, label
 
 
-class MemoryTracker(TorchDispatchMode):
+class MemoryTracker(_compat.TorchDispatchMode):
     """Counts bytes of live tensor storages created or registered while active.
 
     current_bytes / peak_bytes: live now / the most ever live (updated after every op's outputs exist, while
@@ -57,7 +55,7 @@ class MemoryTracker(TorchDispatchMode):
     # --- registration -----------------------------------------------------------------------------
     def track(self, *trees: Any, label: str = "track") -> None:
         """Count tensors that already exist (parameters, inputs, anything created outside the mode)."""
-        for leaf in tree_leaves(trees):
+        for leaf in _compat.tree_leaves(trees):
             if isinstance(leaf, torch.Tensor):
                 self._register(leaf, label)
         self._update_peak(label)
@@ -104,7 +102,7 @@ class MemoryTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         label = str(func)
         self._release_expired()
-        for leaf in tree_leaves(out):
+        for leaf in _compat.tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self._register(leaf, label)
         self._update_peak(label)
@@ -123,9 +121,7 @@ class MemoryTracker(TorchDispatchMode):
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(tensor, FakeTensor)
+    return _compat.is_fake_tensor(tensor)
 
 
 @dataclasses.dataclass

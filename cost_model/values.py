@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_leaves
 
 from memgraph import _compat
 from memgraph.cost_model.symbolic import Size, as_size
@@ -44,10 +43,30 @@ class NodeValue:
     inputs: tuple[str, ...]
     unknown: str | None = None  # why the size or aliasing is a guess (reported in unknown_ops)
     kernel: Any = None  # inductor.KernelInfo when memory is modelled for Inductor's generated code
+    scratch: Size = 0  # bytes the op allocates and frees inside its call (a kernel's workspace)
+
+
+# op -> function(**arguments bound to the op's schema, tensors as fake values) -> scratch bytes (int or SymInt)
+_SCRATCH: dict[Any, Callable[..., Any]] = {}
+
+
+def register_scratch(op, formula: Callable[..., Any]) -> None:
+    """Declare the workspace an op allocates and frees within one call (e.g. a chunked kernel's buffer): the
+    cost model counts it while the op runs. ``formula`` gets the op's arguments by schema name."""
+    _SCRATCH[op] = formula
+
+
+def _scratch_of(node: fx.Node) -> Size:
+    formula = _SCRATCH.get(node.target)
+    if formula is None:
+        return 0
+    bound = _bound_arguments(node)
+    values = {name: (arg.meta.get("val") if isinstance(arg, fx.Node) else arg) for name, arg in bound.items()}
+    return as_size(formula(**values))
 
 
 def tensors_in(value: Any) -> Iterator[torch.Tensor]:
-    for leaf in tree_leaves(value):
+    for leaf in _compat.tree_leaves(value):
         if isinstance(leaf, torch.Tensor):
             yield leaf
 
@@ -73,15 +92,10 @@ def _storage_bytes(tensor: torch.Tensor) -> Size:
 def _schema_aliases(node: fx.Node) -> list[fx.Node | None] | None:
     """Per return of an OpOverload: the argument node it aliases (None = fresh); None if not an OpOverload."""
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not _compat.is_op_overload(target):
         return None
     schema = target._schema
-    bound: dict[str, Any] = {}
-    for index, argument in enumerate(schema.arguments):
-        if index < len(node.args):
-            bound[argument.name] = node.args[index]
-        elif argument.name in node.kwargs:
-            bound[argument.name] = node.kwargs[argument.name]
+    bound = _bound_arguments(node)
     aliasing_args = [(a.alias_info.before_set, bound.get(a.name)) for a in schema.arguments if a.alias_info]
     result: list[fx.Node | None] = []
     for ret in schema.returns:
@@ -94,6 +108,19 @@ def _schema_aliases(node: fx.Node) -> list[fx.Node | None] | None:
             source = node.args[0]
         result.append(source)
     return result
+
+
+def _bound_arguments(node: fx.Node) -> dict[str, Any]:
+    """The node's arguments by schema name (defaults included)."""
+    bound: dict[str, Any] = {}
+    for index, argument in enumerate(node.target._schema.arguments):
+        if index < len(node.args):
+            bound[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            bound[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+    return bound
 
 
 def _fake_alias(tensor: torch.Tensor, node: fx.Node) -> tuple[str, int] | None:
@@ -142,15 +169,15 @@ def node_value(node: fx.Node) -> NodeValue:
         if source is None and node.op != "placeholder":
             source = _fake_alias(element, node)
         outputs.append(Output(alias=source) if source is not None else Output(nbytes=_storage_bytes(element)))
-    return NodeValue(node.name, tuple(outputs), inputs, unknown)
+    return NodeValue(node.name, tuple(outputs), inputs, unknown, scratch=_scratch_of(node))
 
 
 def _unknown_reason(node: fx.Node) -> str | None:
     if node.op in ("call_module", "call_method"):
         return f"{node.op} (memory inside it is not modelled)"
-    if node.op != "call_function" or isinstance(node.target, torch._ops.OpOverload):
+    if node.op != "call_function" or _compat.is_op_overload(node.target):
         return None
-    if isinstance(node.target, torch._ops.HigherOrderOperator):
+    if _compat.is_higher_order_op(node.target):
         return "higher-order op (memory inside its subgraph is not modelled)"
     if not any(True for _ in tensors_in(node.meta.get("val"))):
         return None  # size arithmetic on SymInts and other Python scalars

@@ -36,7 +36,6 @@ importable triton everything falls back to the torch path (logged once).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from typing import Optional, Sequence
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from memgraph import _compat
+from memgraph.kernels._dispatch import HAS_TRITON, INTERPRET, device_guard, direct_eager, use_triton
 
 log = logging.getLogger("memgraph.kernels.nf4")
 
@@ -80,15 +80,12 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations / d
 _BYTES_PER_PROGRAM = 4096
 _NUM_WARPS = 8
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as error:  # kernels fall back to the torch path
+else:  # the ops run the plain-torch path
     triton = None
     tl = None
-    _TRITON_IMPORT_ERROR = error
 
 
 def dynamic_map() -> torch.Tensor:
@@ -269,25 +266,6 @@ def _check_linear(activation: torch.Tensor, features: int, name: str, packed, ab
 # ------------------------------------------------------------------------------------------------ launcher
 # Everything below runs on every nf4_linear / grad-input call, i.e. twice per layer per training step; at
 # M=2048 a 4096x1024 layer's whole fwd+bwd is ~0.1 ms of GPU time, so each µs of Python here is visible.
-_warned_no_triton = False
-# triton.jit picks the interpreter when triton is imported with TRITON_INTERPRET=1, so this is fixed per process.
-_INTERPRETED = triton is not None and type(_nf4_dequantize_kernel).__name__ == "InterpretedFunction"
-_SAME_DEVICE = contextlib.nullcontext()  # reusable: nullcontext keeps no state
-
-
-def _use_triton(device: torch.device) -> bool:
-    global _warned_no_triton
-    if triton is None:
-        if not _warned_no_triton:
-            log.warning("memgraph: triton is not importable (%s); NF4 dequantization uses plain torch",
-                        _TRITON_IMPORT_ERROR)
-            _warned_no_triton = True
-        return False
-    if device.type == "cuda":
-        return not _INTERPRETED
-    return device.type == "cpu" and _INTERPRETED
-
-
 def _launch_grid(numel: int, blocksize: int) -> tuple[tuple[int], int]:
     """``(grid, blocks per program)``: one program per ``_BYTES_PER_PROGRAM`` packed bytes.
 
@@ -299,14 +277,6 @@ def _launch_grid(numel: int, blocksize: int) -> tuple[tuple[int], int]:
     return (-(-blocks // blocks_per_program),), blocks_per_program
 
 
-def _on_device_of(tensor: torch.Tensor):
-    """Triton launches on the current CUDA device; switch to the tensor's GPU only when it is another one
-    (the usual single-GPU call then skips building, entering and leaving a ``torch.cuda.device``)."""
-    if tensor.is_cuda and tensor.get_device() != torch.cuda.current_device():
-        return torch.cuda.device(tensor.device)
-    return _SAME_DEVICE
-
-
 def _dequantize_triton(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
                        nested_code: Optional[torch.Tensor], nested_offset: Optional[torch.Tensor],
                        shape: Sequence[int], blocksize: int, nested_blocksize: int,
@@ -316,10 +286,10 @@ def _dequantize_triton(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax
     numel = out.numel()
     if numel == 0:
         return out
-    bf16_bits = _INTERPRETED and dtype == torch.bfloat16
+    bf16_bits = INTERPRET and dtype == torch.bfloat16
     nested = nested_absmax is not None
     grid, blocks_per_program = _launch_grid(numel, blocksize)
-    with _on_device_of(packed):
+    with device_guard(packed):
         # Without double quantization the three nested pointers are unused (NESTED=False): absmax stands in.
         _nf4_dequantize_kernel[grid](
             packed, absmax,
@@ -337,7 +307,7 @@ def _dequantize_triton(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax
 def _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, shape: Sequence[int], blocksize: int,
                 nested_blocksize: int, dtype: torch.dtype) -> torch.Tensor:
     """The dequantized weight of ``shape`` (the workspace of the linear ops)."""
-    if _use_triton(packed.device):
+    if use_triton(packed, log):
         return _dequantize_triton(packed, absmax, nested_absmax, nested_code, nested_offset, shape, blocksize,
                                   nested_blocksize, dtype)
     return nf4_dequantize_reference(packed, absmax, nested_absmax, nested_code, nested_offset, shape, blocksize,
@@ -466,7 +436,7 @@ def _nf4_matmul_function(impl, op, transpose_impl, transpose_op) -> type:
             if torch.is_grad_enabled():  # create_graph=True: the gradient needs its own autograd history
                 return transpose_op(grad, *storage), None, None
             # Backward has its own context (a mode may be entered between forward and backward).
-            direct = ctx.direct and _compat.plain_dispatch_context() and _compat.plain_tensors(grad)
+            direct = ctx.direct and direct_eager(grad)
             return _below_autograd(transpose_impl, transpose_op, grad, storage, direct), None, None
 
     return NF4MatmulFunction
@@ -477,7 +447,7 @@ def _autograd_kernel(function, impl, op):
 
     def kernel(activation, *storage):
         # the storage must be on the activation's device anyway: the same keys
-        direct = _compat.plain_dispatch_context() and _compat.plain_tensors(activation, *storage[:5])
+        direct = direct_eager(activation, *storage[:5])
         if activation.requires_grad and torch.is_grad_enabled():
             return function.apply(activation, storage, direct)
         return _below_autograd(impl, op, activation, storage, direct)

@@ -17,6 +17,7 @@ if TORCH_VERSION < (2, 11):
 from torch._functorch import partitioners as _partitioners  # noqa: E402
 from torch._functorch.aot_autograd import make_boxed_func  # noqa: E402
 from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: E402
+from torch.utils import _python_dispatch, _pytree  # noqa: E402
 
 __all__ = [
     "TORCH_VERSION", "CustomPartitionerFn", "make_boxed_func", "aot_module", "inductor_compile",
@@ -26,6 +27,57 @@ __all__ = [
 ]
 
 default_partition = _partitioners.default_partition
+tree_leaves = _pytree.tree_leaves
+TorchDispatchMode = _python_dispatch.TorchDispatchMode
+SET_GRAD_ENABLED = torch._C._set_grad_enabled  # what Dynamo records for ``with torch.no_grad()`` in a graph
+SDPA_FUNCTION = torch._C._nn.scaled_dot_product_attention  # what Dynamo records for F.scaled_dot_product_attention
+LINEAR_FUNCTION = torch._C._nn.linear  # what Dynamo records for F.linear (nn.Linear)
+
+
+def is_op_overload(target: Any) -> bool:
+    """An ``OpOverload`` (``torch.ops.aten.mm.default``): an operator with a schema, tags and a namespace."""
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def is_op_overload_packet(target: Any) -> bool:
+    return isinstance(target, torch._ops.OpOverloadPacket)
+
+
+def is_higher_order_op(target: Any) -> bool:
+    return isinstance(target, torch._ops.HigherOrderOperator)
+
+
+def is_fake_tensor(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
+
+
+def reset_dynamo() -> None:
+    """Forget every compiled frame (the next call of a compiled model compiles again)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
+def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    import torch._dynamo
+
+    torch._dynamo.mark_dynamic(tensor, dim)
+
+
+def inductor_needs_realized_inputs(target: Any) -> bool:
+    """Inductor's lowering of ``target`` reads materialized buffers (it cannot fuse its inputs into itself)."""
+    from torch._inductor.lowering import needs_realized_inputs
+
+    return target in needs_realized_inputs
+
+
+def inductor_has_lowering(target: Any) -> bool:
+    """Inductor lowers ``target`` (directly or through a decomposition) rather than calling a fallback kernel."""
+    from torch._inductor.lowering import lowerings
+
+    return target in lowerings or target.overloadpacket in lowerings or target in inductor_decompositions()
 min_cut_partition = _partitioners.min_cut_rematerialization_partition
 is_sym_node = _partitioners.is_sym_node
 is_primal = _partitioners._is_primal
@@ -75,16 +127,30 @@ def aot_module(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fw_compiler
 
 
 def inductor_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, partitioner: CustomPartitionerFn,
-                     config_patches: dict[str, Any] | None = None) -> Callable:
-    """Inductor's whole pipeline (decompositions, joint-graph passes, codegen) with our partitioner."""
+                     cache_key: str | None, config_patches: dict[str, Any] | None = None) -> Callable:
+    """Inductor's whole pipeline (decompositions, joint-graph passes, codegen) with our partitioner.
+
+    cache_key: memgraph's part of the FX-graph and AOTAutograd cache keys (it also is ``partitioner.uuid()``,
+    which torch releases differ in hashing; the compile-wide cache key tag enters every release's key). None
+    turns both caches off for this compile."""
+    import torch.compiler.config as compiler_config
     from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx
 
-    # No FX-graph or AOTAutograd cache: a hit would skip our partitioner, so no plan would be made or reported
-    # (and a partitioner's uuid() of None does not bypass those caches, it only enters their key).
-    patches = {"custom_partitioner_fn": partitioner, "fx_graph_cache": False, **(config_patches or {})}
-    with functorch_config.patch(enable_autograd_cache=False):
+    patches = {"custom_partitioner_fn": partitioner, **(config_patches or {})}
+    if cache_key is None:
+        patches["fx_graph_cache"] = False
+    tag = f"{compiler_config.cache_key_tag}|memgraph:{cache_key}"
+    with functorch_config.patch(enable_autograd_cache=cache_key is not None), \
+            compiler_config.patch(cache_key_tag=tag):
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def inductor_cache_dir() -> str:
+    """Where Inductor keeps its caches (``TORCHINDUCTOR_CACHE_DIR`` or its per-user default)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
 
 
 def inductor_decompositions() -> dict:

@@ -23,81 +23,41 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from memgraph.errors import InfeasibleBudgetError, MemgraphError
+from memgraph import _compat
+from memgraph.errors import InfeasibleBudgetError
 from memgraph.graph import TrainingGraph
-from memgraph.options import parse_bytes, resolve_options
+from memgraph.units import gib, parse_bytes
 
-__all__ = ["compare", "capture_training_graphs", "auto_budgets", "add_compare_parser", "DEFAULT_SOLVERS"]
+__all__ = ["compare", "auto_budgets", "add_compare_parser", "DEFAULT_SOLVERS"]
 
 DEFAULT_SOLVERS = ("none", "checkpoint", "greedy", "ilp", "torch-budget")
 
 
-# --- capture ---------------------------------------------------------------------------------------------------
-def capture_training_graphs(model_or_fn: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | None = None,
-                            options: Mapping[str, Any] | None = None) -> list[TrainingGraph]:
-    """The joint forward+backward graphs of ``model_or_fn(*example_args, **example_kwargs)`` (one per graph
-    Dynamo compiles), after memgraph's rewrites. Runs one forward (on meta tensors: no computation); no
-    backward runs and no parameter changes."""
-    from memgraph import _compat
-    from memgraph.passes import apply_rewrites
-
-    resolved = resolve_options({**(options or {}), "codegen": "eager"})
-    graphs: list[TrainingGraph] = []
-
-    def partition_fn(joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None, **_):
-        indices = list(static_lifetime_input_indices or ())
-        graphs.append(TrainingGraph(joint, list(joint_inputs), num_fwd_outputs, tuple(indices)))
-        return _compat.default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                         static_lifetime_input_indices=indices)
-
-    def boxed(gm, _example_inputs):
-        return _compat.make_boxed_func(gm.forward)
-
-    def backend(gm, example_inputs):
-        if resolved.rewrites:
-            gm, _ = apply_rewrites(gm, example_inputs, resolved)
-        return _compat.aot_module(gm, example_inputs, fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition_fn)
-
-    compiled = torch.compile(model_or_fn, backend=backend, dynamic=False)
-    with torch.enable_grad():
-        compiled(*example_args, **dict(example_kwargs or {}))
-    if not graphs:
-        raise MemgraphError("nothing to compare: no compiled graph needed a backward pass; give the model "
-                            "trainable parameters or inputs that require grad")
-    return graphs
-
-
 # --- planning -----------------------------------------------------------------------------------------------------
-def _estimates(graphs: Sequence[TrainingGraph]) -> list[Any]:
-    from memgraph.cost_model import estimate_training_graph
+def _costs(graphs: Sequence[TrainingGraph]) -> list[Any]:
+    from memgraph.cost_model import graph_costs
 
-    return [estimate_training_graph(g) for g in graphs]
+    return [graph_costs(g) for g in graphs]
 
 
-def auto_budgets(graphs: Sequence[TrainingGraph], count: int = 5, estimates: Sequence[Any] | None = None) -> list[int]:
+def auto_budgets(graphs: Sequence[TrainingGraph], count: int = 5, costs: Sequence[Any] | None = None) -> list[int]:
     """``count`` budgets evenly spaced from the layer-checkpointing peak to the no-recompute peak."""
     from memgraph.cost_model import solvers
 
-    estimates = estimates or _estimates(graphs)
-    low = max(solvers.get("checkpoint").function(g, e, None).peak_bytes for g, e in zip(graphs, estimates))
-    high = max(_peak(solvers.get("none").function(g, e, None), e) for g, e in zip(graphs, estimates))
+    costs = costs or _costs(graphs)
+    low = max(solvers.get("checkpoint").function(g, c, None).peak_bytes for g, c in zip(graphs, costs))
+    high = max(solvers.get("none").function(g, c, None).peak_bytes for g, c in zip(graphs, costs))
     if count <= 1 or high <= low:
         return [int(high)]
     return [int(round(low + (high - low) * k / (count - 1))) for k in range(count)]
 
 
-def _peak(plan, estimate) -> int:
-    if plan.peak_bytes is not None:
-        return int(plan.peak_bytes)
-    return int(estimate.simulate(plan.saved).peak_bytes_hint)
-
-
-def _step_seconds(estimate) -> float:
+def _step_seconds(costs) -> float:
     """Predicted time of one step with no recomputation: every node of the joint graph once."""
-    return float(sum(estimate.seconds_array))
+    return float(sum(costs.seconds))
 
 
-def plan_row(graphs: Sequence[TrainingGraph], estimates: Sequence[Any], solver: str,
+def plan_row(graphs: Sequence[TrainingGraph], costs: Sequence[Any], solver: str,
              budget: int | None) -> tuple[dict[str, Any], Any]:
     """One (solver, budget) cell: predicted peak and times, or why the solver gives up."""
     from memgraph.cost_model import solvers
@@ -107,11 +67,11 @@ def plan_row(graphs: Sequence[TrainingGraph], estimates: Sequence[Any], solver: 
     row: dict[str, Any] = {"solver": solver, "budget_bytes": budget}
     plans, started = [], time.perf_counter()
     try:
-        for graph, estimate in zip(graphs, estimates):
-            plan = entry.function(graph, estimate, budget if entry.uses_budget else None)
-            if plan.peak_bytes is None or plan.recompute_seconds is None:
-                plan.peak_bytes = _peak(plan, estimate)
-                plan.recompute_seconds = float(estimate.recompute_seconds(plan.saved))
+        for graph, graph_costs in zip(graphs, costs):
+            plan = entry.function(graph, graph_costs, budget if entry.uses_budget else None)
+            if plan.peak_bytes is None or plan.recompute_seconds is None:  # a solver that left them out
+                plan.peak_bytes = int(graph_costs.estimate(plan).peak_bytes_hint)
+                plan.recompute_seconds = graph_costs.recompute_seconds(graph_costs.indices(plan.saved))
             plans.append(plan)
     except InfeasibleBudgetError as error:
         row.update(feasible=False, solve_s=time.perf_counter() - started, error=str(error))
@@ -119,7 +79,7 @@ def plan_row(graphs: Sequence[TrainingGraph], estimates: Sequence[Any], solver: 
     solve_s = time.perf_counter() - started
     merged = Plan.merge(plans)
     fits = budget is None or merged.peak_bytes <= budget
-    base = sum(_step_seconds(e) for e in estimates)
+    base = sum(_step_seconds(c) for c in costs)
     row.update(feasible=fits, predicted_peak_bytes=int(merged.peak_bytes),
                predicted_recompute_s=float(merged.recompute_seconds),
                predicted_step_s=base + float(merged.recompute_seconds), solve_s=solve_s,
@@ -144,7 +104,7 @@ def measure_step(model: torch.nn.Module, example_args: tuple, example_kwargs: Ma
     (max_memory_allocated after the warm-up) and median step time. Gradients are dropped after each step."""
     import statistics
 
-    torch._dynamo.reset()
+    _compat.reset_dynamo()
     compiled = torch.compile(model, backend="memgraph", options=dict(options))
 
     def step():
@@ -207,12 +167,15 @@ def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None 
     if given and measure:
         raise ValueError("measure=True needs the model: a saved or given graph can only be planned")
     if not given:
-        graphs = capture_training_graphs(model_or_fn, *example_args, example_kwargs=example_kwargs,
-                                         options=options)
+        from memgraph.capture import capture
+
+        captured = capture(model_or_fn, *example_args, example_kwargs=example_kwargs, options=options,
+                           solvers=("none",), backward=False)
+        graphs = [record.graph for record in captured]
     if save_graph_path:
         _save_graphs(graphs, save_graph_path)
-    estimates = _estimates(graphs)
-    budget_list = _resolve_budgets(budgets, graphs, estimates)
+    costs = _costs(graphs)
+    budget_list = _resolve_budgets(budgets, graphs, costs)
     if measure is None:
         measure = not given and _on_cuda(model_or_fn)
     tokens = _tokens(example_args, example_kwargs)
@@ -220,8 +183,8 @@ def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None 
     rows: list[dict[str, Any]] = []
     bar = _progress(len(cells), progress)
     for solver, budget in cells:
-        bar.set_description(f"{solver} @ {_gib(budget)}")
-        row, _ = plan_row(graphs, estimates, solver, budget)
+        bar.set_description(f"{solver} @ {gib(budget, none='fastest')}")
+        row, _ = plan_row(graphs, costs, solver, budget)
         if measure and row.get("feasible"):
             settings = {**(options or {}), "solver": solver, "memory_budget": budget}
             try:
@@ -270,14 +233,14 @@ def _save_graphs(graphs: Sequence[TrainingGraph], path: str) -> None:
         print(f"saved the training graph to {save_graph(graph, target)}")
 
 
-def _resolve_budgets(budgets: Any, graphs, estimates) -> list[int | None]:
+def _resolve_budgets(budgets: Any, graphs, costs) -> list[int | None]:
     if budgets is None or isinstance(budgets, str):
         budgets = [budgets or "auto"]
     resolved: list[int | None] = []
     for budget in budgets:
         if isinstance(budget, str) and budget.strip().lower().startswith("auto"):
             _, _, count = budget.partition(":")
-            resolved += auto_budgets(graphs, int(count or 5), estimates)
+            resolved += auto_budgets(graphs, int(count or 5), costs)
         elif budget is None:
             resolved.append(None)
         else:
@@ -302,10 +265,6 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="plan", leave=False)
-
-
-def _gib(nbytes: Any) -> str:
-    return "fastest" if nbytes is None else f"{nbytes / 2**30:.3f} GiB"
 
 
 _COLUMNS = [("solver", "solver"), ("budget_bytes", "budget"), ("predicted_peak_bytes", "predicted peak"),

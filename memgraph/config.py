@@ -16,7 +16,13 @@ from typing import Any, Iterator
 
 from memgraph.errors import MemgraphError
 
-_FIELDS = ("memory_budget", "solver", "kv_bits", "codegen", "report", "rewrites")
+
+
+def _fields() -> tuple[str, ...]:
+    from memgraph.options import Options
+
+    return Options.field_names()
+
 
 
 class _Config(types.ModuleType):
@@ -25,18 +31,20 @@ class _Config(types.ModuleType):
         object.__setattr__(self, "_values", {})
 
     def __getattr__(self, name: str) -> Any:
-        if name in _FIELDS:
+        if name.startswith("__"):  # module attributes (inspect asks for __file__ while memgraph is importing)
+            raise AttributeError(name)
+        if name in _fields():
             from memgraph.options import Options
 
             return self._values.get(name, getattr(Options, name))
-        raise AttributeError(f"memgraph.config has no setting {name!r}; valid settings are {list(_FIELDS)}")
+        raise AttributeError(f"memgraph.config has no setting {name!r}; valid settings are {list(_fields())}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("__"):
             object.__setattr__(self, name, value)
             return
-        if name not in _FIELDS:
-            raise MemgraphError(f"memgraph.config has no setting {name!r}; valid settings are {list(_FIELDS)}")
+        if name not in _fields():
+            raise MemgraphError(f"memgraph.config has no setting {name!r}; valid settings are {list(_fields())}")
         from memgraph.options import Options
 
         Options.from_mapping({**self._values, name: value}, source="memgraph.config")  # validate now

@@ -28,10 +28,23 @@ class TrainingGraph:
     num_fwd_outputs: int
     static_input_indices: tuple[int, ...] = ()
 
+    @classmethod
+    def from_partition_args(cls, joint: fx.GraphModule, joint_inputs: Sequence[Any], *, num_fwd_outputs: int,
+                            static_lifetime_input_indices: Sequence[int] | None = None, **_: Any) -> "TrainingGraph":
+        """The graph AOTAutograd hands a ``partition_fn``: the one place its arguments become a TrainingGraph
+        (joint inputs arrive as ``[primals, tangents]``; they are flattened to one list)."""
+        return cls(joint, _compat.tree_leaves(list(joint_inputs)), num_fwd_outputs,
+                   tuple(static_lifetime_input_indices or ()))
+
     def __post_init__(self) -> None:
         # Every solver, and torch's partitioners run on copies, must see one graph: dead code removed and
         # common subexpressions merged, as torch's min-cut does before it partitions.
         self.joint = _compat.canonicalize_joint(self.joint)
+
+    def private_copy(self) -> "TrainingGraph":
+        """The graph on a copy of its joint module (nodes and their metadata copied, fake values shared)."""
+        return TrainingGraph(_compat.copy_graph_module(self.joint), self.example_inputs, self.num_fwd_outputs,
+                             self.static_input_indices)
 
     @functools.cached_property
     def nodes_by_name(self) -> dict[str, fx.Node]:

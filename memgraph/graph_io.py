@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from memgraph import _compat
 from memgraph.errors import MemgraphError
 from memgraph.graph import TrainingGraph
 
@@ -40,7 +41,6 @@ def save_graph(graph: TrainingGraph, path: str | Path) -> Path:
 
 def load_graph(path: str | Path) -> TrainingGraph:
     """The ``TrainingGraph`` saved at ``path``, on fake meta tensors."""
-    from memgraph import _compat
 
     with gzip.open(Path(path), "rt", encoding="utf-8") as file:
         document = json.load(file)
@@ -88,7 +88,7 @@ def _node_record(node: fx.Node) -> dict[str, Any]:
 
 def _target_name(node: fx.Node) -> str:
     target = node.target
-    if isinstance(target, torch._ops.OpOverload):
+    if _compat.is_op_overload(target):
         return f"{target.namespace}::{target._schema.name.split('::')[-1]}.{target._overloadname}"
     if target is operator.getitem:
         return "operator.getitem"

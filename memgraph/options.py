@@ -9,59 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-
-from memgraph.errors import MemgraphError
 from typing import Any, Mapping
 
-__all__ = ["Options", "parse_bytes", "resolve_options", "ENV_PREFIX"]
+from memgraph.errors import MemgraphError
+from memgraph.kernels.kv_quant import KV_BITS
+from memgraph.units import parse_bytes
+
+__all__ = ["Options", "parse_bytes", "resolve_options", "ENV_PREFIX", "CODEGENS", "KV_BITS"]
 
 ENV_PREFIX = "MEMGRAPH_"
-CODEGENS = ("inductor", "eager")
-KV_BITS = (16, 8, 4)
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-def parse_bytes(value: Any, *, name: str = "memory_budget") -> int | None:
-    """``None``, an int number of bytes, or a string such as ``"8GiB"``, ``"512 MB"``, ``"1.5e9"``."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise MemgraphError(f"{name} must be None, an int number of bytes or a string like '8GiB'; got {value!r}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise MemgraphError(f"{name} must be positive; got {value}")
-        return value
-    if isinstance(value, float) and value.is_integer() and value > 0:
-        return int(value)
-    if isinstance(value, str):
-        if value.strip().lower() in ("", "none"):
-            return None
-        match = _SIZE.match(value)
-        if match and match.group(2).lower() in _UNITS:
-            digits, scale = match.group(1), _UNITS[match.group(2).lower()]
-            # integers stay exact (floats lose bytes above 2**53); fractions like "1.5GiB" go through float
-            number = int(digits) * scale if digits.isdigit() else float(digits) * scale
-            if number >= 1:
-                return int(number)
-        raise MemgraphError(
-            f"{name}={value!r} is not a size; use bytes or a number with a unit, one of "
-            "B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2), e.g. '8GiB'"
-        )
-    raise MemgraphError(f"{name} must be None, an int number of bytes or a string like '8GiB'; got {value!r}")
-
-
-def _registered_solvers() -> tuple[str, ...]:
-    from memgraph.cost_model import solvers
-
-    return tuple(solvers.available())
-
+CODEGENS = ("inductor", "eager")  # the first is the default
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -74,18 +31,27 @@ class Options:
     report: path stem for a JSON (+ PNG) report of each compiled graph's plan, or None.
     rewrites: which graph rewrites run before planning: True (all of ``memgraph.passes.REWRITES``), False
     (none), or some of their names ("nf4", ["attention"], "attention,nf4").
+    drop_logits: with the cross-entropy rewrite, ``outputs.logits`` is an empty tensor (what training needs;
+    HF ``Trainer`` never reads logits in training, TRL's token-accuracy metric does); False keeps them, in the
+    model's dtype, without gradient.
+    cache: reuse compiled code and plans from torch's compile caches (keyed by these options and memgraph's
+    version, see ``compile_cache.py``); False compiles and plans every time.
     """
 
     memory_budget: int | None = None
     solver: str = "mincut"
     kv_bits: int = 16
-    codegen: str = "inductor"
+    codegen: str = CODEGENS[0]
     report: str | None = None
     rewrites: bool | tuple[str, ...] = True
+    drop_logits: bool = False
+    cache: bool = True
 
     def __post_init__(self) -> None:
+        from memgraph.cost_model import solvers as registry
+
         object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
-        solvers = _registered_solvers()
+        solvers = registry.available()
         if self.solver not in solvers:
             raise MemgraphError(f"solver={self.solver!r} is not a registered solver; choose one of {list(solvers)}")
         if isinstance(self.kv_bits, bool) or self.kv_bits not in KV_BITS:
@@ -95,11 +61,12 @@ class Options:
         if self.report is not None and not isinstance(self.report, (str, os.PathLike)):
             raise MemgraphError(f"report must be a path or None; got {self.report!r}")
         object.__setattr__(self, "rewrites", _rewrite_names(self.rewrites))
+        for name in ("drop_logits", "cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise MemgraphError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if self.memory_budget is not None:
-            from memgraph.cost_model import solvers as registry
-
-            if not registry.get(self.solver).uses_budget:
-                budgeted = [n for n in solvers if registry.get(n).uses_budget]
+            if not registry.uses_budget(self.solver):
+                budgeted = [n for n in solvers if registry.uses_budget(n)]
                 raise MemgraphError(
                     f"solver={self.solver!r} does not plan under a memory_budget; "
                     + (f"use one of {budgeted}" if budgeted else "no budget-aware solver is installed yet")
@@ -144,6 +111,9 @@ def _rewrite_names(value: Any) -> bool | tuple[str, ...]:
     return names
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce_env(name: str, text: str) -> Any:
     field_type = {f.name: f.type for f in dataclasses.fields(Options)}[name]
     if name == "kv_bits":
@@ -151,12 +121,14 @@ def _coerce_env(name: str, text: str) -> Any:
             return int(text)
         except ValueError:
             raise MemgraphError(f"{ENV_PREFIX}KV_BITS={text!r} is not supported; choose one of {list(KV_BITS)}") from None
-    if name == "rewrites":
+    if name in ("rewrites", "drop_logits", "cache"):
         lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
+        if lowered in _TRUE:
             return True
-        if lowered in ("0", "false", "no", "off"):
+        if lowered in _FALSE:
             return False
+        if name != "rewrites":
+            raise MemgraphError(f"{ENV_PREFIX}{name.upper()}={text!r}: use 1/0, true/false, yes/no, on/off")
         try:
             return _rewrite_names(text)
         except MemgraphError as error:

@@ -1,7 +1,9 @@
-"""The pipeline of one compiled graph: rewrite → joint graph → estimate → plan → partition → codegen.
+"""The pipeline of one compiled graph: rewrite → joint graph → costs → plan → partition → codegen.
 
-``MemgraphPartitioner`` is the planning half (an AOTAutograd ``partition_fn`` and an Inductor
-``CustomPartitionerFn``); ``compile_graph`` is the whole pipeline behind the ``"memgraph"`` backend.
+``rewrite`` and ``plan_training_graph`` are the two halves every caller shares (the backend, ``capture`` behind
+``memgraph.plan`` and ``compare``); ``MemgraphPartitioner`` is the planning half as an AOTAutograd
+``partition_fn`` and an Inductor ``CustomPartitionerFn``; ``compile_graph`` is the whole pipeline behind the
+``"memgraph"`` backend, with the compile cache (``compile_cache.py``).
 """
 from __future__ import annotations
 
@@ -11,16 +13,14 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.fx as fx
 
-from memgraph import _compat
-from memgraph.cost_model import solvers
+from memgraph import _compat, compile_cache
 from memgraph.errors import MemgraphError
 from memgraph.graph import TrainingGraph
 from memgraph.options import Options
-from memgraph.passes import RUNTIME_CHECKS, apply_rewrites
-from memgraph.passes.partition import partition, recomputed_nodes
+from memgraph.passes import REWRITE_NOTES, RUNTIME_CHECKS, apply_rewrites
+from memgraph.passes.partition import partition
 from memgraph.plan import Plan
 
 log = logging.getLogger("memgraph")
@@ -30,7 +30,10 @@ _graph_ids = itertools.count()
 
 @dataclasses.dataclass
 class GraphRecord:
-    """What memgraph did to one graph Dynamo handed it."""
+    """What memgraph did to one graph Dynamo handed it. ``estimate`` is the plan's predicted memory (the
+    MemoryEstimate ``plan.peak_bytes`` was read from; None when the plan came from the compile cache).
+    ``cache``: "hit" (compiled code and plan from the cache), "miss" (planned and stored) or None (no cache).
+    ``notes``: what the rewrites decided (e.g. whether the logits are kept), also added to the plan's notes."""
 
     graph_id: int
     options: Options
@@ -38,6 +41,8 @@ class GraphRecord:
     plan: Plan | None = None
     estimate: Any = None
     fallback: str | None = None
+    cache: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 # Records of the graphs compiled in this process, oldest first (bounded so long sessions do not grow).
@@ -55,28 +60,26 @@ def _remember(record: GraphRecord) -> None:
     del _RECORDS[:-_MAX_RECORDS]
 
 
-def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Plan, Any]:
-    """Estimate the graph, run the chosen solver and attach the cost model's predictions to the plan."""
-    from memgraph import cost_model
+def rewrite(gm: fx.GraphModule, example_inputs: list, options: Options) -> tuple[fx.GraphModule, list[str]]:
+    """The graph rewrites ``options.rewrites`` selects (attention, NF4, ...), and the names of those that
+    changed the graph."""
+    if not options.rewrites:
+        return gm, []
+    return apply_rewrites(gm, example_inputs, options)
 
-    estimate = cost_model.estimate_training_graph(graph, codegen=options.codegen)
+
+def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Plan, Any]:
+    """The plan of ``options.solver`` under ``options.memory_budget`` and its predicted memory (the one
+    estimate behind ``plan.peak_bytes``)."""
+    from memgraph.cost_model import graph_costs, solvers
+
+    costs = graph_costs(graph, codegen=options.codegen)
     entry = solvers.get(options.solver)
     started = time.perf_counter()
-    plan = entry.function(graph, estimate, options.memory_budget)
+    plan = entry.function(graph, costs, options.memory_budget)
     plan.solve_seconds = time.perf_counter() - started
     plan.budget_bytes = options.memory_budget
-    return plan, estimate
-
-
-def _annotate(graph: TrainingGraph, plan: Plan, fw: fx.GraphModule, bw: fx.GraphModule, codegen: str) -> Any:
-    """Fill the plan's predicted figures from the partitioned graphs; return the plan's memory estimate."""
-    from memgraph import cost_model
-
-    plan.recomputed = recomputed_nodes(graph, bw)
-    predicted = cost_model.estimate_partitioned(graph, fw, bw, codegen=codegen)
-    plan.peak_bytes = int(predicted.peak_bytes_hint)
-    plan.recompute_seconds = cost_model.recompute_seconds(graph, plan)
-    return predicted
+    return plan, costs.estimate(plan)
 
 
 class MemgraphPartitioner(_compat.CustomPartitionerFn):
@@ -85,37 +88,41 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
     def __init__(self, options: Options, record: GraphRecord | None = None) -> None:
         self.options = options
         self.record = record
+        self.called = False
+        self._key = compile_cache.options_key(options)
 
-    def __call__(self, joint: fx.GraphModule, joint_inputs: Sequence[Any], *, num_fwd_outputs: int,
-                 static_lifetime_input_indices: list[int] | None = None, **_: Any):
-        graph = TrainingGraph(joint, list(joint_inputs), num_fwd_outputs, tuple(static_lifetime_input_indices or ()))
+    def __call__(self, joint: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
+        self.called = True
+        graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
         try:
-            plan, _ = plan_training_graph(graph, self.options)
+            plan, estimate = plan_training_graph(graph, self.options)
             fw, bw = partition(graph, plan)
         except MemgraphError:
             raise  # an infeasible budget is the user's to fix: say so
         except Exception as error:  # noqa: BLE001 - a planner bug must not stop training
             log.warning("memgraph: solver %r failed (%s: %s); falling back to torch's default partition",
                         self.options.solver, type(error).__name__, error)
-            fallback = solvers.get("none").function(graph, None, None)
-            fw, bw = partition(graph, fallback)
-            plan = fallback
+            plan, estimate = plan_training_graph(graph, dataclasses.replace(self.options, solver="none",
+                                                                            memory_budget=None))
             plan.notes.append(f"fallback: solver {self.options.solver!r} failed: {error}")
+            fw, bw = partition(graph, plan)
             if self.record is not None:
                 self.record.fallback = str(error)
-        predicted = _annotate(graph, plan, fw, bw, self.options.codegen)
         log.info("memgraph: %s", plan.summary())
         if self.record is not None:
-            self.record.plan, self.record.estimate = plan, predicted
-            if self.options.report:
-                from memgraph.report import write_report
-
-                write_report(self.record, self.options.report)
+            plan.notes.extend(self.record.notes)
+            self.record.plan, self.record.estimate = plan, estimate
+            _report(self.record)
         return fw, bw
 
-    def uuid(self) -> None:
-        # No FX-graph caching: a cache hit would skip planning, and the plan (and report) must be made.
-        return None
+    def uuid(self) -> str:
+        """memgraph's part of torch's cache keys: options, memgraph's code, the cost model's device."""
+        return self._key
+
+    def __reduce__(self):
+        # torch pickles the compiler config into its cache keys: only what decides the plan may enter them
+        # (not the record of this compile, whose id differs every time)
+        return MemgraphPartitioner, (self.options,)
 
 
 def _eager_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -135,19 +142,61 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     record = GraphRecord(next(_graph_ids), options)
     _remember(record)
     try:
-        return _compile(gm, example_inputs, options, record)
+        compiled = _compile(gm, example_inputs, options, record)
     except _compat.dynamo_control_exceptions():
         _RECORDS.remove(record)  # Dynamo re-traces and compiles again: this attempt is no graph of its own
         raise
     except Exception as error:
         record.fallback = f"{type(error).__name__}: {error}"
         raise
+    return compiled
+
+
+def _report(record: GraphRecord) -> None:
+    if record.options.report and record.plan is not None:
+        from memgraph.report import write_report
+
+        write_report(record, record.options.report)
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list, options: Options, record: GraphRecord) -> Callable:
-    compiled = _compile_rewritten(gm, example_inputs, options, record)
+    gm, record.rewrites = rewrite(gm, example_inputs, options)
+    record.notes = list(getattr(gm, REWRITE_NOTES, ()))
+    if record.rewrites:
+        log.info("memgraph: graph %d rewritten by %s", record.graph_id, record.rewrites)
+    partitioner = MemgraphPartitioner(options, record)
+    if options.codegen == "inductor":
+        compiled = _inductor(gm, example_inputs, options, record, partitioner)
+    else:
+        compiled = _compat.aot_module(gm, example_inputs, fw_compiler=_eager_compiler, bw_compiler=_eager_compiler,
+                                      partition_fn=partitioner)
     checks = getattr(gm, RUNTIME_CHECKS, None)
     return _with_runtime_checks(compiled, checks) if checks else compiled
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: list, options: Options, record: GraphRecord,
+              partitioner: MemgraphPartitioner) -> Callable:
+    """Inductor with memgraph's partitioner; with ``options.cache``, torch's caches keyed by memgraph's key and
+    the plan stored beside the compiled code (a hit loads both)."""
+    key = compile_cache.graph_key(partitioner.uuid(), gm, example_inputs) if options.cache else None
+    # fallback_random: random ops use eager's generator, so dropout masks equal eager's under one seed.
+    compiled = _compat.inductor_compile(gm, example_inputs, partitioner=partitioner,
+                                        cache_key=partitioner.uuid() if options.cache else None,
+                                        config_patches={"fallback_random": True})
+    if key is None:
+        return compiled
+    if partitioner.called:
+        record.cache = "miss"
+        if record.plan is not None and record.fallback is None:
+            compile_cache.store_plan(key, record.plan)
+    elif record.plan is None:
+        record.cache = "hit"
+        record.plan = compile_cache.load_plan(key)
+        if record.plan is None:
+            log.info("memgraph: graph %d was loaded from torch's compile cache without its stored plan",
+                     record.graph_id)
+        _report(record)
+    return compiled
 
 
 def _with_runtime_checks(compiled: Callable, checks: list) -> Callable:
@@ -160,17 +209,3 @@ def _with_runtime_checks(compiled: Callable, checks: list) -> Callable:
         return compiled(*args)
 
     return run
-
-
-def _compile_rewritten(gm: fx.GraphModule, example_inputs: list, options: Options, record: GraphRecord) -> Callable:
-    if options.rewrites:
-        gm, record.rewrites = apply_rewrites(gm, example_inputs, options)
-        if record.rewrites:
-            log.info("memgraph: graph %d rewritten by %s", record.graph_id, record.rewrites)
-    partitioner = MemgraphPartitioner(options, record)
-    if options.codegen == "inductor":
-        # fallback_random: random ops use eager's generator, so dropout masks equal eager's under one seed.
-        return _compat.inductor_compile(gm, example_inputs, partitioner=partitioner,
-                                        config_patches={"fallback_random": True})
-    return _compat.aot_module(gm, example_inputs, fw_compiler=_eager_compiler, bw_compiler=_eager_compiler,
-                              partition_fn=partitioner)

@@ -28,13 +28,18 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        """The plan ``to_dict`` wrote (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
     def to_json(self, **kwargs: Any) -> str:
         kwargs.setdefault("indent", 2)
         return json.dumps(self.to_dict(), default=str, **kwargs)
 
     def summary(self) -> str:
-        def gib(n: int | None) -> str:
-            return "n/a" if n is None else f"{n / 2**30:.3f} GiB"
+        from memgraph.units import gib
 
         parts = [f"solver={self.solver}", f"saved={len(self.saved)}", f"recomputed={len(self.recomputed)}",
                  f"predicted peak={gib(self.peak_bytes)}"]

@@ -18,6 +18,8 @@ def report_dict(record) -> dict[str, Any]:
         "graph_id": record.graph_id,
         "options": options,
         "rewrites": list(record.rewrites),
+        "rewrite_notes": list(getattr(record, "notes", ())),
+        "cache": getattr(record, "cache", None),
         "fallback": record.fallback,
         "plan": record.plan.to_dict() if record.plan is not None else None,
         "estimate": estimate.summary() if estimate is not None and hasattr(estimate, "summary") else None,

@@ -18,14 +18,17 @@ import torch.fx as fx
 
 log = logging.getLogger("memgraph.passes")
 
+# GraphModule attribute where a rewrite leaves what it decided for the user to read (the plan's notes, the report).
+REWRITE_NOTES = "_memgraph_rewrite_notes"
 # GraphModule attribute where a rewrite leaves checks the compiled graph must run before every call (objects with
 # ``check(args)``, e.g. the attention rewrite's dynamic-shape mask guard); the pipeline runs them.
 RUNTIME_CHECKS = "_memgraph_runtime_checks"
 
-# name -> "module:function"; order matters (attention before nf4 is irrelevant, both are local rewrites).
+# name -> "module:function", run in this order (each is a local rewrite: the order changes no result).
 REWRITES: dict[str, str] = {
     "attention": "memgraph.passes.attention:rewrite_attention",
     "nf4": "memgraph.passes.nf4:rewrite_bnb_linears",
+    "cross_entropy": "memgraph.passes.cross_entropy:rewrite_cross_entropy",
 }
 
 

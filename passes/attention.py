@@ -36,13 +36,14 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from memgraph import _compat
 from memgraph.kernels import attention as attention_kernel
 from memgraph.passes import RUNTIME_CHECKS
 
 log = logging.getLogger("memgraph.passes.attention")
 
 SDPA_TARGETS = (
-    torch._C._nn.scaled_dot_product_attention,  # what Dynamo records for F.scaled_dot_product_attention
+    _compat.SDPA_FUNCTION,
     torch.nn.functional.scaled_dot_product_attention,
     torch.ops.aten.scaled_dot_product_attention.default,
 )
@@ -81,10 +82,7 @@ class _Match:
 
 def rewrite_attention(gm: fx.GraphModule, example_inputs: list, options: Any) -> fx.GraphModule:
     """Replace every provably equivalent SDPA call by ``memgraph.attention`` with ``options.kv_bits``."""
-    kv_bits = int(getattr(options, "kv_bits", 16))
-    if kv_bits not in attention_kernel.KV_BITS:
-        log.info("memgraph: attention rewrite skipped: kv_bits=%r is not one of %s", kv_bits, attention_kernel.KV_BITS)
-        return gm
+    kv_bits = options.kv_bits  # validated by Options
     rewritten = 0
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target in SDPA_TARGETS):
@@ -363,9 +361,7 @@ def _evaluate(build: fx.GraphModule, sizes: list[int]) -> torch.Tensor:
     if any(size * size > MAX_MASK_ELEMENTS for size in sizes):
         raise _Unsupported(f"the mask at sizes {sizes} has too many elements to check")
     value = build(*sizes)
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor):
+    if not isinstance(value, torch.Tensor) or _compat.is_fake_tensor(value):
         raise _Unsupported("the mask could not be evaluated")
     if value.numel() > MAX_MASK_ELEMENTS:
         raise _Unsupported(f"the mask has too many elements to check ({value.numel()})")
@@ -472,7 +468,7 @@ def _allowed(mask: torch.Tensor, seq_len: int) -> torch.Tensor:
 def _pattern_is(pattern: torch.Tensor, causal: bool, window: Optional[int]) -> bool:
     """Whether an ``_allowed`` pattern is exactly the (causal, window) one."""
     positions = torch.arange(pattern.shape[-1], device=pattern.device)
-    return torch.equal(pattern, attention_kernel._visible_torch(positions, positions, causal, window))
+    return torch.equal(pattern, attention_kernel.visible_mask(positions, positions, causal, window))
 
 
 def _mask_pattern(mask: torch.Tensor, seq_len: int) -> tuple[bool, Optional[int]]:
@@ -525,9 +521,7 @@ def _fake_run(op, match: _Match, kv_bits: int):
     """The op's outputs on the example (fake) values, for later passes that read node.meta['example_value']."""
     values = [_example(n) for n in (match.query, match.key, match.value)]
     try:
-        from torch._guards import detect_fake_mode
-
-        fake_mode = detect_fake_mode(values)
+        fake_mode = _compat.fake_mode_of(values)
         if fake_mode is None:
             return None
         with fake_mode:

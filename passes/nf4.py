@@ -28,13 +28,14 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from memgraph import _compat
 from memgraph.kernels.nf4 import FLOAT_DTYPES, NESTED_BLOCKSIZE  # importing it registers torch.ops.memgraph.nf4_*
 
 log = logging.getLogger("memgraph.passes.nf4")
 
 __all__ = ["rewrite_bnb_linears"]
 
-_GRAD_MODE_FUNCTIONS = (torch._C._set_grad_enabled,)
+_GRAD_MODE_FUNCTIONS = (_compat.SET_GRAD_ENABLED,)
 _VIEW_METHODS = ("view", "reshape", "contiguous")  # pure re-shapings of the packed storage
 _CAST_METHODS = ("to",)
 _BNB_NAMESPACE = "bitsandbytes"
@@ -58,7 +59,7 @@ def _bnb_loaded() -> bool:
 
 
 def _is_bnb(target: Any) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and target.namespace == _BNB_NAMESPACE
+    return _compat.is_op_overload(target) and target.namespace == _BNB_NAMESPACE
 
 
 def _example(node: Any) -> Optional[torch.Tensor]:

@@ -1,7 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
+
+# A compile cache of the test session's own: every run starts cold (as CI does), and compiled code or plans of
+# an earlier run are never reused across changes of memgraph's code.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="memgraph-tests-inductor-")
 
 # Kernel tests run Triton's interpreter on the CPU; it must be chosen before triton is imported.
 if not torch.cuda.is_available():

@@ -1,23 +1,20 @@
 """Recompute solvers, registered by name.
 
-A solver is a function ``(graph: TrainingGraph, estimate: MemoryEstimate | None, budget: int | None, **kw) ->
-Plan``: given the joint graph, the cost model's estimate of it (None where the cost model is unavailable) and
-a peak-memory budget in bytes (None = the fastest plan), it chooses which forward values backward keeps
-(``Plan.saved``); everything else backward needs is recomputed from those.
+A solver is a function ``(graph: TrainingGraph, costs: GraphCosts | None, budget: int | None, **kw) -> Plan``:
+given the joint graph, the cost model's view of it (``memgraph.cost_model.GraphCosts``; None: build it with
+``graph_costs(graph)``) and a peak-memory budget in bytes (None = the fastest plan), it chooses which forward
+values backward keeps; everything else backward needs is recomputed from those. ``costs.plan(name, saved,
+budget)`` turns the chosen saved set into the ``Plan``, with the one predicted peak and recompute time of the
+cost model, and raises ``memgraph.errors.InfeasibleBudgetError`` (naming the smallest predicted-feasible peak
+and what dominates it) when the plan does not fit. ``graph_costs.py``'s docstring shows a whole solver.
 
-Register your own::
-
-    from memgraph.cost_model import solvers
+Add one: a file in this folder with the function, and one line in ``BUILTIN`` below (or, outside memgraph,
+the ``register`` decorator)::
 
     @solvers.register("mine", uses_budget=True)
-    def mine(graph, estimate, budget, **kw):
-        ...
-        return Plan(solver="mine", saved=[...], recomputed=[...])
+    def mine(graph, costs, budget, **kw): ...
 
-and select it with ``options={"solver": "mine"}``.
-
-Built-in solvers (one module each; shared helpers in ``common``: the graph as a save-or-recompute
-``Problem``, valid saved sets, pinned ops, repeated-block detection, plans and infeasibility errors):
+and select it with ``options={"solver": "mine"}``. Built-in solvers:
 
 * ``none``, ``mincut`` (``torch_baselines``): torch's default and min-cut partitions;
 * ``checkpoint``: layer-boundary checkpointing, the repeated blocks found from graph structure;
@@ -25,11 +22,9 @@ Built-in solvers (one module each; shared helpers in ``common``: the graph as a 
 * ``ilp``: the cheapest recomputation under the predicted-peak budget, a MILP solved by scipy/HiGHS;
 * ``torch-budget``: torch's ``activation_memory_budget`` knapsack, its fraction bisected to the byte budget.
 
-A budgeted solver returns a Plan whose predicted peak (``plan.peak_bytes``, the cost model's simulation of
-the partitioned step) is within the budget, or raises ``memgraph.errors.InfeasibleBudgetError`` naming the
-smallest predicted-feasible peak and what dominates it. With ``budget=None`` it returns its fastest plan.
-A solver must never recompute random, impure, mutating or collective ops: ``common.Problem.make_valid``
-turns any saved set into one that keeps them.
+A solver must never recompute random, impure, mutating or collective ops: ``costs.make_valid`` turns any
+saved set into one that keeps them. Names are known without importing the solvers (``Options`` validates a
+name without loading scipy); a solver's module is imported the first time it is asked for.
 """
 from __future__ import annotations
 
@@ -37,7 +32,7 @@ import dataclasses
 import importlib
 from typing import Callable
 
-__all__ = ["register", "get", "available", "SolverEntry"]
+__all__ = ["register", "get", "available", "uses_budget", "SolverEntry", "BUILTIN"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +43,16 @@ class SolverEntry:
     description: str
 
 
+# name -> (module that registers it on import, whether it plans under memory_budget)
+BUILTIN: dict[str, tuple[str, bool]] = {
+    "none": ("memgraph.cost_model.solvers.torch_baselines", False),
+    "mincut": ("memgraph.cost_model.solvers.torch_baselines", False),
+    "checkpoint": ("memgraph.cost_model.solvers.checkpoint", True),
+    "greedy": ("memgraph.cost_model.solvers.greedy", True),
+    "ilp": ("memgraph.cost_model.solvers.ilp", True),
+    "torch-budget": ("memgraph.cost_model.solvers.torch_budget", True),
+}
 _REGISTRY: dict[str, SolverEntry] = {}
-# Built-in solvers live in these modules; they register themselves on import.
-_BUILTIN_MODULES = (
-    "memgraph.cost_model.solvers.torch_baselines",
-    "memgraph.cost_model.solvers.checkpoint",
-    "memgraph.cost_model.solvers.greedy",
-    "memgraph.cost_model.solvers.ilp",
-    "memgraph.cost_model.solvers.torch_budget",
-)
 
 
 def register(name: str, *, uses_budget: bool = False, replace: bool = False) -> Callable[[Callable], Callable]:
@@ -65,6 +61,8 @@ def register(name: str, *, uses_budget: bool = False, replace: bool = False) -> 
     def decorate(function: Callable) -> Callable:
         if name in _REGISTRY and not replace and _REGISTRY[name].function is not function:
             raise ValueError(f"a solver named {name!r} is already registered; pass replace=True to override it")
+        if name in BUILTIN and BUILTIN[name][1] != uses_budget:
+            raise ValueError(f"solver {name!r}: uses_budget={uses_budget} contradicts its BUILTIN entry")
         doc = (function.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = SolverEntry(name, function, uses_budget, doc[0] if doc else "")
         return function
@@ -72,19 +70,24 @@ def register(name: str, *, uses_budget: bool = False, replace: bool = False) -> 
     return decorate
 
 
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
-
-
 def available() -> list[str]:
-    _load_builtins()
-    return list(_REGISTRY)
+    """Every solver name, built-in (not imported) and registered."""
+    return list(dict.fromkeys([*BUILTIN, *_REGISTRY]))
+
+
+def uses_budget(name: str) -> bool:
+    """Whether the named solver plans under memory_budget (without importing a built-in one)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name].uses_budget
+    if name in BUILTIN:
+        return BUILTIN[name][1]
+    raise ValueError(f"no solver named {name!r}; registered solvers are {available()}")
 
 
 def get(name: str) -> SolverEntry:
-    _load_builtins()
+    if name not in _REGISTRY and name in BUILTIN:
+        importlib.import_module(BUILTIN[name][0])
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"no solver named {name!r}; registered solvers are {list(_REGISTRY)}") from None
+        raise ValueError(f"no solver named {name!r}; registered solvers are {available()}") from None

@@ -1,37 +1,37 @@
 """PyTorch's own partitioners as solvers: the baselines every memgraph solver is compared against.
 
-Each runs the torch partitioner on a copy of the joint graph (they rewrite their input in place) and reads its decision back as a ``Plan``: the forward
-graph's extra outputs are the saved values; forward ops that reappear in the backward graph are recomputed.
+Each runs the torch partitioner on a copy of the joint graph (they rewrite their input in place) and reads its
+decision back: the forward graph's extra outputs are the saved values. The Plan's figures are the cost model's,
+as for every solver.
 """
 from __future__ import annotations
 
-import torch.fx as fx
-
 from memgraph import _compat
+from memgraph.cost_model.graph_costs import GraphCosts
 from memgraph.cost_model.solvers import register
 from memgraph.graph import TrainingGraph
-from memgraph.passes.partition import recomputed_nodes, saved_nodes
+from memgraph.passes.partition import saved_nodes
 from memgraph.plan import Plan
 
 
-def plan_from_partition(graph: TrainingGraph, fw: fx.GraphModule, bw: fx.GraphModule, solver: str) -> Plan:
-    """Read a (forward, backward) pair produced from ``graph.joint`` back as a Plan."""
-    return Plan(solver=solver, saved=saved_nodes(graph, fw), recomputed=recomputed_nodes(graph, bw))
+def torch_partition_saved(costs: GraphCosts, partitioner) -> set[int]:
+    """The saved set a torch partitioner chooses for ``costs.graph``, as it chose it."""
+    graph = costs.graph
+    fw, _ = partitioner(_compat.copy_graph_module(graph.joint), list(graph.example_inputs),
+                        num_fwd_outputs=graph.num_fwd_outputs,
+                        static_lifetime_input_indices=list(graph.static_input_indices))
+    return costs.indices(n for n in saved_nodes(graph, fw) if n in costs.index)
 
 
 @register("none")
-def save_everything(graph: TrainingGraph, estimate=None, budget=None, **_) -> Plan:
+def save_everything(graph: TrainingGraph, costs: GraphCosts | None = None, budget=None, **_) -> Plan:
     """Keep every forward value backward uses; recompute nothing (torch's default_partition)."""
-    fw, bw = _compat.default_partition(_compat.copy_graph_module(graph.joint), list(graph.example_inputs),
-                                       num_fwd_outputs=graph.num_fwd_outputs,
-                                       static_lifetime_input_indices=list(graph.static_input_indices))
-    return plan_from_partition(graph, fw, bw, "none")
+    costs = costs or GraphCosts(graph)
+    return costs.plan("none", torch_partition_saved(costs, _compat.default_partition), None, validate=False)
 
 
 @register("mincut")
-def torch_min_cut(graph: TrainingGraph, estimate=None, budget=None, **_) -> Plan:
+def torch_min_cut(graph: TrainingGraph, costs: GraphCosts | None = None, budget=None, **_) -> Plan:
     """torch's min-cut rematerialization: recompute cheap pointwise ops fused into backward (Inductor's default)."""
-    fw, bw = _compat.min_cut_partition(_compat.copy_graph_module(graph.joint), list(graph.example_inputs),
-                                       num_fwd_outputs=graph.num_fwd_outputs,
-                                       static_lifetime_input_indices=list(graph.static_input_indices))
-    return plan_from_partition(graph, fw, bw, "mincut")
+    costs = costs or GraphCosts(graph)
+    return costs.plan("mincut", torch_partition_saved(costs, _compat.min_cut_partition), None, validate=False)

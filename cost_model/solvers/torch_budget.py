@@ -10,69 +10,45 @@ recompute (pytorch issue 190758) are pinned back to saved before the plan is sco
 """
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
-import torch.fx as fx
-
 from memgraph import _compat
+from memgraph.cost_model.graph_costs import GraphCosts
 from memgraph.cost_model.solvers import register
-from memgraph.cost_model.solvers.common import Problem
+from memgraph.cost_model.solvers.torch_baselines import torch_partition_saved
 from memgraph.graph import TrainingGraph
 from memgraph.plan import Plan
 
 
-def _joint_copy(joint: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the joint graph for torch's partitioner, which rewrites the graph it is given."""
-    graph = fx.Graph()
-    mapping: dict[fx.Node, fx.Node] = {}
-    output = graph.graph_copy(joint.graph, mapping)
-    graph.output(output)
-    for old, new in mapping.items():
-        new.meta = copy.copy(old.meta)
-    return fx.GraphModule(joint, graph)
-
-
-def torch_saved(problem: Problem, fraction: float) -> set[int]:
+def torch_saved(costs: GraphCosts, fraction: float) -> set[int]:
     """The saved set of torch's min-cut partitioner under ``activation_memory_budget=fraction``, made valid
-    (memoized per problem: the ILP tries some of these as incumbents)."""
-    memo = problem.__dict__.setdefault("_torch_saved", {})
-    if fraction not in memo:
-        memo[fraction] = frozenset(_torch_saved(problem, fraction))
-    return set(memo[fraction])
-
-
-def _torch_saved(problem: Problem, fraction: float) -> set[int]:
-    graph = problem.graph
-    with _compat.activation_memory_budget(fraction):
-        fw, _ = _compat.min_cut_partition(_joint_copy(graph.joint), list(graph.example_inputs),
-                                          num_fwd_outputs=graph.num_fwd_outputs,
-                                          static_lifetime_input_indices=list(graph.static_input_indices))
-    outputs = fw.graph.find_nodes(op="output")[0].args[0]
-    names = [n.name for n in list(outputs)[graph.num_fwd_outputs:] if isinstance(n, fx.Node)]
-    index = problem.costs.index
-    return problem.make_valid({index[n] for n in names if n in index})
+    (kept in ``costs.memo``: the ILP tries some of these as incumbents)."""
+    key = ("torch-budget", fraction)
+    if key not in costs.memo:
+        with _compat.activation_memory_budget(fraction):
+            costs.memo[key] = frozenset(costs.make_valid(torch_partition_saved(costs, _compat.min_cut_partition)))
+    return set(costs.memo[key])
 
 
 @register("torch-budget", uses_budget=True)
-def torch_budget(graph: TrainingGraph, estimate=None, budget: int | None = None, *,
+def torch_budget(graph: TrainingGraph, costs: GraphCosts | None = None, budget: int | None = None, *,
                  grid: tuple[float, ...] = (0.8, 0.6, 0.4, 0.2, 0.0), steps: int = 3,
                  time_limit: float = 30.0, **_: Any) -> Plan:
     """torch's activation_memory_budget knapsack, its fraction searched so the predicted peak fits."""
     started = time.perf_counter()
-    problem = Problem.of(graph, estimate)
+    costs = costs or GraphCosts(graph)
     evaluated: dict[float, tuple[set[int], Any]] = {}
 
     def evaluate(fraction: float) -> tuple[set[int], Any]:
         if fraction not in evaluated:
-            saved = torch_saved(problem, fraction)
-            evaluated[fraction] = (saved, problem.simulate(saved))
+            saved = torch_saved(costs, fraction)
+            evaluated[fraction] = (saved, costs.simulate(saved))
         return evaluated[fraction]
 
     top, top_estimate = evaluate(1.0)
     if budget is None or top_estimate.peak_bytes_hint <= budget:
-        return problem.plan("torch-budget", top, budget, estimate=top_estimate, fraction=1.0)
+        return costs.plan("torch-budget", top, budget, estimate=top_estimate, fraction=1.0)
 
     def fits(fraction: float) -> bool:
         return evaluate(fraction)[1].peak_bytes_hint <= budget
@@ -95,12 +71,12 @@ def torch_budget(graph: TrainingGraph, estimate=None, budget: int | None = None,
                 low = middle
             else:
                 high = middle
-    candidates = [(problem.recompute_seconds(s), f) for f, (s, e) in evaluated.items() if e.peak_bytes_hint <= budget]
+    candidates = [(costs.recompute_seconds(s), f) for f, (s, e) in evaluated.items() if e.peak_bytes_hint <= budget]
     tried = {f"{f:.4f}": int(e.peak_bytes_hint) for f, (_, e) in sorted(evaluated.items())}
     if not candidates:
         lowest = min(evaluated.values(), key=lambda pair: pair[1].peak_bytes_hint)[1]
-        raise problem.infeasible("torch-budget", budget, best=(int(lowest.peak_bytes_hint), lowest))
+        raise costs.infeasible("torch-budget", budget, best=(int(lowest.peak_bytes_hint), lowest))
     _, fraction = min(candidates)
     saved, simulated = evaluated[fraction]
-    return problem.plan("torch-budget", saved, budget, estimate=simulated, fraction=fraction,
+    return costs.plan("torch-budget", saved, budget, estimate=simulated, fraction=fraction,
                         fractions_tried=tried)

@@ -8,9 +8,11 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from memgraph import cost_model
-from memgraph.cost_model.capture import capture_step
+from memgraph.capture import capture
 from memgraph.cost_model.plot import align_measured
 from memgraph.cost_model.tracker import GraphRunner, MemoryTracker
+
+NO_REWRITES = {"rewrites": False}  # the cost model is checked on the graphs as the model traces them
 
 
 def _forward_only(x, w):
@@ -49,7 +51,7 @@ def test_graph_without_fake_values_is_propagated_and_unknown_ops_reported():
 
 def test_training_graph_with_and_without_plan(llama, make_ids):
     ids = make_ids(16)
-    (captured,) = capture_step(llama, solvers=("none",), input_ids=ids, labels=ids)
+    (captured,) = capture(llama, options=NO_REWRITES, solvers=("none",), input_ids=ids, labels=ids)
     default = cost_model.estimate(captured.graph)
     planned = cost_model.estimate(captured.graph, plan=captured.plan)
     partitioned = cost_model.estimate_partitioned(captured.graph, captured.fw, captured.bw)
@@ -70,17 +72,17 @@ def test_training_graph_with_and_without_plan(llama, make_ids):
 
 def test_costs_answer_per_node_questions(llama, make_ids):
     ids = make_ids(16)
-    (captured,) = capture_step(llama, solvers=("none",), input_ids=ids, labels=ids)
+    (captured,) = capture(llama, options=NO_REWRITES, solvers=("none",), input_ids=ids, labels=ids)
     costs = captured.costs
-    assert len(costs.names) == len(costs.bytes_array) == len(costs.seconds_array) == len(costs.kinds)
+    assert len(costs.names) == len(costs.weight) == len(costs.seconds) == len(costs.kinds) == len(costs.phase)
     # Saving every forward value backward reads directly recomputes nothing.
-    assert costs.recomputed(costs.default_saved()) == [] and costs.recompute_seconds(costs.default_saved()) == 0
-    assert all(costs.phase(n) != "backward" for n in costs.default_saved())
-    assert {costs.phase(n) for n in costs.names} == {"input", "forward", "backward"}
-    everything = costs.simulate(costs.default_saved())
+    assert costs.recomputed(costs.save_all) == set() and costs.recompute_seconds(costs.save_all) == 0
+    assert costs.save_all <= costs.forward_set  # forward values (and primals) only
+    assert set(costs.phase) == {"input", "forward", "backward"}
+    everything = costs.simulate(costs.save_all)
     assert everything.peak_bytes_hint > 0
     try:
-        costs.simulate([])  # nothing saved: backward cannot run
+        costs.simulate(set())  # nothing saved: backward cannot run
     except cost_model.InvalidSavedSet as error:
         assert "cannot compute" in str(error)
     else:
@@ -91,7 +93,7 @@ def test_plot_with_measured_overlay(tmp_path, llama, make_ids):
     from memgraph.cost_model.tracker import run_step
 
     ids = make_ids(16)
-    (captured,) = capture_step(llama, solvers=("none",), input_ids=ids, labels=ids)
+    (captured,) = capture(llama, options=NO_REWRITES, solvers=("none",), input_ids=ids, labels=ids)
     estimate = cost_model.estimate_partitioned(captured.graph, captured.fw, captured.bw)
     measured = run_step(captured.fw, captured.bw, captured.primals, captured.graph.num_fwd_outputs,
                         tracker=MemoryTracker())
@@ -107,7 +109,7 @@ def test_write_report(tmp_path, llama, make_ids):
     from memgraph.report import write_report
 
     ids = make_ids(16)
-    (captured,) = capture_step(llama, solvers=("none",), input_ids=ids, labels=ids)
+    (captured,) = capture(llama, options=NO_REWRITES, solvers=("none",), input_ids=ids, labels=ids)
     estimate = cost_model.estimate_partitioned(captured.graph, captured.fw, captured.bw)
     captured.plan.peak_bytes = estimate.peak_bytes_hint
     record = GraphRecord(7, Options(solver="none", codegen="eager"), ["attention"], captured.plan, estimate)

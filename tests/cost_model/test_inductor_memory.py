@@ -71,12 +71,15 @@ def compiled_step(arch: str, solver: str):
         logits = model(input_ids=ids).logits
         return F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]), logits
 
-    partitioned = []
-    estimate_partitioned = cost_model.estimate_partitioned
+    from memgraph import pipeline
 
-    def recording(graph, fw, bw, **kwargs):
+    partitioned = []
+    partition = pipeline.partition
+
+    def recording(graph, plan):
+        fw, bw = partition(graph, plan)
         partitioned.append((graph, fw, bw))
-        return estimate_partitioned(graph, fw, bw, **kwargs)
+        return fw, bw
 
     def step():
         loss, logits = compiled(ids)
@@ -88,11 +91,11 @@ def compiled_step(arch: str, solver: str):
     with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         compiled = torch.compile(loss_and_logits, backend="memgraph",
                                  options={"solver": solver, "codegen": "inductor", "rewrites": False})
-        cost_model.estimate_partitioned = recording
+        pipeline.partition = recording
         try:
             step()  # compile + warm-up
         finally:
-            cost_model.estimate_partitioned = estimate_partitioned
+            pipeline.partition = partition
         model.zero_grad(set_to_none=True)
         above_start = profiled_peak_above_start(step)
     assert len(partitioned) == 1, "the step must be one graph"
@@ -119,9 +122,9 @@ def test_eager_semantics_overpredict_inductor():
 def test_solver_view_uses_the_same_semantics():
     """``GraphCosts.simulate`` (what solvers see) agrees with ``estimate_partitioned`` under Inductor."""
     graph, fw, bw, _ = compiled_step("llama", "none")
-    costs = cost_model.estimate_training_graph(graph, codegen="inductor")
+    costs = cost_model.graph_costs(graph, codegen="inductor")
     saved = [n.name for n in bw.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-    simulated = costs.simulate(saved).peak_bytes_hint
+    simulated = costs.simulate(costs.indices(saved)).peak_bytes_hint
     partitioned = cost_model.estimate_partitioned(graph, fw, bw, codegen="inductor").peak_bytes_hint
     assert simulated == pytest.approx(partitioned, rel=0.02)
 

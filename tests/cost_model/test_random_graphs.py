@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memgraph import cost_model
-from memgraph.cost_model.capture import capture_function
+from memgraph.capture import capture_function
 from memgraph.cost_model.tracker import MemoryTracker, run_step
 
 
@@ -103,7 +103,7 @@ def test_random_program_prediction_equals_tracker(program):
         during = {(n, p): int(d) for n, p, d in zip(predicted.names, predicted.phases, predicted.during)}
         assert all(during[(n, p)] == m for n, p, m in measured.per_node if (n, p) in during), (solver, program)
         # The joint-graph simulation of the same saved set is the same prediction.
-        simulated = cost_model.estimate_training_graph(part.graph).simulate(part.plan.saved)
+        simulated = cost_model.graph_costs(part.graph).estimate(part.plan)
         assert simulated.peak_bytes_hint == predicted.peak_bytes_hint
 
 

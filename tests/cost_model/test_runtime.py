@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from memgraph import cost_model
 from memgraph.cost_model import runtime
-from memgraph.cost_model.capture import capture_function
+from memgraph.capture import capture_function
 
 
 def _joint_of(fn, *inputs):
@@ -21,7 +21,7 @@ def test_matmul_flops_and_roofline():
     captured = _joint_of(lambda x, y: (x @ y).relu().sum(), a, b)
     costs = captured.costs
     mm = next(n for n in captured.graph.joint.graph.nodes if n.target is torch.ops.aten.mm.default)
-    assert costs.flops(mm.name) == 2 * 64 * 32 * 48
+    assert costs.flops(costs.index[mm.name]) == 2 * 64 * 32 * 48
     device = cost_model.DeviceSpec(fp32_matmul_flops_per_s=1e9, bandwidth_bytes_per_s=1e15)
     assert runtime.node_seconds(mm, device) == pytest.approx(2 * 64 * 32 * 48 / 1e9)
     # Memory-bound when bandwidth is the ceiling: bytes read + written over bandwidth.
@@ -29,7 +29,7 @@ def test_matmul_flops_and_roofline():
     moved = (64 * 32 + 32 * 48 + 64 * 48) * 4
     assert runtime.node_bytes_moved(mm) == moved
     assert runtime.node_seconds(mm, slow_memory) == pytest.approx(moved / 1e6)
-    assert costs.kind(mm.name) == runtime.MATMUL
+    assert costs.kinds[costs.index[mm.name]] == runtime.MATMUL
 
 
 def test_views_cost_nothing_and_kinds():
@@ -38,18 +38,19 @@ def test_views_cost_nothing_and_kinds():
     costs = captured.costs
     by_target = {}
     for node in captured.graph.joint.graph.nodes:  # the first (forward) node of each op
-        by_target.setdefault(node.target, node.name)
+        by_target.setdefault(node.target, costs.index.get(node.name))
     transpose = by_target[torch.ops.aten.t.default]
-    assert costs.seconds(transpose) == 0.0 and costs.kind(transpose) == runtime.VIEW
+    assert costs.seconds[transpose] == 0.0 and costs.kinds[transpose] == runtime.VIEW
     assert costs.allocated_bytes(transpose) == 0
     relu = by_target[torch.ops.aten.relu.default]
-    assert costs.kind(relu) == runtime.POINTWISE and costs.seconds(relu) > 0
+    assert costs.kinds[relu] == runtime.POINTWISE and costs.seconds[relu] > 0
     dropout = by_target[torch.ops.aten.native_dropout.default]
-    assert costs.kind(dropout) == runtime.RANDOM
-    assert costs.kind(by_target[torch.ops.aten.sum.default]) == runtime.REDUCTION
+    assert costs.kinds[dropout] == runtime.RANDOM
+    assert costs.kinds[by_target[torch.ops.aten.sum.default]] == runtime.REDUCTION
     # A view keeps its base's storage: saving it costs the base's bytes; running it allocates nothing.
-    assert costs.output_bytes(transpose) == costs.output_bytes(captured.graph.primals[0].name)
-    assert costs.storage_base(transpose) == captured.graph.primals[0].name
+    primal = costs.index[captured.graph.primals[0].name]
+    assert costs.output_bytes(transpose) == costs.output_bytes(primal)
+    assert costs.storage_base(transpose) == primal
 
 
 def test_recompute_seconds_sums_the_recomputed_nodes():
@@ -60,8 +61,9 @@ def test_recompute_seconds_sums_the_recomputed_nodes():
     assert part.plan.recomputed == ["sin"], "min-cut keeps mm and recomputes sin from it"
     device = cost_model.DeviceSpec()
     expected = sum(runtime.node_seconds(part.graph.node(n), device) for n in part.plan.recomputed)
-    assert cost_model.recompute_seconds(part.graph, part.plan) == pytest.approx(expected)
-    assert cost_model.estimate_training_graph(part.graph).recompute_seconds(part.plan.saved) == pytest.approx(expected)
+    assert part.plan.recompute_seconds == pytest.approx(expected)
+    costs = cost_model.graph_costs(part.graph)
+    assert costs.recompute_seconds(costs.indices(part.plan.saved)) == pytest.approx(expected)
 
 
 def test_custom_op_flop_formula_is_used():
@@ -93,10 +95,11 @@ def test_custom_op_flop_formula_is_used():
     captured = _joint_of(lambda x, y: scaled_mm(x, y).sum(), a, b)
     node = next(n for n in captured.graph.joint.graph.nodes
                 if n.target is torch.ops.memgraph_test.scaled_mm.default)
-    assert captured.costs.flops(node.name) == 2 * 16 * 8 * 4
-    assert captured.costs.kind(node.name) == runtime.CUSTOM
+    i = captured.costs.index[node.name]
+    assert captured.costs.flops(i) == 2 * 16 * 8 * 4
+    assert captured.costs.kinds[i] == runtime.CUSTOM
     # Its memory comes from its fake implementation, and nothing about it is unknown.
-    assert captured.costs.allocated_bytes(node.name) == 512  # 16*4 floats, rounded to the allocator's 512 bytes
+    assert captured.costs.allocated_bytes(i) == 512  # 16*4 floats, rounded to the allocator's 512 bytes
     estimate = cost_model.estimate_partitioned(captured.graph, captured.fw, captured.bw)
     assert not estimate.unknown_ops
 

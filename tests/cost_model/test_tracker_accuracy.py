@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from memgraph import cost_model
-from memgraph.cost_model.capture import capture_backend, capture_step
+from memgraph.capture import capture, capture_backend
 from memgraph.cost_model.tracker import MemoryTracker, run_step
+
+NO_REWRITES = {"rewrites": False}  # the cost model is checked on the graphs as the model traces them
 
 SOLVERS = ("none", "mincut")
 
@@ -21,7 +23,7 @@ def relative_error(predicted: int, measured: int) -> float:
 def test_predicted_peak_matches_tracker(arch, lora, make_model, make_ids):
     model = make_model(arch, lora)
     ids = make_ids(24)
-    captured_graphs = capture_step(model, solvers=SOLVERS, input_ids=ids, labels=ids)
+    captured_graphs = capture(model, options=NO_REWRITES, solvers=SOLVERS, input_ids=ids, labels=ids)
     assert captured_graphs  # gpt2 has a graph break: each graph is checked on its own
     for captured in captured_graphs:
         for solver, part in captured.partitions.items():
@@ -40,18 +42,23 @@ def test_predicted_peak_matches_tracker(arch, lora, make_model, make_ids):
                 assert grads < 0.25 * predicted.breakdown["weights"]
 
 
-def test_joint_simulation_equals_partitioned_estimate(llama, make_ids):
+@pytest.mark.parametrize("solver", ["none", "mincut", "checkpoint"])
+def test_one_model_of_the_plan(solver, llama, make_ids):
+    """The plan's figures are the cost model's one simulation, and they describe the graphs the partition pass
+    builds: the same timeline, the same recomputed nodes."""
     ids = make_ids(24)
-    (captured,) = capture_step(llama, solvers=SOLVERS, input_ids=ids, labels=ids)
-    none = captured.partitions["none"]
-    simulated = captured.costs.simulate(none.plan.saved)
-    partitioned = cost_model.estimate_partitioned(none.graph, none.fw, none.bw)
-    assert simulated.peak_bytes_hint == partitioned.peak_bytes_hint
+    (captured,) = capture(llama, options=NO_REWRITES, solvers=(solver,), input_ids=ids, labels=ids)
+    part = captured.partitions[solver]
+    simulated = captured.costs.estimate(part.plan)
+    partitioned = cost_model.estimate_partitioned(part.graph, part.fw, part.bw)
+    assert part.plan.peak_bytes == simulated.peak_bytes_hint == partitioned.peak_bytes_hint
     assert list(simulated.during) == list(partitioned.during)
-    # min-cut's saved names refer to its own rewrite (CSE) of the joint graph: simulate on that graph.
-    mincut = captured.partitions["mincut"]
-    assert cost_model.estimate_training_graph(mincut.graph).simulate(mincut.plan.saved).peak_bytes_hint == \
-        cost_model.estimate_partitioned(mincut.graph, mincut.fw, mincut.bw).peak_bytes_hint
+    forward = {n.name for n in part.graph.forward_nodes}
+    in_backward = {n.name for n in part.bw.graph.nodes if n.op == "call_function" and n.name in forward}
+    assert set(part.plan.recomputed) == in_backward
+    if solver == "checkpoint":  # a valid plan: the solvers' fast recomputation set is the scheduled one
+        saved = captured.costs.indices(part.plan.saved)
+        assert captured.costs.recomputed(saved) == captured.costs.scheduled_recomputation(saved)
 
 
 def test_real_autograd_runtime_matches(llama, make_ids):
@@ -59,7 +66,7 @@ def test_real_autograd_runtime_matches(llama, make_ids):
     ids = make_ids(24)
     captured, holder = [], {"tracker": MemoryTracker()}
     compiled = torch.compile(llama, backend=capture_backend(
-        captured, ("mincut",), run_under=lambda: holder["tracker"],
+        captured, options=NO_REWRITES, solvers=("mincut",), run_under=lambda: holder["tracker"],
         observe_backward_inputs=lambda args: holder["tracker"].track(args)))
     compiled(input_ids=ids, labels=ids).loss.backward()  # compile + warm-up
     llama.zero_grad(set_to_none=True)
@@ -78,7 +85,7 @@ def test_real_autograd_runtime_matches(llama, make_ids):
 def test_eager_backward_that_keeps_its_inputs_is_modelled(llama, make_ids):
     """A backward called as ``f(*args)`` (``make_boxed_func``) keeps every saved tensor to its end."""
     ids = make_ids(24)
-    (captured,) = capture_step(llama, solvers=("none",), input_ids=ids, labels=ids)
+    (captured,) = capture(llama, options=NO_REWRITES, solvers=("none",), input_ids=ids, labels=ids)
     keep = cost_model.estimate_partitioned(captured.graph, captured.fw, captured.bw,
                                            semantics=cost_model.StepSemantics(backward_frees_inputs=False))
     free = cost_model.estimate_partitioned(captured.graph, captured.fw, captured.bw)
@@ -104,7 +111,7 @@ def test_generated_code_run_has_the_node_by_node_memory_and_results(solver, make
     same peak and bit-identical gradients as the interpreter that frees each value after its last use."""
     model = make_model("llama", True)
     ids = make_ids(24)
-    (captured,) = capture_step(model, solvers=(solver,), input_ids=ids, labels=ids)
+    (captured,) = capture(model, options=NO_REWRITES, solvers=(solver,), input_ids=ids, labels=ids)
     part = captured.partitions[solver]
     args = (part.fw, part.bw, captured.primals, part.graph.num_fwd_outputs)
     slow = run_step(*args, tracker=MemoryTracker())

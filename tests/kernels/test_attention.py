@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memgraph import _compat
 from memgraph.kernels import attention as A
+from memgraph.kernels.attention import launch as L, op as OP, reference as R
 from tests.helpers import RecordOps
 
 HEAD_PAIRS = [(1, 1), (2, 1), (4, 2), (3, 3), (4, 1)]  # (Hq, Hkv): MHA, MQA, GQA
@@ -55,7 +56,7 @@ def _sdpa_bf16(q, k, v, grad_out, *, causal, window):
     mask = None
     if window is not None:
         positions = torch.arange(q.shape[2])
-        mask = A._visible_torch(positions, positions, causal, window)
+        mask = A.visible_mask(positions, positions, causal, window)
     out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, is_causal=causal and mask is None,
                                          enable_gqa=True)
     out.backward(grad_out)
@@ -112,9 +113,9 @@ def test_large_head_dims(head_dim, kv_bits):
 @pytest.mark.parametrize("kv_bits, kv_dequant", [(16, None), (4, "prepass"), (4, "in_kernel")])
 def test_dkdv_split_across_gqa_heads(monkeypatch, split, kv_bits, kv_dequant):
     """Short sequences split a GQA group's query heads across programs and sum float32 partials."""
-    monkeypatch.setattr(A, "_FORCE_DKDV_SPLIT", split)
+    monkeypatch.setattr(L, "_FORCE_DKDV_SPLIT", split)
     if kv_dequant:
-        monkeypatch.setattr(A, "KV_DEQUANT", kv_dequant)
+        monkeypatch.setattr(L, "KV_DEQUANT", kv_dequant)
     q, k, v, grad_out = _inputs(2, 4, 1, 37, 32, torch.float32, seed=3)
     ours = _ours(q, k, v, grad_out, kv_bits=kv_bits, window=20)
     if kv_bits == 16:
@@ -128,7 +129,7 @@ def test_dkdv_split_across_gqa_heads(monkeypatch, split, kv_bits, kv_dequant):
 def test_kv16_backward_runs_no_pre_pass(monkeypatch):
     """kv_bits=16: dQ (which forms delta) then dK/dV, nothing else; kv_bits=4 adds K'/V' and the stats pass."""
     launched = []
-    launch, dequantize = A._launch, A._dequantize_triton
+    launch, dequantize = L._launch, L.dequantize_triton
 
     def record_launch(kind, *args, **kwargs):
         launched.append(kind)
@@ -138,15 +139,15 @@ def test_kv16_backward_runs_no_pre_pass(monkeypatch):
         launched.append("dequant")
         return dequantize(*args, **kwargs)
 
-    monkeypatch.setattr(A, "_launch", record_launch)
-    monkeypatch.setattr(A, "_dequantize_triton", record_dequantize)
+    monkeypatch.setattr(L, "_launch", record_launch)
+    monkeypatch.setattr(L, "dequantize_triton", record_dequantize)
     q, k, v, grad_out = _inputs(1, 4, 2, 40, 32, torch.bfloat16, seed=12)
     _ours(q, k, v, grad_out, kv_bits=16)
     assert launched == ["fwd", "dq", "dkdv"]
     for mode, expected in (("prepass", ["fwd", "dequant", "stats", "dq", "dkdv"]),
                            ("in_kernel", ["fwd", "stats", "dq", "dkdv"])):
         launched.clear()
-        monkeypatch.setattr(A, "KV_DEQUANT", mode)
+        monkeypatch.setattr(L, "KV_DEQUANT", mode)
         _ours(q, k, v, grad_out, kv_bits=4)
         assert launched == expected, mode
 
@@ -156,8 +157,8 @@ def test_kv_dequant_modes_compute_the_same_gradients(monkeypatch, bits):
     """KV_DEQUANT="prepass" (K'/V' materialized once) and "in_kernel" build the same K'/V' tiles."""
     q, k, v, grad_out = _inputs(1, 4, 2, 70, 64, torch.bfloat16, seed=13, outlier_channels=3)
     grads = {}
-    for mode in A.KV_DEQUANT_MODES:
-        monkeypatch.setattr(A, "KV_DEQUANT", mode)
+    for mode in L.KV_DEQUANT_MODES:
+        monkeypatch.setattr(L, "KV_DEQUANT", mode)
         grads[mode] = _ours(q, k, v, grad_out, kv_bits=bits, window=50, softcap=20.0)[1:]
     for a, b in zip(grads["prepass"], grads["in_kernel"]):
         assert rel(a, b) < 1e-6
@@ -174,7 +175,7 @@ def test_dequantize_kernel_is_bit_identical_to_reference(dtype, head_dim, bits):
     k = (torch.randn(2, 3, 45, head_dim, generator=generator) * 3 + 1).to(dtype)
     v = torch.randn(2, 3, 45, head_dim, generator=generator).to(dtype)
     packed = A.quantize_kv(k, v, bits)
-    for got, want in zip(A._dequantize_triton(packed, bits, dtype), A.dequantize_kv(*packed, bits, dtype=dtype)):
+    for got, want in zip(L.dequantize_triton(packed, bits, dtype), A.dequantize_kv(*packed, bits, dtype=dtype)):
         assert got.dtype == dtype and torch.equal(got, want)
 
 
@@ -183,28 +184,28 @@ def test_kernel_runner_launches_one_kernel_with_any_config(monkeypatch, kv_bits,
     """bench_attention.py --tune times kernels alone through kernel_runner: each config gives the op's results."""
     q, k, v, grad_out = _inputs(1, 4, 2, 50, 64, torch.float32, seed=14)
     if kv_dequant:
-        monkeypatch.setattr(A, "KV_DEQUANT", kv_dequant)
+        monkeypatch.setattr(L, "KV_DEQUANT", kv_dequant)
     out, dq, dk, dv = _ours(q, k, v, grad_out, kv_bits=kv_bits)
     expected = {"fwd": [out], "dq": [dq], "dkdv": [dk, dv]}
     if kv_bits < 16:
         k_deq, v_deq = A.dequantize_kv(*A.quantize_kv(k, v, kv_bits), kv_bits, dtype=q.dtype)
         scores = (q @ k_deq.repeat_interleave(2, 1).transpose(-1, -2) * 64 ** -0.5).masked_fill(
-            ~A._visible_torch(torch.arange(50), torch.arange(50), True, None), float("-inf"))
+            ~A.visible_mask(torch.arange(50), torch.arange(50), True, None), float("-inf"))
         probs = torch.softmax(scores, -1)
         delta = (probs * (grad_out @ v_deq.repeat_interleave(2, 1).transpose(-1, -2))).sum(-1)
         expected["stats"] = [torch.logsumexp(scores, -1), delta]
         expected["dequant"] = [k_deq, v_deq]
     for kind, want in expected.items():
-        configs = [None] if kind == "dequant" else A._config_list(kind, 64)[:2]
+        configs = [None] if kind == "dequant" else L._config_list(kind, 64)[:2]
         for split in ([1, 2] if kind == "dkdv" else [1]):
-            run = A.kernel_runner(kind, q, k, v, grad_out, kv_bits=kv_bits, kv_dequant=kv_dequant, dkdv_split=split)
+            run = L.kernel_runner(kind, q, k, v, grad_out, kv_bits=kv_bits, kv_dequant=kv_dequant, dkdv_split=split)
             for config in configs:
                 got = run(config)
                 got = got if isinstance(got, tuple) else (got,)
                 for a, b in zip(got, want):
                     assert rel(a, b) < 1e-5, (kind, config, split)
     with pytest.raises(ValueError, match="stats"):
-        A.kernel_runner("stats", q, k, v, grad_out, kv_bits=16)
+        L.kernel_runner("stats", q, k, v, grad_out, kv_bits=16)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -405,8 +406,8 @@ def test_plain_torch_fallback_matches_kernels(monkeypatch, kv_bits):
     q, k, v, grad_out = _inputs(1, 4, 2, 50, 32, torch.float32, seed=6)
     kwargs = dict(kv_bits=kv_bits, window=30, softcap=8.0)
     kernels = _ours(q, k, v, grad_out, **kwargs)
-    monkeypatch.setattr(A, "_use_triton", lambda tensor: False)
-    monkeypatch.setattr(A, "TORCH_FALLBACK_QUERY_CHUNK", 16)  # exercise the chunking
+    monkeypatch.setattr(OP, "use_triton", lambda tensor, log: False)
+    monkeypatch.setattr(R, "TORCH_FALLBACK_QUERY_CHUNK", 16)  # exercise the chunking
     fallback = _ours(q, k, v, grad_out, **kwargs)
     for a, b in zip(kernels, fallback):
         assert rel(a, b) < 1e-5
@@ -418,8 +419,8 @@ def test_without_triton_the_torch_path_runs():
         sys.modules["triton"] = None  # import triton -> ImportError
         logging.basicConfig(level=logging.WARNING)
         import torch
-        from memgraph.kernels import attention as A
-        assert not A.HAS_TRITON
+        from memgraph.kernels import _dispatch, attention as A
+        assert not _dispatch.HAS_TRITON
         q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
         A.attention(q, k, v, kv_bits=4).sum().backward()
         ref = A.reference_quantized_grads(q, k, v, torch.ones(1, 2, 20, 16), kv_bits=4)
@@ -452,9 +453,7 @@ def test_rejects_unsupported_arguments(shapes, kwargs, message):
 def test_torch_fallback_returns_the_strides_its_fake_promises(monkeypatch):
     """Without Triton (CPU, no interpreter) the plain-torch path runs; Inductor asserts the fake impl's
     (contiguous) strides, and HF hands q over transposed."""
-    import memgraph.kernels.attention as attention_module
-
-    monkeypatch.setattr(attention_module, "_use_triton", lambda x: False)
+    monkeypatch.setattr(OP, "use_triton", lambda tensor, log: False)
     batch, heads, kv_heads, seq_len, head_dim = 1, 4, 2, 8, 16
     q = torch.randn(batch, seq_len, heads, head_dim).transpose(1, 2)
     k = torch.randn(batch, seq_len, kv_heads, head_dim).transpose(1, 2)
@@ -525,8 +524,8 @@ def test_plain_eager_fwd_bwd_never_enters_the_dispatcher(monkeypatch, kv_bits, d
 
         return call
 
-    monkeypatch.setattr(A, "_ATTENTION", recording(A._ATTENTION))
-    monkeypatch.setattr(A, "_ATTENTION_BACKWARD", recording(A._ATTENTION_BACKWARD))
+    monkeypatch.setattr(OP, "_ATTENTION", recording(OP._ATTENTION))
+    monkeypatch.setattr(OP, "_ATTENTION_BACKWARD", recording(OP._ATTENTION_BACKWARD))
     q, k, v, grad_out = (x.to(device) for x in _inputs(1, 4, 2, 24, 16, torch.float32, seed=21))
     _ours(q, k, v, grad_out, kv_bits=kv_bits)  # public attention(): neither op goes through the dispatcher
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memgraph import _compat
-from memgraph.kernels import nf4
+from memgraph.kernels import _dispatch, nf4
+from memgraph.kernels._dispatch import use_triton
 from memgraph.kernels.nf4 import NF4Weight
 from tests.helpers import RecordOps
 
@@ -61,7 +62,7 @@ def test_code_tables_match_bitsandbytes():
 
 def test_kernel_path_is_triton():
     # The bit-identity tests below must exercise the Triton kernel, not only the torch fallback.
-    assert nf4._use_triton(torch.device(DEVICE))
+    assert use_triton(torch.empty(0, device=DEVICE), nf4.log)
 
 
 def bnb_portable_dequantize(packed, state):
@@ -266,15 +267,15 @@ def test_traces_under_torch_compile_without_graph_breaks():
 def test_torch_fallback_matches_kernel(monkeypatch):
     weight = NF4Weight.quantize(random_weight(20, 70, torch.bfloat16, 9), double_quant=True)
     kernel = weight.dequantize()
-    monkeypatch.setattr(nf4, "_use_triton", lambda device: False)
+    monkeypatch.setattr(nf4, "use_triton", lambda tensor, log: False)
     assert same_bits(weight.dequantize(), kernel)
 
 
 def test_without_triton_falls_back_to_torch_and_logs_once(monkeypatch, caplog):
     weight = NF4Weight.quantize(random_weight(20, 70, torch.bfloat16, 12), double_quant=True)
     kernel = weight.dequantize()
-    monkeypatch.setattr(nf4, "triton", None)
-    monkeypatch.setattr(nf4, "_warned_no_triton", False)
+    monkeypatch.setattr(_dispatch, "HAS_TRITON", False)
+    _dispatch._log_once.cache_clear()
     with caplog.at_level("WARNING", logger="memgraph.kernels.nf4"):
         assert same_bits(weight.dequantize(), kernel)
         x = torch.randn(2, 70, device=DEVICE, dtype=torch.bfloat16)

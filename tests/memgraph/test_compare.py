@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from memgraph import models
-from memgraph.compare import add_compare_parser, build_model, capture_training_graphs, compare
+from memgraph.capture import capture
+from memgraph.compare import add_compare_parser, build_model, compare
 
 SOLVERS = ["none", "checkpoint", "greedy", "ilp"]
 
@@ -69,5 +70,6 @@ def test_meta_capture_has_no_real_storage():
     model = build_model("llama", device="meta", dtype="fp32", lora=True)
     assert all(p.device.type == "meta" for p in model.parameters())
     ids = torch.zeros(1, 32, dtype=torch.long, device="meta")
-    (graph,) = capture_training_graphs(model, example_kwargs={"input_ids": ids, "labels": ids, "use_cache": False})
+    (captured,) = capture(model, input_ids=ids, labels=ids, use_cache=False, backward=False)
+    graph = captured.graph
     assert graph.num_fwd_outputs >= 1 and graph.backward_nodes

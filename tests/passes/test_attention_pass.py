@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import memgraph
 from memgraph import models
-from memgraph.kernels import attention as A
+from memgraph.kernels._dispatch import use_triton
+from memgraph.kernels.attention import op as OP
 from memgraph.passes import RUNTIME_CHECKS
 from memgraph.passes.attention import rewrite_attention
 
@@ -356,8 +357,9 @@ def test_unknown_inputs_never_raise():
 # ------------------------------------------------------------------------------------------------------------
 def _count_kernel_calls(monkeypatch):
     calls = {"forward": 0, "backward": 0}
-    forward = A._fwd_triton if A._use_triton(torch.empty(0)) else A._torch_forward
-    backward = A._bwd_triton if A._use_triton(torch.empty(0)) else A._torch_backward
+    triton = use_triton(torch.empty(0), OP.log)
+    forward = OP.fwd_triton if triton else OP.torch_forward
+    backward = OP.bwd_triton if triton else OP.torch_backward
 
     def counted(kind, fn):
         def wrapper(*args, **kwargs):
@@ -366,8 +368,8 @@ def _count_kernel_calls(monkeypatch):
 
         return wrapper
 
-    monkeypatch.setattr(A, forward.__name__, counted("forward", forward))
-    monkeypatch.setattr(A, backward.__name__, counted("backward", backward))
+    monkeypatch.setattr(OP, forward.__name__, counted("forward", forward))
+    monkeypatch.setattr(OP, backward.__name__, counted("backward", backward))
     return calls
 
 

@@ -1,0 +1,61 @@
+"""What every memgraph op shares between its launcher and its custom op: whether Triton runs it, on which
+device, and whether an eager call may skip the dispatcher.
+
+* ``use_triton(tensor, log)``: Triton on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set
+  before triton was imported (the test suite does); otherwise the op's plain-torch implementation runs, and the
+  reason is logged once per op logger.
+* ``device_guard(tensor)``: Triton launches on the current CUDA device; switch only when the tensor is on
+  another one (the usual call then skips building, entering and leaving a ``torch.cuda.device``).
+* ``direct_eager(*tensors)``: ordinary dense CPU/CUDA tensors and no dispatch mode, transform, tracer or
+  profiler: an autograd kernel may then call the implementation itself instead of redispatching (host time
+  matters at training sizes: each layer calls every op twice per step).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from memgraph import _compat
+
+# triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when a kernel module is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    import triton  # noqa: F401 - imported for its availability
+
+    TRITON_IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as error:
+    TRITON_IMPORT_ERROR = error
+
+HAS_TRITON = TRITON_IMPORT_ERROR is None
+_SAME_DEVICE = contextlib.nullcontext()  # reusable: nullcontext keeps no state
+
+
+def use_triton(tensor: torch.Tensor, log: logging.Logger) -> bool:
+    if not HAS_TRITON:
+        _log_once(log, f"triton is not importable ({TRITON_IMPORT_ERROR})")
+        return False
+    if tensor.is_cuda or (tensor.device.type == "cpu" and INTERPRET):
+        return True
+    _log_once(log, f"tensors are on {tensor.device.type} and TRITON_INTERPRET=1 was not set before import")
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(log: logging.Logger, reason: str) -> None:
+    log.warning("%s: %s; running the plain-torch implementation (same math, slower)", log.name, reason)
+
+
+def device_guard(tensor: torch.Tensor):
+    if tensor.is_cuda and tensor.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return _SAME_DEVICE
+
+
+def direct_eager(first: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    return _compat.plain_dispatch_context() and _compat.plain_tensors(first, *others)
