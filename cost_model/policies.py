@@ -54,9 +54,11 @@ def _is_impure(node: fx.Node) -> bool:
 
 
 def _draws_nothing(node: fx.Node) -> bool:
-    """A seeded op called with dropout probability 0 (or train=False) is deterministic (SDPA, dropout)."""
+    """A seeded op called with dropout probability 0 (or train=False), given or by default, is deterministic
+    (SDPA: HF leaves dropout_p at its default 0 in training)."""
     schema = node.target._schema
-    values = dict(zip((a.name for a in schema.arguments), node.args))
+    values = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    values.update(zip((a.name for a in schema.arguments), node.args))
     values.update(node.kwargs)
     for name in ("dropout_p", "p"):
         if name in values and isinstance(values[name], (int, float)) and values[name] == 0:

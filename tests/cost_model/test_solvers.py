@@ -219,6 +219,10 @@ def test_never_recompute_reasons():
     assert never_recompute(dropout).startswith("random")
     assert never_recompute(no_dropout) is None
     assert never_recompute(sdpa) is None  # dropout_p=0: deterministic
+    default = graph.call_function(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, (x, x, x))
+    assert never_recompute(default) is None  # dropout_p left at its default 0, as HF calls it in training
+    flash = graph.call_function(torch.ops.aten._scaled_dot_product_flash_attention.default, (x, x, x, 0.1))
+    assert never_recompute(flash).startswith("random")
     assert never_recompute(copy) is not None
     assert never_recompute(mm) is None
 
