@@ -89,7 +89,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def _timing_lock(mode_name: str):
     import fcntl
 
-    with open(os.environ.get("MEMGRAPH_TIMING_LOCK", "/tmp/memgraph-gpu-timing.lock"), "w") as handle:
+    with open(os.environ.get("BENCH_TIMING_LOCK", "/tmp/memgraph-gpu-timing.lock"), "w") as handle:
         fcntl.flock(handle, getattr(fcntl, mode_name))
         try:
             yield

@@ -25,8 +25,8 @@ from bench_e2e import run_in_process  # noqa: E402
 GIB = 2**30
 
 
-def step_recipes(solver: str, kv_bits: int) -> dict[str, str]:
-    memgraph = f"bnb/memgraph?solver={solver}&kv_bits={kv_bits}"
+def step_recipes(solver: str, kv_bits: int, codegen: str) -> dict[str, str]:
+    memgraph = f"bnb/memgraph?solver={solver}&kv_bits={kv_bits}&codegen={codegen}"
     return {
         "off": memgraph + "&rewrites=attention+nf4",
         "on": memgraph,
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--seqs", default="2048,8192")
     parser.add_argument("--solver", default="checkpoint")
     parser.add_argument("--kv-bits", type=int, default=4)
+    parser.add_argument("--codegen", default="inductor", choices=["inductor", "eager"],
+                        help="codegen of the memgraph recipes (eager: no Inductor compile, fewer device minutes)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--recipe-timeout", type=float, default=900)
@@ -113,7 +115,7 @@ def main() -> None:
                 rows.append({"case": "op", **row})
                 print_table(rows[-1:])
     if "steps" in args.only:
-        jobs = [(seq, kind, recipe) for seq in seqs for kind, recipe in step_recipes(args.solver, args.kv_bits).items()]
+        jobs = [(seq, kind, recipe) for seq in seqs for kind, recipe in step_recipes(args.solver, args.kv_bits, args.codegen).items()]
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
             def job(seq, kind, recipe):
                 run = argparse.Namespace(model=args.model, seq=seq, steps=args.steps, layers=None, cache_dir=None,
@@ -123,14 +125,15 @@ def main() -> None:
             for future in concurrent.futures.as_completed([pool.submit(job, *j) for j in jobs]):
                 rows.append(future.result())
                 print_table(rows[-1:])
-                write_results(args.name, rows, model=args.model, solver=args.solver, kv_bits=args.kv_bits)
+                write_results(args.name, rows, model=args.model, solver=args.solver, kv_bits=args.kv_bits,
+                              codegen=args.codegen)
         for seq in seqs:
             off = next((r for r in rows if r.get("cross_entropy") == "off" and r["seq"] == seq and "tok_s" in r), None)
             for row in rows:
                 if off and row.get("case") == "step" and row["seq"] == seq and "tok_s" in row:
                     row["peak_saved_gib"] = off["peak_gib"] - row["peak_gib"]
                     row["tok_s_vs_off"] = row["tok_s"] / off["tok_s"]
-    write_results(args.name, rows, model=args.model, solver=args.solver, kv_bits=args.kv_bits,
+    write_results(args.name, rows, model=args.model, solver=args.solver, kv_bits=args.kv_bits, codegen=args.codegen,
                   lora="r16 alpha16 dropout0 on every projection", batch=1)
     print_table(rows)
 

@@ -150,6 +150,14 @@ def run_recipe(args, recipe: str) -> dict:
             peaks = [r.plan.peak_bytes for r in records]
             if None not in peaks:
                 row["predicted_peak_gib"] = max(peaks) / 2**30
+            offloaded = [r.plan for r in records if r.plan.offloaded]
+            if offloaded:
+                from memgraph.kernels.offload import host_pool_bytes
+
+                row.update(offloaded=sum(len(p.offloaded) for p in offloaded),
+                           predicted_host_gib=sum(p.host_bytes or 0 for p in offloaded) / 2**30,
+                           host_gib=host_pool_bytes() / 2**30,  # pinned buffers held between steps
+                           predicted_transfer_ms=sum(p.transfer_seconds or 0 for p in offloaded) * 1e3)
     return row
 
 

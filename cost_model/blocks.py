@@ -65,6 +65,18 @@ class Blocks:
         return costs.make_valid(saved)
 
 
+    def layer_inputs(self, costs: "GraphCosts") -> set[int]:
+        """Forward values that enter exactly one block from outside it: each layer's input hidden state (shared
+        inputs such as rotary tables or masks enter every block, weights are primals)."""
+        block = self.block_of()
+        entered: dict[int, set[int]] = {}
+        for i, b in block.items():
+            for j in costs.inputs[i]:
+                if j in costs.forward_set and j not in costs.primals and block.get(j) != b:
+                    entered.setdefault(j, set()).add(b)
+        return {j for j, blocks in entered.items() if len(blocks) == 1}
+
+
 def find_blocks(costs: "GraphCosts", *, min_period: int = 2) -> Blocks | None:
     """The decoder layers of a transformer (see the module docstring); None if nothing repeats. Each boundary
     between blocks is placed, between the last heavy op of one block and the first of the next, where the

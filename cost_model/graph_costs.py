@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
 
 from memgraph import _compat
-from memgraph.cost_model import runtime
+from memgraph.cost_model import runtime, transfers
 from memgraph.cost_model.blocks import Blocks, find_blocks
 from memgraph.cost_model.inductor import with_kernel
 from memgraph.cost_model.memory import MemoryEstimate, StepSemantics
@@ -54,7 +54,7 @@ from memgraph.cost_model.policies import is_multi_output, never_recompute
 from memgraph.cost_model.runtime import DeviceSpec
 from memgraph.cost_model.step import StepGraphs, grad_clone_bytes, simulate_step
 from memgraph.cost_model.symbolic import Size, evaluate, rounded_allocation
-from memgraph.cost_model.values import node_value
+from memgraph.cost_model.values import NodeValue, Output, node_value
 from memgraph.errors import InfeasibleBudgetError
 from memgraph.plan import Plan
 from memgraph.units import gib
@@ -71,8 +71,13 @@ class InvalidSavedSet(ValueError):
 class GraphCosts:
     """The cost model's view of one ``TrainingGraph``; every solver reads it (see the module docstring)."""
 
-    def __init__(self, graph, *, device: DeviceSpec | None = None, semantics: StepSemantics | None = None):
+    def __init__(self, graph, *, device: DeviceSpec | None = None, semantics: StepSemantics | None = None,
+                 sizes: Mapping[str, int] | None = None, offload_budget: int | None = None):
+        """``sizes``: values for the size symbols of a dynamic-shape graph (by name, e.g. ``{"s27": 8192}``);
+        every figure is then for those sizes instead of the ones the graph was traced with.
+        ``offload_budget``: host bytes offloaded values may occupy; None: offload is not a choice."""
         self.graph = graph
+        self.offload_budget = offload_budget
         self.device = device or DeviceSpec()
         self.semantics = semantics or StepSemantics()
         self.nodes: list[fx.Node] = [n for n in graph.joint.graph.nodes if n.op != "output"]
@@ -82,6 +87,12 @@ class GraphCosts:
         if self.semantics.fuses:
             self.values = [with_kernel(v, n) for v, n in zip(self.values, self.nodes)]
         self.hints = hints_of_values([n.meta.get("val") for n in graph.joint.graph.nodes])
+        if sizes:
+            by_name = {str(symbol): symbol for symbol in self.hints}
+            unknown = sorted(set(map(str, sizes)) - set(by_name))
+            if unknown:
+                raise ValueError(f"no size symbols {unknown} in this graph; its symbols are {sorted(by_name)}")
+            self.hints = {**self.hints, **{by_name[str(name)]: int(value) for name, value in sizes.items()}}
         self.inputs: list[tuple[int, ...]] = [tuple(self.index[name] for name in v.inputs if name in self.index)
                                               for v in self.values]
         users: list[list[int]] = [[] for _ in self.nodes]
@@ -114,7 +125,7 @@ class GraphCosts:
             [n.meta.get("val") for n in graph.primals],
             {self.names[i]: self.nodes[i].meta.get("val") for i in self.gradients if i is not None})
         self._decision_space()
-        self.simulations: dict[frozenset[int], MemoryEstimate] = {}
+        self.simulations: dict[tuple[frozenset[int], frozenset[int]], MemoryEstimate] = {}
         self.memo: dict[Any, Any] = {}
         self._blocks: dict[int, Blocks | None] = {}
 
@@ -356,45 +367,92 @@ class GraphCosts:
             stack.extend(j for j in self.inputs[i] if j not in stop)
         return seen
 
-    def simulate(self, saved: Iterable[int], *, symbolic: bool = False) -> MemoryEstimate:
-        """Predicted memory of the step when backward keeps exactly ``saved`` and recomputes the rest
-        (memoized: solvers revisit the same sets). ``symbolic=True`` also builds the sympy peak (not memoized);
-        ``peak_bytes_hint`` is always there. Raises InvalidSavedSet if backward cannot be computed."""
-        key = frozenset(saved)
+    def simulate(self, saved: Iterable[int], *, offloaded: Iterable[int] = (), symbolic: bool = False
+                 ) -> MemoryEstimate:
+        """Predicted memory of the step when backward keeps exactly ``saved`` (of which ``offloaded`` wait on
+        the host) and recomputes the rest (memoized: solvers revisit the same sets). ``symbolic=True`` also
+        builds the sympy peak (not memoized); ``peak_bytes_hint`` is always there; ``.transfers`` holds where
+        the offload ops go. Raises InvalidSavedSet if backward cannot be computed."""
+        key = (frozenset(saved), frozenset(offloaded))
         if symbolic:
-            return self._simulate(key, symbolic=True)
-        estimate = self.simulations.pop(key, None) or self._simulate(key, symbolic=False)
+            return self._simulate(*key, symbolic=True)
+        estimate = self.simulations.pop(key, None) or self._simulate(*key, symbolic=False)
         self.simulations[key] = estimate  # most recently used last
         while len(self.simulations) > MAX_SIMULATIONS:
             self.simulations.pop(next(iter(self.simulations)))
         return estimate
 
-    def _simulate(self, saved: frozenset[int], *, symbolic: bool) -> MemoryEstimate:
+    def _simulate(self, saved: frozenset[int], offloaded: frozenset[int], *, symbolic: bool) -> MemoryEstimate:
         forward, backward, saved_used = self.schedule(saved)
+        not_allowed = offloaded - self.offloadable
+        if not_allowed:
+            raise InvalidSavedSet(f"{self.names_of(not_allowed)[:5]} may not be offloaded (not a single fresh "
+                                  "contiguous tensor owning its storage, or a user output)")
+        placed = transfers.place_transfers(self, forward, backward, [i for i in saved_used if i in offloaded])
         values = self.values
+        ops = {t.value: self._transfer_values(self.index[t.value]) for t in placed.items}
         step = StepGraphs(
             primals=[values[i] for i in self._primal_order],
-            forward=[values[i] for i in forward],
+            forward=self._sequence(forward, placed, "forward", ops),
             user_outputs=[self.names[i] for i in self.forward_outputs],
-            saved=[values[i] for i in saved_used],
+            saved=[ops[self.names[i]]["wait_offload"] if self.names[i] in ops else values[i] for i in saved_used],
             tangents=[values[i] for i in self.tangents],
-            backward=[values[i] for i in backward],
+            backward=self._sequence(backward, placed, "backward", ops),
             grads=[self.names[i] if i is not None else None for i in self.gradients],
             static_indices=frozenset(self.graph.static_input_indices),
             grad_clones=self._grad_clones,
         )
-        return simulate_step(step, self.hints, self.semantics, symbolic_peak=symbolic)
+        estimate = simulate_step(step, self.hints, self.semantics, symbolic_peak=symbolic)
+        estimate.transfers = placed
+        return estimate
+
+    def _sequence(self, order: list[int], placed: transfers.Transfers, phase: str,
+                  ops: dict[str, dict[str, NodeValue]]) -> list[NodeValue]:
+        """One graph's node values in order with the transfer ops placed; in backward, readers of an offloaded
+        value read its reload."""
+        if not placed.items:
+            return [self.values[i] for i in order]
+        sequence = transfers.interleave([self.names[i] for i in order], placed, phase)
+        renamed = {t.value: transfers.wait_reload_name(t.value) for t in placed.items} if phase == "backward" else {}
+        result = []
+        for kind, name in sequence:
+            if kind != "node":
+                result.append(ops[name][kind])
+            elif renamed:
+                result.append(_reading(self.values[self.index[name]], renamed))
+            else:
+                result.append(self.values[self.index[name]])
+        return result
+
+    def _transfer_values(self, i: int) -> dict[str, NodeValue]:
+        """The node values of value i's four transfer ops, as the offload pass builds them."""
+        key = ("transfer values", i)
+        if key not in self.memo:
+            from memgraph.passes.offload import transfer_nodes
+
+            graph = fx.Graph()
+            source = graph.placeholder(self.names[i])
+            source.meta["val"] = self.nodes[i].meta.get("val")
+            nodes = transfer_nodes(graph, source)
+            read = (lambda n: with_kernel(node_value(n), n)) if self.semantics.fuses else node_value
+            self.memo[key] = {kind: read(node) for kind, node in nodes.items()}
+        return self.memo[key]
 
     def peak(self, saved: Iterable[int]) -> int:
         return int(self.simulate(saved).peak_bytes_hint)
 
     def estimate(self, plan: Plan, *, symbolic: bool = False) -> MemoryEstimate:
-        """The predicted memory of a plan (its ``saved`` names)."""
-        return self.simulate(self.indices(plan.saved), symbolic=symbolic)
+        """The predicted memory of a plan (its ``saved`` and ``offloaded`` names)."""
+        return self.simulate(self.indices(plan.saved), offloaded=self.indices(plan.offloaded), symbolic=symbolic)
+
+    @functools.cached_property
+    def offloadable(self) -> frozenset[int]:
+        """Forward values that may wait on the host between forward and backward (``transfers.offloadable``)."""
+        return transfers.offloadable(self)
 
     # --- plans ----------------------------------------------------------------------------------------
     def plan(self, solver: str, saved: Iterable[int], budget: int | None, *, estimate: MemoryEstimate | None = None,
-             validate: bool = True, **details: Any) -> Plan:
+             validate: bool = True, offloaded: Iterable[int] = (), **details: Any) -> Plan:
         """A Plan for ``saved`` with the one predicted peak and recompute time of this cost model.
 
         Raises InfeasibleBudgetError when the predicted peak exceeds ``budget``. ``validate=False`` takes a
@@ -403,11 +461,17 @@ class GraphCosts:
         if validate and not self.is_valid(saved):
             raise RuntimeError(f"solver {solver!r} produced a saved set from which backward would rerun a "
                                "pinned (random, impure, mutating or input) node; pass it through make_valid")
-        estimate = estimate or self.simulate(saved)
+        offloaded = set(offloaded)
+        estimate = estimate or self.simulate(saved, offloaded=offloaded)
         peak = int(estimate.peak_bytes_hint)
         recomputed = self.scheduled_recomputation(saved)
+        placed = getattr(estimate, "transfers", None) or transfers.Transfers()
+        if placed.items:
+            details["transfers"] = [t.to_dict() for t in placed.items]
         plan = Plan(solver=solver, saved=self.names_of(saved), recomputed=self.names_of(recomputed), peak_bytes=peak,
                     recompute_seconds=float(sum(self.seconds[i] for i in recomputed)), budget_bytes=budget,
+                    offloaded=[t.value for t in placed.items], host_bytes=placed.host_bytes,
+                    transfer_seconds=placed.stall_seconds,
                     details={k: v for k, v in details.items() if k != "gap"})
         if "gap" in details:
             plan.optimality_gap = details["gap"]
@@ -459,6 +523,16 @@ class GraphCosts:
     def __repr__(self) -> str:
         return (f"GraphCosts({len(self.names)} nodes, {len(self.forward)} forward, {len(self.backward)} backward, "
                 f"symbols={sorted(map(str, self.hints))})")
+
+
+def _reading(value: NodeValue, renamed: Mapping[str, str]) -> NodeValue:
+    """``value`` reading (and aliasing) ``renamed[name]`` wherever it read ``name``."""
+    if not any(name in renamed for name in value.inputs):
+        return value
+    outputs = tuple(Output(alias=(renamed.get(o.alias[0], o.alias[0]), o.alias[1]))
+                    if o is not None and o.alias is not None else o for o in value.outputs)
+    return NodeValue(value.name, outputs, tuple(renamed.get(n, n) for n in value.inputs), value.unknown,
+                     value.kernel, value.scratch)
 
 
 def hints_of_values(values) -> dict:

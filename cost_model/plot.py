@@ -1,5 +1,5 @@
-"""Timeline plot of a MemoryEstimate: bytes live per step, stacked by category, the forward/backward boundary
-and the peak marked; a measured trace (bytes per step from a real run) is drawn over it."""
+"""Timeline plot of a MemoryEstimate: bytes live per step, stacked by category, the forward/backward boundary,
+the peak and offload's transfers marked; a measured trace (bytes per step from a real run) is drawn over it."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -34,6 +34,7 @@ def plot_estimate(estimate, path: str, *, measured: Sequence[int] | None = None,
         axes.annotate(f"predicted peak {peak_value:.3f} {unit}\n{estimate.peak_node} ({estimate.peak_phase})",
                       (peak, peak_value), textcoords="offset points", xytext=(-10 if right else 10, 6),
                       ha="right" if right else "left", va="bottom", fontsize=8)
+    _mark_transfers(axes, estimate.names)
     if measured is not None and len(measured):
         values = np.asarray(measured, dtype=float) / scale
         axes.plot(np.arange(len(values)), values, color="magenta", linewidth=1.0, drawstyle="steps-post",
@@ -52,6 +53,18 @@ def plot_estimate(estimate, path: str, *, measured: Sequence[int] | None = None,
     figure.savefig(path)
     plt.close(figure)
     return str(path)
+
+
+# offload's ops (``cost_model/transfers.py`` names them): device memory freed at a forward wait, taken at a reload
+_TRANSFER_MARKS = (("wait_offload_", "#1f77b4", "to host (wait)"), ("reload_", "#17becf", "reload starts"))
+
+
+def _mark_transfers(axes, names: Sequence[str]) -> None:
+    for prefix, color, label in _TRANSFER_MARKS:
+        positions = [k for k, name in enumerate(names) if name.startswith(prefix)]
+        for n, k in enumerate(positions):
+            axes.axvline(k, color=color, linewidth=0.6, alpha=0.7, label=f"{label} ({len(positions)})" if n == 0
+                         else None)
 
 
 def align_measured(estimate, samples: Sequence[tuple[str, str, int]]) -> list[int]:

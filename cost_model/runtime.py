@@ -33,6 +33,7 @@ class DeviceSpec:
     fp32_matmul_flops_per_s: float = 60e12  # without TF32 (torch's default for matmul)
     fp8_matmul_flops_per_s: float = 1580e12
     bandwidth_bytes_per_s: float = 4.0e12
+    host_link_bytes_per_s: float = 25e9  # pinned host<->device copies (PCIe 5 x16 as measured, one direction)
     launch_seconds: float = 0.0  # per-kernel overhead; 0 = pure roofline (Inductor fuses small ops)
 
     def flops_per_s(self, dtype: torch.dtype | None) -> float:
@@ -56,6 +57,36 @@ class DeviceSpec:
         name = torch.cuda.get_device_name(device)
         return cls(name=name, matmul_flops_per_s=2 * size**3 / matmul_s,
                    bandwidth_bytes_per_s=2 * copy_bytes / copy_s)
+
+
+def measured_host_link(device: str = "cuda", *, copy_bytes: int = 2**28, repeats: int = 5) -> float | None:
+    """This GPU's pinned host<->device copy bandwidth (bytes/s, the slower direction), measured once per machine
+    and GPU model and cached beside torch's compile caches; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    import json
+    from pathlib import Path
+
+    name = torch.cuda.get_device_name(device)
+    path = Path(_compat.inductor_cache_dir()) / "memgraph" / "host_link.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if name in cached:
+        return float(cached[name])
+    host = torch.empty(copy_bytes, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    to_host = _time_cuda(lambda: host.copy_(gpu, non_blocking=True), repeats)
+    to_device = _time_cuda(lambda: gpu.copy_(host, non_blocking=True), repeats)
+    bandwidth = copy_bytes / max(to_host, to_device)
+    cached[name] = bandwidth
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=2))
+    except OSError:
+        pass  # a read-only cache directory: measure again next time
+    return bandwidth
 
 
 def _time_cuda(function, repeats: int) -> float:

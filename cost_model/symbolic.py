@@ -143,13 +143,23 @@ def _sample_grid(symbols: list[sympy.Symbol], hints: Mapping[sympy.Symbol, int])
     return np.stack([m.ravel() for m in mesh], axis=1)
 
 
+# sympy functions of torch's shape environment (integer division and rounding of SymInts), as numpy sees them.
+_NUMPY_FUNCTIONS = {
+    "ceiling": np.ceil, "floor": np.floor,
+    "FloorDiv": lambda a, b: np.floor(a / b), "CeilDiv": lambda a, b: np.ceil(a / b),
+    "IntTrueDiv": lambda a, b: a / b, "FloatTrueDiv": lambda a, b: a / b,
+    "PythonMod": np.mod, "Mod": np.mod, "ModularIndexing": lambda a, b, c: np.mod(np.floor(a / b), c),
+    "CeilToInt": np.ceil, "FloorToInt": np.floor, "TruncToInt": np.trunc, "RoundToInt": np.round,
+}
+
+
 def _monomial_values(monomials: list[sympy.Expr], symbols: list[sympy.Symbol], samples: np.ndarray) -> np.ndarray:
     rows = []
     for monomial in monomials:
         if monomial.is_Number:
             rows.append(np.full(samples.shape[0], float(monomial)))
             continue
-        function = sympy.lambdify(symbols, monomial, modules=[{"ceiling": np.ceil, "floor": np.floor}, "numpy"])
+        function = sympy.lambdify(symbols, monomial, modules=[_NUMPY_FUNCTIONS, "numpy"])
         rows.append(np.broadcast_to(np.asarray(function(*samples.T), dtype=float), samples.shape[:1]))
     return np.array(rows)
 

@@ -56,6 +56,16 @@ def register_scratch(op, formula: Callable[..., Any]) -> None:
     _SCRATCH[op] = formula
 
 
+# ops whose outputs live in host memory (offload's copies): not device memory, counted as 0 bytes
+_HOST_OUTPUTS: set[Any] = set()
+
+
+def register_host_output(op) -> None:
+    """Declare an op whose outputs are host tensors (e.g. ``memgraph.offload``): the device's memory model
+    does not count them."""
+    _HOST_OUTPUTS.add(op)
+
+
 def _scratch_of(node: fx.Node) -> Size:
     formula = _SCRATCH.get(node.target)
     if formula is None:
@@ -148,6 +158,9 @@ def node_value(node: fx.Node) -> NodeValue:
         if isinstance(value, torch.Tensor):
             return NodeValue(node.name, (Output(alias=(node.args[0].name, int(node.args[1]))),), inputs)
         return NodeValue(node.name, tuple(None for _ in elements), inputs)
+    if node.target in _HOST_OUTPUTS:
+        return NodeValue(node.name, tuple(Output(nbytes=0) if isinstance(e, torch.Tensor) else None
+                                          for e in elements), inputs)
     unknown = _unknown_reason(node)
     schema_sources = _schema_aliases(node) if node.op == "call_function" else None
     outputs: list[Output | None] = []

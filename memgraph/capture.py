@@ -72,14 +72,14 @@ class CapturedGraph:
 
 def capture(model: Callable, *args: Any, example_kwargs: Mapping[str, Any] | None = None,
             options: Options | Mapping[str, Any] | None = None, solvers: Sequence[str] | None = None,
-            plan_fn: PlanFunction | None = None, dynamic_dims: Mapping[str, int] | None = None,
+            plan_fn: PlanFunction | None = None, dynamic_dims: Mapping[str, int | Sequence[int]] | None = None,
             backward: bool = True, run_under: Callable[[], Any] | None = None,
             observe_backward_inputs: Callable[[list], None] | None = None, **kwargs: Any) -> list[CapturedGraph]:
     """Compile ``model``, run one forward (+ backward) on the inputs and return the captured graphs.
 
     options: memgraph's options (rewrites, kv_bits, memory_budget, solver...; default: those in force).
     solvers: names planned for each graph, at ``options.memory_budget`` (default: ``options.solver``);
-    ``plan_fn(graph, costs)`` replaces them. dynamic_dims: {input name: dim} marked dynamic.
+    ``plan_fn(graph, costs)`` replaces them. dynamic_dims: {input name: dim or dims} marked dynamic.
     backward: run ``loss.backward()`` (the output must be a scalar tensor or have a ``loss``); False runs only
     the forward (no backward is needed to plan; the meta device cannot run one anyway).
     run_under: a context manager factory entered around every forward/backward graph run (e.g. a
@@ -88,8 +88,9 @@ def capture(model: Callable, *args: Any, example_kwargs: Mapping[str, Any] | Non
     starts (e.g. ``tracker.track``: autograd makes the tangents outside the graphs).
     """
     inputs = {**dict(example_kwargs or {}), **kwargs}
-    for name, dim in (dynamic_dims or {}).items():
-        _compat.mark_dynamic(inputs[name], dim)
+    for name, dims in (dynamic_dims or {}).items():
+        for dim in ([dims] if isinstance(dims, int) else dims):
+            _compat.mark_dynamic(inputs[name], dim)
     captured: list[CapturedGraph] = []
     backend = capture_backend(captured, options=options, solvers=solvers, plan_fn=plan_fn, run_under=run_under,
                               observe_backward_inputs=observe_backward_inputs)
@@ -115,7 +116,7 @@ def capture_backend(captured: list[CapturedGraph], *, options: Options | Mapping
                                 "codegen": "eager"})
     rewrites: list[str] = []  # of the Dynamo graph being compiled
     partition_fn = _partition_fn(captured, _plan_functions(solvers or (resolved.solver,), plan_fn, resolved),
-                                 rewrites)
+                                 rewrites, resolved)
     forward_compiler, backward_compiler = _compilers(captured, run_under, observe_backward_inputs)
 
     def backend(gm, example_inputs):
@@ -156,12 +157,16 @@ def _plan_functions(solvers: Sequence[str], plan_fn: PlanFunction | None, option
     return {name: solver_plan(name) for name in solvers}
 
 
-def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction], rewrites: list[str]):
+def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction], rewrites: list[str],
+                  options: Options | None = None):
     from memgraph.passes.partition import partition
+    from memgraph.pipeline import offload_setting
 
     def partition_fn(joint, joint_inputs, **kwargs):
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
-        record = CapturedGraph(graph, graph_costs(graph), {}, list(rewrites))
+        offload_budget, device = offload_setting(graph, options) if options is not None else (None, None)
+        record = CapturedGraph(graph, graph_costs(graph, offload_budget=offload_budget, device=device), {},
+                               list(rewrites))
         captured.append(record)
         for name, plan_fn in plans.items():
             plan = plan_fn(graph, record.costs)

@@ -89,23 +89,41 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    import torch
-
     import memgraph
-    from memgraph import models
+    from memgraph.sources import training_options, training_subject
 
-    device = _device(args.device)
-    model = models.build(args.model, lora=args.lora, device=device)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
-    options = {"solver": args.solver}
+    model, inputs, _ = training_subject(args)
+    options = {**training_options(args), "solver": args.solver}
     if args.memory_budget:
         options["memory_budget"] = args.memory_budget
-    result = memgraph.plan(model, example_kwargs={"input_ids": ids, "labels": ids}, **options)
+    result = memgraph.plan(model, example_kwargs=inputs, **options)
     print(result.summary())
+    for note in result.notes:
+        print(f"  {note}")
     if args.json:
         with open(args.json, "w") as handle:
             handle.write(result.to_json())
         print(f"wrote {args.json}")
+    return 0
+
+
+def fit_command(args: argparse.Namespace) -> int:
+    import memgraph
+    from memgraph.sources import training_options
+
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    result = memgraph.fit(args.model, args.memory, batches=batches, weights=args.weights,
+                          lora=None if args.full else args.lora, optimizer=args.optimizer, max_seq=args.max_seq,
+                          **training_options(args))
+    print(result.table())
+    print(f"\n({result.seconds:.0f} s; peak = the step's predicted peak + the optimizer's state; "
+          f"max seq from the symbolic peak of the leanest plan, checked by an ilp plan at that length)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(result.to_json())
+        print(f"wrote {args.json}")
+    if args.png:
+        print(f"wrote {result.plot(args.png)}")
     return 0
 
 
@@ -133,10 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
     demo_parser.add_argument("--kv-bits", type=int, default=16, choices=[16, 8, 4])
     demo_parser.set_defaults(run=demo)
-    plan_parser = commands.add_parser("plan", help="plan a tiny model's training step without training")
-    _add_common(plan_parser)
+    from memgraph.fit import GPU_PRESETS, OPTIMIZERS
+    from memgraph.sources import add_training_arguments
+
+    plan_parser = commands.add_parser("plan", help="plan a model's training step without training (any HF model: "
+                                                   "without a GPU it is built on the meta device)")
+    add_training_arguments(plan_parser, seq=64, weights="bf16", lora=None)
+    plan_parser.add_argument("--solver", default="mincut")
+    plan_parser.add_argument("--memory-budget", default=None, help="e.g. 8GiB (budget-aware solvers only)")
     plan_parser.add_argument("--json", default=None, help="write the Plan as JSON to this path")
     plan_parser.set_defaults(run=plan_command)
+    fit_parser = commands.add_parser(
+        "fit", help="the longest sequence (per batch size) that trains within a memory size, without a GPU",
+        description="Capture the model's training step on the meta device with dynamic batch and length, and read "
+                    "the longest sequence per batch size whose predicted peak (+ optimizer state) fits the memory.")
+    add_training_arguments(fit_parser, seq=None, weights="nf4", lora=16)
+    fit_parser.add_argument("--memory", default=None, help="a size (24GiB) or a GPU preset (" + ", ".join(GPU_PRESETS)
+                            + "); default: this machine's GPU")
+    fit_parser.add_argument("--batches", default="1,2,4,8")
+    fit_parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    fit_parser.add_argument("--max-seq", type=int, default=None, help="cap (default: max_position_embeddings)")
+    fit_parser.add_argument("--json", default=None)
+    fit_parser.add_argument("--png", default=None, help="draw predicted peak vs sequence length per plan")
+    fit_parser.set_defaults(run=fit_command)
     from memgraph.compare import add_compare_parser
 
     add_compare_parser(commands)

@@ -26,6 +26,7 @@ import torch
 from memgraph import _compat
 from memgraph.errors import InfeasibleBudgetError
 from memgraph.graph import TrainingGraph
+from memgraph.progress import progress_bar
 from memgraph.units import gib, parse_bytes
 
 __all__ = ["compare", "auto_budgets", "add_compare_parser", "DEFAULT_SOLVERS"]
@@ -142,12 +143,15 @@ def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None 
             solvers: Sequence[str] = DEFAULT_SOLVERS, example_kwargs: Mapping[str, Any] | None = None,
             options: Mapping[str, Any] | None = None, measure: bool | None = None, json_path: str | None = None,
             png_path: str | None = None, progress: bool = True, print_table: bool = True,
-            title: str | None = None, save_graph_path: str | None = None) -> list[dict[str, Any]]:
+            title: str | None = None, save_graph_path: str | None = None, seq: int | None = None, batch: int = 1,
+            weights: str = "bf16", lora: int | None = 16) -> list[dict[str, Any]]:
     """Plan ``model_or_fn``'s training step with every solver at every budget; return one row per pair.
 
     model_or_fn: a model or function (with its example inputs), or already captured graphs: a
     ``TrainingGraph``, a list of them, or the path of a saved one (planned only; nothing to measure).
     save_graph_path: also save the captured graph(s) there (``memgraph.load_graph`` reads them back).
+    A model source (a ``memgraph.models`` name, a directory with config.json, a cached Hub id) is built on the
+    meta device as ``weights``/``lora`` say and compared at ``batch`` x ``seq`` tokens.
 
     budgets: bytes or strings ("8GiB"); None or "auto" = 5 budgets from the layer-checkpointing peak to the
     no-recompute peak; "auto:N" = N such budgets; a None entry = the fastest plan.
@@ -166,6 +170,13 @@ def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None 
     given = graphs is not None
     if given and measure:
         raise ValueError("measure=True needs the model: a saved or given graph can only be planned")
+    if not given and isinstance(model_or_fn, str):  # a model source: built on the meta device
+        from memgraph.sources import example_batch, training_model
+
+        if seq is None:
+            raise ValueError("comparing a model source needs seq= (and batch=, default 1)")
+        model_or_fn = training_model(model_or_fn, weights=weights, lora=lora)
+        example_kwargs = {**example_batch(model_or_fn, batch, seq), **example_kwargs}
     if not given:
         from memgraph.capture import capture
 
@@ -181,7 +192,7 @@ def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None 
     tokens = _tokens(example_args, example_kwargs)
     cells = [(s, b) for s in solvers for b in (budget_list if registry.get(s).uses_budget else [None])]
     rows: list[dict[str, Any]] = []
-    bar = _progress(len(cells), progress)
+    bar = progress_bar(len(cells), progress, unit="plan")
     for solver, budget in cells:
         bar.set_description(f"{solver} @ {gib(budget, none='fastest')}")
         row, _ = plan_row(graphs, costs, solver, budget)
@@ -214,7 +225,7 @@ def _given_graphs(model_or_fn: Any) -> list[TrainingGraph] | None:
     if isinstance(model_or_fn, (list, tuple)) and model_or_fn and all(
             isinstance(g, TrainingGraph) for g in model_or_fn):
         return list(model_or_fn)
-    if isinstance(model_or_fn, (str, os.PathLike)):
+    if isinstance(model_or_fn, (str, os.PathLike)) and str(model_or_fn).endswith(".json.gz"):
         if not os.path.exists(model_or_fn):
             raise FileNotFoundError(f"no saved graph at {model_or_fn}")
         return [load_graph(model_or_fn)]
@@ -246,25 +257,6 @@ def _resolve_budgets(budgets: Any, graphs, costs) -> list[int | None]:
         else:
             resolved.append(parse_bytes(budget))
     return list(dict.fromkeys(resolved))
-
-
-class _NoBar:
-    def set_description(self, *_):
-        pass
-
-    def update(self, *_):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="plan", leave=False)
 
 
 _COLUMNS = [("solver", "solver"), ("budget_bytes", "budget"), ("predicted_peak_bytes", "predicted peak"),
@@ -355,19 +347,8 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: str, *, title: str | No
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------------
-def build_model(name: str, *, device: str, dtype: str, lora: bool):
-    """A model of ``memgraph.models`` by name; ``device="meta"`` builds it without weights (planning only)."""
-    from memgraph import models
-
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    if device == "meta":
-        with torch.device("meta"):
-            return models.build(name, dtype=torch_dtype, lora=lora)
-    return models.build(name, dtype=torch_dtype, lora=lora, device=device)
-
-
 def compare_command(args: argparse.Namespace) -> int:
-    from memgraph import models
+    from memgraph.sources import training_options, training_subject
 
     budgets = [b.strip() for b in args.budgets.split(",")] if args.budgets else None
     solvers = [s.strip() for s in args.solvers.split(",")]
@@ -376,14 +357,8 @@ def compare_command(args: argparse.Namespace) -> int:
             raise ValueError("--measure yes needs --model: a saved graph (--graph) can only be planned")
         subject, settings = args.graph, {"measure": False, "title": os.path.basename(args.graph)}
     else:
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else ("meta" if args.model in models.REFERENCE else "cpu")
-        dtype = args.dtype or ("bf16" if args.model in models.REFERENCE else "fp32")
-        subject = build_model(args.model, device=device, dtype=dtype, lora=not args.no_lora)
-        ids = torch.randint(0, subject.config.vocab_size, (args.batch, args.seq), device=device)
-        settings = {"example_kwargs": {"input_ids": ids, "labels": ids, "use_cache": False},
-                    "options": {"kv_bits": args.kv_bits},
+        subject, inputs, _ = training_subject(args)
+        settings = {"example_kwargs": inputs, "options": training_options(args),
                     "measure": None if args.measure == "auto" else args.measure == "yes",
                     "title": f"{args.model}, seq {args.seq}, batch {args.batch}", "save_graph_path": args.save_graph}
     compare(subject, budgets=budgets, solvers=solvers, json_path=args.json, png_path=args.png, **settings)
@@ -396,23 +371,18 @@ def compare_command(args: argparse.Namespace) -> int:
 
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``memgraph compare`` on an argparse subparsers object."""
-    from memgraph import models
+    from memgraph.sources import add_training_arguments
 
     parser = subparsers.add_parser(
         "compare", help="every solver at every budget: predicted (and on a GPU measured) peak and step time",
         description="Plan one model's training step with each solver at each memory budget; print a table, "
-                    "write JSON and a Pareto plot. Reference models plan on the meta device (no weights).")
-    parser.add_argument("--model", default="llama", choices=models.available())
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=1)
+                    "write JSON and a Pareto plot. Without a GPU the model is built on the meta device (no "
+                    "weights): an 8B model plans on a laptop.")
+    add_training_arguments(parser, seq=128, weights="bf16", lora=16)
     parser.add_argument("--budgets", default=None,
                         help="comma-separated: bytes or sizes like 16GiB, 'auto' or 'auto:N' (N budgets from the "
                              "checkpointing peak to the no-recompute peak; default auto:5)")
     parser.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS))
-    parser.add_argument("--device", default="auto", help="auto (cuda, else meta for reference models), cpu, cuda, meta")
-    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--no-lora", action="store_true", help="train all weights instead of LoRA adapters")
-    parser.add_argument("--kv-bits", type=int, default=16, choices=[16, 8, 4])
     parser.add_argument("--measure", default="auto", choices=["auto", "yes", "no"],
                         help="compile and run each feasible plan (needs the model on a GPU)")
     parser.add_argument("--json", default="compare.json", help="results path ('' to skip)")

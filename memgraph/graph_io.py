@@ -166,7 +166,7 @@ def _resolve(name: str):
                             f"{error}") from error
 
 
-_OP_LIBRARIES = {"memgraph": ("memgraph.kernels.attention", "memgraph.kernels.nf4"),
+_OP_LIBRARIES = {"memgraph": ("memgraph.kernels.attention", "memgraph.kernels.nf4", "memgraph.kernels.cross_entropy"),
                  "bitsandbytes": ("bitsandbytes",)}
 
 

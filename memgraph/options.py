@@ -15,10 +15,11 @@ from memgraph.errors import MemgraphError
 from memgraph.kernels.kv_quant import KV_BITS
 from memgraph.units import parse_bytes
 
-__all__ = ["Options", "parse_bytes", "resolve_options", "ENV_PREFIX", "CODEGENS", "KV_BITS"]
+__all__ = ["Options", "parse_bytes", "resolve_options", "ENV_PREFIX", "CODEGENS", "KV_BITS", "OFFLOAD_MODES"]
 
 ENV_PREFIX = "MEMGRAPH_"
 CODEGENS = ("inductor", "eager")  # the first is the default
+OFFLOAD_MODES = ("auto", "on", "off")  # the first is the default
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -36,6 +37,10 @@ class Options:
     model's dtype, without gradient.
     cache: reuse compiled code and plans from torch's compile caches (keyed by these options and memgraph's
     version, see ``compile_cache.py``); False compiles and plans every time.
+    offload: whether budget-aware solvers may keep saved values in host memory between forward and backward:
+    "auto" (on CUDA graphs), "on" (also on a CPU, where the copies are plain host copies: for tests), "off".
+    offload_budget: host bytes offloaded values may occupy (a size); None: half the host memory available
+    when the graph is planned.
     """
 
     memory_budget: int | None = None
@@ -46,11 +51,16 @@ class Options:
     rewrites: bool | tuple[str, ...] = True
     drop_logits: bool = False
     cache: bool = True
+    offload: str = OFFLOAD_MODES[0]
+    offload_budget: int | None = None
 
     def __post_init__(self) -> None:
         from memgraph.cost_model import solvers as registry
 
         object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
+        object.__setattr__(self, "offload_budget", parse_bytes(self.offload_budget, name="offload_budget"))
+        if self.offload not in OFFLOAD_MODES:
+            raise MemgraphError(f"offload={self.offload!r} is not supported; choose one of {list(OFFLOAD_MODES)}")
         solvers = registry.available()
         if self.solver not in solvers:
             raise MemgraphError(f"solver={self.solver!r} is not a registered solver; choose one of {list(solvers)}")

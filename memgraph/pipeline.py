@@ -73,13 +73,40 @@ def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Plan, A
     estimate behind ``plan.peak_bytes``)."""
     from memgraph.cost_model import graph_costs, solvers
 
-    costs = graph_costs(graph, codegen=options.codegen)
+    offload_budget, device = offload_setting(graph, options)
+    costs = graph_costs(graph, codegen=options.codegen, offload_budget=offload_budget, device=device)
     entry = solvers.get(options.solver)
     started = time.perf_counter()
     plan = entry.function(graph, costs, options.memory_budget)
     plan.solve_seconds = time.perf_counter() - started
     plan.budget_bytes = options.memory_budget
     return plan, costs.estimate(plan)
+
+
+def offload_setting(graph: TrainingGraph, options: Options):
+    """(host bytes offload may use or None, the DeviceSpec with this machine's host link) for ``options``."""
+    from memgraph.cost_model.runtime import DeviceSpec, measured_host_link
+    from memgraph.cost_model.transfers import default_offload_budget
+
+    if options.offload == "off":
+        return None, None
+    on_cuda = any(getattr(n.meta.get("val"), "is_cuda", False) for n in graph.primals)
+    if not on_cuda and options.offload == "auto":
+        _log_once("memgraph: offload is not considered: the graph is not on a CUDA device "
+                  "(offload='on' plans it anyway, as plain host copies)")
+        return None, None
+    budget = options.offload_budget if options.offload_budget is not None else default_offload_budget()
+    link = measured_host_link() if on_cuda else None
+    return budget, DeviceSpec(host_link_bytes_per_s=link) if link else None
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.info(message)
 
 
 class MemgraphPartitioner(_compat.CustomPartitionerFn):

@@ -8,10 +8,13 @@ from typing import Any
 
 @dataclasses.dataclass
 class Plan:
-    """Which forward values backward gets by keeping them (``saved``) and which by recomputing (``recomputed``).
+    """Which forward values backward gets by keeping them (``saved``) and which by recomputing (``recomputed``);
+    ``offloaded`` (a subset of ``saved``) wait in host memory between forward and backward.
 
     Node names refer to the joint forward+backward graph the plan was made for. Predicted figures come from
-    the cost model and are None where it was not run.
+    the cost model and are None where it was not run: ``host_bytes`` (host memory of the offloaded values),
+    ``transfer_seconds`` (time the copies are predicted to add, i.e. not hidden behind compute) and, in
+    ``details["transfers"]``, where each copy and wait goes.
     """
 
     solver: str
@@ -22,6 +25,9 @@ class Plan:
     budget_bytes: int | None = None
     solve_seconds: float | None = None
     optimality_gap: float | None = None
+    offloaded: list[str] = dataclasses.field(default_factory=list)
+    host_bytes: int | None = None
+    transfer_seconds: float | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -45,6 +51,9 @@ class Plan:
                  f"predicted peak={gib(self.peak_bytes)}"]
         if self.recompute_seconds is not None:
             parts.append(f"recompute={self.recompute_seconds * 1e3:.3f} ms")
+        if self.offloaded:
+            parts.append(f"offloaded={len(self.offloaded)} ({gib(self.host_bytes)} host, "
+                         f"+{(self.transfer_seconds or 0) * 1e3:.3f} ms exposed)")
         if self.budget_bytes is not None:
             parts.append(f"budget={gib(self.budget_bytes)}")
         return "Plan(" + ", ".join(parts) + ")"
@@ -62,6 +71,9 @@ class Plan:
             solver=plans[0].solver,
             saved=[f"g{i}.{n}" for i, p in enumerate(plans) for n in p.saved],
             recomputed=[f"g{i}.{n}" for i, p in enumerate(plans) for n in p.recomputed],
+            offloaded=[f"g{i}.{n}" for i, p in enumerate(plans) for n in p.offloaded],
+            host_bytes=sum(p.host_bytes or 0 for p in plans),
+            transfer_seconds=sum(p.transfer_seconds or 0.0 for p in plans),
             peak_bytes=None if None in peaks else max(peaks),
             recompute_seconds=None if None in costs else sum(costs),
             budget_bytes=plans[0].budget_bytes,

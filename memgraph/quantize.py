@@ -80,7 +80,7 @@ class NF4Linear(nn.Linear):
                          self.nf4_nested_offset, self.nested_blocksize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # behave like F.linear under autocast
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # as F.linear under autocast
             x = x.to(torch.get_autocast_dtype(x.device.type))
         y = torch.ops.memgraph.nf4_linear(x, self.nf4_packed, self.nf4_absmax, self.nf4_nested_absmax,
                                           self.nf4_nested_code, self.nf4_nested_offset, self.out_features,

@@ -38,6 +38,7 @@ import torch.fx as fx
 
 from memgraph import _compat
 from memgraph.kernels import attention as attention_kernel
+from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, example_value
 from memgraph.passes import RUNTIME_CHECKS
 
 log = logging.getLogger("memgraph.passes.attention")
@@ -63,10 +64,6 @@ VIEW_METHODS = {"view", "reshape", "expand", "transpose", "permute", "unsqueeze"
 IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
                       operator.ilshift, operator.irshift, operator.imatmul}
-
-
-class _Unsupported(Exception):
-    """Why an SDPA call is left as it is."""
 
 
 @dataclasses.dataclass
@@ -108,24 +105,6 @@ def rewrite_attention(gm: fx.GraphModule, example_inputs: list, options: Any) ->
 # ------------------------------------------------------------------------------------------------------------
 # Matching
 # ------------------------------------------------------------------------------------------------------------
-def _example(node: Any):
-    if not isinstance(node, fx.Node):
-        return None
-    return node.meta.get("example_value", node.meta.get("val"))
-
-
-def _sdpa_arguments(node: fx.Node) -> dict:
-    if len(node.args) > len(SDPA_PARAMETERS):
-        raise _Unsupported(f"unexpected positional arguments {node.args}")
-    arguments = dict(SDPA_DEFAULTS)
-    arguments.update(zip(SDPA_PARAMETERS, node.args))
-    unknown = set(node.kwargs) - set(SDPA_PARAMETERS)
-    if unknown:
-        raise _Unsupported(f"unknown keyword argument(s) {sorted(unknown)}")
-    arguments.update(node.kwargs)
-    return arguments
-
-
 def _same_size(a, b) -> bool:
     """Static equality of two sizes (ints or SymInts); unknown counts as different."""
     if isinstance(a, int) and isinstance(b, int):
@@ -139,7 +118,7 @@ def _same_size(a, b) -> bool:
 
 
 def _match(gm: fx.GraphModule, node: fx.Node) -> _Match:
-    arguments = _sdpa_arguments(node)
+    arguments = call_arguments(node, SDPA_PARAMETERS, SDPA_DEFAULTS)
     dropout_p, is_causal, scale, enable_gqa = (arguments[name] for name in ("dropout_p", "is_causal", "scale",
                                                                            "enable_gqa"))
     if not isinstance(dropout_p, (int, float)) or dropout_p != 0:
@@ -150,7 +129,7 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match:
         raise _Unsupported(f"scale={scale!r} is not a constant")
 
     query, key, value = arguments["query"], arguments["key"], arguments["value"]
-    q, k, v = (_example(x) for x in (query, key, value))
+    q, k, v = (example_value(x) for x in (query, key, value))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         raise _Unsupported("query/key/value have no example values to check shapes on")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -162,7 +141,7 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match:
         raise _Unsupported(f"key/value head dims {k.shape[-1]}/{v.shape[-1]} differ from the query's {head_dim}")
     if q.dtype not in attention_kernel.SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise _Unsupported(f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (need one of fp16, bf16, fp32)")
-    if q.device.type not in ("cuda", "cpu"):
+    if q.device.type not in ("cuda", "cpu", "meta"):  # meta: planning without a GPU (fake impls only)
         raise _Unsupported(f"device {q.device}")
     if not all(_same_size(x.shape[0], q.shape[0]) for x in (k, v)):
         raise _Unsupported("batch sizes differ (broadcast batch)")
@@ -239,7 +218,7 @@ def _repeat_kv_source(node: Any):
     if not (isinstance(unsqueezed, fx.Node) and _is_unsqueeze_2(unsqueezed)):
         return None
     source = unsqueezed.args[0]
-    shapes = [_example(x) for x in (source, unsqueezed, expand, node)]
+    shapes = [example_value(x) for x in (source, unsqueezed, expand, node)]
     if not all(isinstance(t, torch.Tensor) for t in shapes):
         return None
     x, x5, expanded, merged = (tuple(t.shape) for t in shapes)
@@ -320,7 +299,7 @@ def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], 
     nodes = _ancestors(mask)
     symbols = []
     for node in nodes:
-        if node.op == "placeholder" and isinstance(_example(node), (int, torch.SymInt)):
+        if node.op == "placeholder" and isinstance(example_value(node), (int, torch.SymInt)):
             symbols.append(node)  # a size of a dynamic-shape graph (HF builds the mask from the length then)
             continue
         if node.op == "placeholder":
@@ -332,7 +311,7 @@ def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], 
             raise _Unsupported(f"the mask uses the random op {name}")
         if _may_be_mutated(node):
             raise _Unsupported(f"a value the mask is built from ({node.name}) is modified in place")
-    mask_example = _example(mask)
+    mask_example = example_value(mask)
     if not isinstance(mask_example, torch.Tensor):
         raise _Unsupported("the mask has no example value")
 
@@ -341,6 +320,9 @@ def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], 
     copies: dict[fx.Node, fx.Node] = {}
     for node in sorted(nodes, key=order.__getitem__):
         copies[node] = graph.node_copy(node, lambda n: copies[n])
+        # A graph traced on the meta device (planning without a GPU) builds its mask on meta: evaluate it on the
+        # CPU instead (the mask reads no tensor input, so the device changes nothing but where it is computed).
+        copies[node].args, copies[node].kwargs = _meta_to_cpu(copies[node].args), _meta_to_cpu(copies[node].kwargs)
     graph.output(copies[mask])
     build = fx.GraphModule(torch.nn.Module(), graph)  # the mask from the sizes (placeholders in graph order)
     symbols.sort(key=order.__getitem__)
@@ -355,6 +337,16 @@ def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], 
     guard = _mask_guard(gm, build, symbols, nodes, q)
     gm.__dict__.setdefault(RUNTIME_CHECKS, []).append(guard)
     return guard.causal, guard.window, nodes
+
+
+def _meta_to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.device) and value.type == "meta":
+        return torch.device("cpu")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_meta_to_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _meta_to_cpu(v) for k, v in value.items()}
+    return value
 
 
 def _evaluate(build: fx.GraphModule, sizes: list[int]) -> torch.Tensor:
@@ -374,11 +366,11 @@ def _mask_guard(gm: fx.GraphModule, build: fx.GraphModule, symbols: list[fx.Node
     (twice the largest integer constant the mask uses), and the run-time check of it."""
     from memgraph import _compat
 
-    lengths = [node for node in symbols if _same_size(_example(node), q.shape[2])]
+    lengths = [node for node in symbols if _same_size(example_value(node), q.shape[2])]
     if not lengths:
         raise _Unsupported("the mask depends on symbolic sizes other than the query length")
     length = lengths[0]
-    hints = [_compat.concrete_int(_example(node)) for node in symbols]
+    hints = [_compat.concrete_int(example_value(node)) for node in symbols]
     constants = [abs(value) for node in nodes for value in _int_constants((node.args, node.kwargs))]
     probe_length = max(hints[symbols.index(length)], min(2 * max(constants, default=0) + 2, MAX_PROBE_LENGTH))
     probe = [probe_length if node is length else hint for node, hint in zip(symbols, hints)]
@@ -519,7 +511,7 @@ def _install(gm: fx.GraphModule, node: fx.Node, match: _Match, kv_bits: int) -> 
 
 def _fake_run(op, match: _Match, kv_bits: int):
     """The op's outputs on the example (fake) values, for later passes that read node.meta['example_value']."""
-    values = [_example(n) for n in (match.query, match.key, match.value)]
+    values = [example_value(n) for n in (match.query, match.key, match.value)]
     try:
         fake_mode = _compat.fake_mode_of(values)
         if fake_mode is None:

@@ -33,6 +33,7 @@ import torch.fx as fx
 
 from memgraph import _compat
 from memgraph.kernels import cross_entropy as kernel  # registers torch.ops.memgraph.linear_cross_entropy
+from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, example_value
 from memgraph.passes import REWRITE_NOTES
 
 log = logging.getLogger("memgraph.passes.cross_entropy")
@@ -49,10 +50,6 @@ VIEW_METHODS = ("view", "reshape")
 MUL_TARGETS = (operator.mul, torch.mul)
 DIV_TARGETS = (operator.truediv, torch.div)
 TANH_TARGETS = (torch.tanh,)
-
-
-class _Unsupported(Exception):
-    """Why a cross-entropy is left as it is."""
 
 
 @dataclasses.dataclass
@@ -99,24 +96,6 @@ def rewrite_cross_entropy(gm: fx.GraphModule, example_inputs: list, options: Any
 # ------------------------------------------------------------------------------------------------------------
 # Matching
 # ------------------------------------------------------------------------------------------------------------
-def _example(node: Any):
-    if not isinstance(node, fx.Node):
-        return None
-    return node.meta.get("example_value", node.meta.get("val"))
-
-
-def _arguments(node: fx.Node) -> dict:
-    if len(node.args) > len(CROSS_ENTROPY_PARAMETERS):
-        raise _Unsupported(f"unexpected positional arguments {node.args}")
-    arguments = dict(CROSS_ENTROPY_DEFAULTS)
-    arguments.update(zip(CROSS_ENTROPY_PARAMETERS, node.args))
-    unknown = set(node.kwargs) - set(CROSS_ENTROPY_PARAMETERS)
-    if unknown:
-        raise _Unsupported(f"unknown keyword argument(s) {sorted(unknown)}")
-    arguments.update(node.kwargs)
-    return arguments
-
-
 def _only_user(node: fx.Node, user: fx.Node) -> None:
     if set(node.users) != {user}:
         raise _Unsupported(f"{node.name} is used by {sorted(u.name for u in node.users)} besides the loss")
@@ -151,7 +130,7 @@ def _scalar_operand(node: fx.Node, source: fx.Node) -> Any:
 
 
 def _match(loss: fx.Node) -> _Match:
-    arguments = _arguments(loss)
+    arguments = call_arguments(loss, CROSS_ENTROPY_PARAMETERS, CROSS_ENTROPY_DEFAULTS)
     if arguments["weight"] is not None or arguments["size_average"] is not None or arguments["reduce"] is not None:
         raise _Unsupported("class weights or the legacy size_average/reduce arguments")
     if arguments["label_smoothing"] != 0.0:
@@ -245,8 +224,8 @@ def _through_scale(node: fx.Node, chain: list[fx.Node]) -> tuple[fx.Node, float]
 
 
 def _check_values(hidden: fx.Node, weight: fx.Node, bias: Optional[fx.Node], labels: fx.Node, flat: fx.Node) -> None:
-    h, w, y, t = (_example(n) for n in (hidden, weight, flat, labels))
-    b = _example(bias) if bias is not None else None
+    h, w, y, t = (example_value(n) for n in (hidden, weight, flat, labels))
+    b = example_value(bias) if bias is not None else None
     if not all(isinstance(x, torch.Tensor) for x in (h, w, y, t)) or (bias is not None and b is None):
         raise _Unsupported("missing example values to check shapes on")
     if w.dim() != 2 or h.shape[-1] != w.shape[1] or y.dim() != 2 or y.shape[-1] != w.shape[0]:
@@ -255,7 +234,7 @@ def _check_values(hidden: fx.Node, weight: fx.Node, bias: Optional[fx.Node], lab
         raise _Unsupported(f"dtypes hidden {h.dtype}, weight {w.dtype}")
     if t.dtype not in (torch.int64, torch.int32) or t.dim() != 1:
         raise _Unsupported(f"labels {t.dtype} {tuple(t.shape)}")
-    if h.device.type not in ("cuda", "cpu") or t.device != h.device:
+    if h.device.type not in ("cuda", "cpu", "meta") or t.device != h.device:  # meta: planning only
         raise _Unsupported(f"devices hidden {h.device}, labels {t.device}")
 
 
@@ -264,8 +243,8 @@ def _check_values(hidden: fx.Node, weight: fx.Node, bias: Optional[fx.Node], lab
 # ------------------------------------------------------------------------------------------------------------
 def _install(gm: fx.GraphModule, match: _Match, options: Any) -> str:
     graph = gm.graph
-    hidden, weight = _example(match.hidden), _example(match.weight)
-    bias = _example(match.bias) if match.bias is not None else None
+    hidden, weight = example_value(match.hidden), example_value(match.weight)
+    bias = example_value(match.bias) if match.bias is not None else None
     drop = bool(getattr(options, "drop_logits", False))
     return_logits = bool(match.logits_outputs) and not drop
     chunk = kernel.chunk_tokens_for(weight.shape[0], hidden.dtype, getattr(options, "memory_budget", None))
@@ -304,7 +283,7 @@ def _install(gm: fx.GraphModule, match: _Match, options: Any) -> str:
 
 def _fake_run(op, arguments: tuple):
     """The op's outputs on the example (fake) values, for later passes that read node.meta['example_value']."""
-    values = [_example(a) if isinstance(a, fx.Node) else a for a in arguments]
+    values = [example_value(a) if isinstance(a, fx.Node) else a for a in arguments]
     fake_mode = _compat.fake_mode_of([v for v in values if isinstance(v, torch.Tensor)])
     if fake_mode is None:
         return None

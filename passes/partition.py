@@ -1,5 +1,5 @@
 """Apply a ``Plan`` to a joint graph: the forward graph returns the saved values, the backward graph
-recomputes everything else it needs from them."""
+recomputes everything else it needs from them; offloaded values go to host memory and back (``offload.py``)."""
 from __future__ import annotations
 
 import torch.fx as fx
@@ -24,7 +24,12 @@ def partition(graph: TrainingGraph, plan: Plan) -> tuple[fx.GraphModule, fx.Grap
     except Exception as error:  # torch reports an unreachable value as an AssertionError/RuntimeError
         raise InvalidPlanError(
             f"plan of solver {plan.solver!r} cannot be applied: {type(error).__name__}: {error}") from error
-    return fw, _compat.reorder_backward_like_autograd(bw)
+    bw = _compat.reorder_backward_like_autograd(bw)
+    if plan.offloaded:
+        from memgraph.passes.offload import apply_transfers
+
+        apply_transfers(fw, bw, plan, graph.num_fwd_outputs)
+    return fw, bw
 
 
 def recomputed_nodes(graph: TrainingGraph, bw: fx.GraphModule) -> list[str]:

@@ -20,7 +20,11 @@ and select it with ``options={"solver": "mine"}``. Built-in solvers:
 * ``checkpoint``: layer-boundary checkpointing, the repeated blocks found from graph structure;
 * ``greedy``: evict what is alive at the predicted peak by bytes per recompute-second (+ a bottom-up pass);
 * ``ilp``: the cheapest recomputation under the predicted-peak budget, a MILP solved by scipy/HiGHS;
-* ``torch-budget``: torch's ``activation_memory_budget`` knapsack, its fraction bisected to the byte budget.
+* ``torch-budget``: torch's ``activation_memory_budget`` knapsack, its fraction bisected to the byte budget;
+* ``offload-layers`` (``offload``): Unsloth's recipe, layer checkpointing with each layer's input offloaded.
+
+``greedy`` and ``ilp`` also weigh offloading a saved value to host memory against recomputing it
+(``offload.with_offload``) where the cost model allows offload (``GraphCosts.offload_budget``).
 
 A solver must never recompute random, impure, mutating or collective ops: ``costs.make_valid`` turns any
 saved set into one that keeps them. Names are known without importing the solvers (``Options`` validates a
@@ -51,6 +55,7 @@ BUILTIN: dict[str, tuple[str, bool]] = {
     "greedy": ("memgraph.cost_model.solvers.greedy", True),
     "ilp": ("memgraph.cost_model.solvers.ilp", True),
     "torch-budget": ("memgraph.cost_model.solvers.torch_budget", True),
+    "offload-layers": ("memgraph.cost_model.solvers.offload", True),
 }
 _REGISTRY: dict[str, SolverEntry] = {}
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from memgraph.cost_model.graph_costs import GraphCosts
 from memgraph.cost_model.solvers import register
+from memgraph.cost_model.solvers.offload import with_offload
 from memgraph.graph import TrainingGraph
 from memgraph.plan import Plan
 
@@ -170,6 +171,7 @@ def greedy_saved(costs: GraphCosts, budget: int, *, time_limit: float = 10.0) ->
 
 
 @register("greedy", uses_budget=True)
+@with_offload
 def greedy(graph: TrainingGraph, costs: GraphCosts | None = None, budget: int | None = None, *, time_limit: float = 10.0,
            **_: Any) -> Plan:
     """Evict saved values alive at the predicted peak by bytes per recompute-second until the peak fits."""

@@ -57,6 +57,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from memgraph.cost_model.graph_costs import GraphCosts
 from memgraph.cost_model.memory import MemoryEstimate
 from memgraph.cost_model.solvers import register
+from memgraph.cost_model.solvers.offload import with_offload
 from memgraph.graph import TrainingGraph
 from memgraph.plan import Plan
 
@@ -586,6 +587,7 @@ def with_incumbents(costs: GraphCosts, budget: int, best: Candidate | None, lean
 
 
 @register("ilp", uses_budget=True)
+@with_offload
 def ilp(graph: TrainingGraph, costs: GraphCosts | None = None, budget: int | None = None, *,
         time_limit: float = 6.0, tie_blocks: bool | None = None, max_rounds: int = 10, polish_simulations: int = 16,
         repair: int = 4, relax: float = 0.03, **_: Any) -> Plan:

@@ -10,7 +10,8 @@ import torch
 
 from memgraph import models
 from memgraph.capture import capture
-from memgraph.compare import add_compare_parser, build_model, compare
+from memgraph.compare import add_compare_parser, compare
+from memgraph.sources import training_model
 
 SOLVERS = ["none", "checkpoint", "greedy", "ilp"]
 
@@ -67,7 +68,7 @@ def test_cli_plans_a_meta_model_without_weights(tmp_path, capsys):
 
 
 def test_meta_capture_has_no_real_storage():
-    model = build_model("llama", device="meta", dtype="fp32", lora=True)
+    model = training_model("llama", lora=4)
     assert all(p.device.type == "meta" for p in model.parameters())
     ids = torch.zeros(1, 32, dtype=torch.long, device="meta")
     (captured,) = capture(model, input_ids=ids, labels=ids, use_cache=False, backward=False)

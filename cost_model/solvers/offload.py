@@ -1,0 +1,165 @@
+"""Offload as a solver's third choice: keep a value, recompute it, or let it wait in host memory.
+
+* ``offload_until_fits``: given a keep/recompute saved set, move saved values alive at the predicted peak to
+  the host (largest first, each kept only if the simulated peak falls) until the budget holds or the host
+  budget is spent;
+* ``with_offload(solver)``: a keep/recompute solver made to weigh offload against recompute. It solves at the
+  budget, and at relaxed budgets whose extra bytes offload then takes back; the plan with the least predicted
+  added time (recompute seconds + transfer seconds not hidden behind compute) wins;
+* ``"offload-layers"``: Unsloth's fixed recipe on our graph: layer checkpointing with every layer's input
+  hidden state offloaded, the rival our plans must beat.
+
+Offload is considered only where ``costs.offload_budget`` is set (the pipeline sets it on CUDA, or on any
+device with ``offload="on"``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Iterable
+
+from memgraph.cost_model.graph_costs import GraphCosts
+from memgraph.cost_model.memory import MemoryEstimate
+from memgraph.cost_model.solvers import register
+from memgraph.cost_model.solvers.checkpoint import checkpoint_saved
+from memgraph.errors import InfeasibleBudgetError
+from memgraph.graph import TrainingGraph
+from memgraph.plan import Plan
+from memgraph.units import gib
+
+log = logging.getLogger("memgraph.offload")
+
+RELAXATIONS = (0.25, 0.5, 1.0)  # shares of (fastest plan's peak - budget) the keep/recompute budget is raised by
+
+
+def offload_until_fits(costs: GraphCosts, saved: set[int], budget: int, *, seed: Iterable[int] = (),
+                       max_simulations: int = 48) -> tuple[set[int], MemoryEstimate]:
+    """Offloaded values (a subset of ``saved``) that bring the predicted peak under ``budget`` where possible,
+    and the estimate of the result.
+
+    Starts from ``seed`` (e.g. the layer inputs) when that lowers the peak, then offloads values alive at the
+    peak, those made earliest in forward first (backward needs them last, so their reload comes after the peak),
+    in chunks that halve when one does not lower the peak."""
+    offloaded: set[int] = set()
+    estimate = costs.simulate(saved)
+    host_left = costs.offload_budget or 0
+    simulations = 0
+
+    def attempt(values: set[int]) -> bool:
+        nonlocal estimate, host_left, simulations
+        simulations += 1
+        trial = costs.simulate(saved, offloaded=offloaded | values)
+        if trial.peak_bytes_hint >= estimate.peak_bytes_hint:
+            return False
+        offloaded.update(values)
+        host_left -= sum(int(costs.weight[i]) for i in values)
+        estimate = trial
+        return True
+
+    seeded = _within(costs, sorted(set(seed) & set(saved) & costs.offloadable), host_left)
+    if seeded:
+        attempt(set(seeded))
+    tried: set[int] = set()
+    chunk = None
+    while estimate.peak_bytes_hint > budget and simulations < max_simulations:
+        open_ = (costs.alive_at_peak(saved, estimate) & costs.offloadable) - offloaded - tried
+        candidates = _within(costs, sorted(open_, key=lambda i: (i, -int(costs.weight[i]))), host_left)
+        if not candidates:
+            if open_:
+                log.warning("memgraph: offload_budget (%s) is spent: %d more value(s) alive at the peak stay on "
+                            "the device", gib(costs.offload_budget), len(open_))
+            break
+        chunk = min(chunk or len(candidates), len(candidates))
+        if not attempt(set(candidates[:chunk])):
+            if chunk == 1:
+                tried.add(candidates[0])
+            chunk = max(1, chunk // 2)
+    return offloaded, estimate
+
+
+def _within(costs: GraphCosts, ordered: list[int], host_bytes: int) -> list[int]:
+    """The prefix of ``ordered`` whose bytes fit in ``host_bytes``."""
+    kept, total = [], 0
+    for i in ordered:
+        total += int(costs.weight[i])
+        if total > host_bytes:
+            break
+        kept.append(i)
+    return kept
+
+
+def layer_inputs(costs: GraphCosts) -> set[int]:
+    blocks = costs.blocks()
+    return blocks.layer_inputs(costs) if blocks is not None else set()
+
+
+def leanest_saved(costs: GraphCosts) -> set[int]:
+    """The keep/recompute saved set of least predicted peak among the structural ones (``least_peak``'s)."""
+    candidates = [set(costs.save_least)]
+    blocks = costs.blocks()
+    if blocks is not None:
+        candidates.append(blocks.checkpoint_saved(costs))
+    return min(candidates, key=costs.peak)
+
+
+def added_seconds(plan: Plan) -> float:
+    return (plan.recompute_seconds or 0.0) + (plan.transfer_seconds or 0.0)
+
+
+def with_offload(solve: Callable[..., Plan]) -> Callable[..., Plan]:
+    """``solve`` (a keep/recompute solver) with offload as a third choice, when the cost model allows it."""
+
+    @functools.wraps(solve)
+    def solver(graph: TrainingGraph, costs: GraphCosts | None = None, budget: int | None = None, **kw: Any) -> Plan:
+        if costs is None or budget is None or costs.offload_budget is None or not costs.offloadable:
+            return solve(graph, costs, budget, **kw)
+        plans: list[Plan] = []
+        try:
+            plans.append(solve(graph, costs, budget, **kw))
+        except InfeasibleBudgetError:
+            pass  # offload may still reach it
+        fastest = costs.peak(costs.save_all)
+        bases = []
+        for share in RELAXATIONS:  # less recompute than the budget needs, offload takes the extra bytes back
+            relaxed = budget + int(share * max(fastest - budget, 0))
+            try:
+                bases.append(solve(graph, costs, relaxed, **kw))
+            except InfeasibleBudgetError:
+                continue
+        seed = layer_inputs(costs)  # what Unsloth's recipe offloads: a good start wherever those are saved
+        lean = leanest_saved(costs)  # the lowest peak offload can start from
+        bases.append(costs.plan(getattr(solve, "__name__", "solver"), lean, None, structural="leanest"))
+        lowest: tuple[int, MemoryEstimate] | None = None
+        for base in bases:
+            saved = costs.indices(base.saved)
+            offloaded, estimate = offload_until_fits(costs, saved, budget, seed=seed)
+            if lowest is None or estimate.peak_bytes_hint < lowest[0]:
+                lowest = (int(estimate.peak_bytes_hint), estimate)
+            if offloaded and estimate.peak_bytes_hint <= budget:
+                details = {k: v for k, v in base.details.items() if k != "transfers"}
+                plans.append(costs.plan(base.solver, saved, budget, estimate=estimate, offloaded=offloaded,
+                                        **details))
+        if not plans:  # name the lowest peak offload reached
+            raise costs.infeasible(getattr(solve, "__name__", "solver"), budget, best=lowest)
+        return min(plans, key=added_seconds)
+
+    return solver
+
+
+@register("offload-layers", uses_budget=True)
+def offload_layers(graph: TrainingGraph, costs: GraphCosts | None = None, budget: int | None = None,
+                   **_: Any) -> Plan:
+    """Unsloth's recipe: recompute each repeated block, its input hidden state offloaded to host memory."""
+    from memgraph.cost_model import graph_costs
+
+    costs = costs or graph_costs(graph)
+    saved, found = checkpoint_saved(costs)
+    inputs = layer_inputs(costs)
+    host_left = costs.offload_budget if costs.offload_budget is not None else float("inf")
+    offloaded = set()
+    for i in sorted(i for i in inputs if i in saved and i in costs.offloadable):
+        if costs.weight[i] <= host_left:
+            offloaded.add(i)
+            host_left -= int(costs.weight[i])
+    found["layer_inputs"] = len(inputs)
+    return costs.plan("offload-layers", saved, budget, offloaded=offloaded, **found)

@@ -1,0 +1,215 @@
+"""Offload's place in the step: when each offloaded value's copies run, what they cost, and the ops they become.
+
+A saved value backward reads may live in host memory between forward and backward instead of on the device:
+
+    forward:  ... last use of v, offload_v ........ wait_offload_v ...       (v's device memory freed at the wait)
+    backward: ... reload_v ........ wait_reload_v, first use of v ...        (device memory again from reload_v)
+
+One transfer stream runs every copy in order, at ``DeviceSpec.host_link_bytes_per_s``. ``place_transfers`` puts
+each wait as early as the copy is predicted done (the compute between a value's last forward use and its wait
+hides the copy; a copy not done by the end of forward stalls it) and each reload as late as still hides the
+copy before the value's first backward use (earlier costs device memory, later stalls backward), but with at
+most one reload ahead of the compute that needs it: the plan chooses how far to prefetch. ``Transfers.stall_seconds`` is the compute time transfers are predicted to add.
+
+The same names and positions are used by the cost model's simulation (``GraphCosts.simulate``) and by the pass
+that inserts the ops (``passes/offload.py``), so both describe one timeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from memgraph.cost_model.graph_costs import GraphCosts
+
+log = logging.getLogger("memgraph.offload")
+
+HOST_MEMORY_FRACTION = 0.5  # default offload_budget: this share of the host memory available when planning
+
+
+def offload_name(value: str) -> str:
+    return f"offload_{value}"
+
+
+def wait_offload_name(value: str) -> str:
+    return f"wait_offload_{value}"
+
+
+def reload_name(value: str) -> str:
+    return f"reload_{value}"
+
+
+def wait_reload_name(value: str) -> str:
+    return f"wait_reload_{value}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """One offloaded value and where its four ops go (node names of the joint graph; None = at the end)."""
+
+    value: str
+    nbytes: int
+    seconds: float  # one copy, either direction
+    offload_after: str  # the value's last forward use (or the value itself)
+    wait_before: str | None  # forward node the offload's wait precedes; None: the end of forward
+    reload_before: str  # backward node the reload precedes
+    needed_by: str  # the value's first backward use (the reload's wait precedes it)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfers:
+    items: tuple[Transfer, ...] = ()
+    stall_seconds: float = 0.0  # compute time the copies are predicted to add (not hidden)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the offloaded values occupy together (all are on the host between forward and backward;
+        the pinned pool reuses the buffers from step to step)."""
+        return sum(t.nbytes for t in self.items)
+
+    @property
+    def copy_seconds(self) -> float:
+        return 2 * sum(t.seconds for t in self.items)
+
+    def by_value(self) -> dict[str, Transfer]:
+        return {t.value: t for t in self.items}
+
+
+def default_offload_budget() -> int:
+    """A safe share of the host memory available now (``HOST_MEMORY_FRACTION``)."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host
+        return 0
+    return int(available * HOST_MEMORY_FRACTION)
+
+
+def offloadable(costs: "GraphCosts") -> frozenset[int]:
+    """Forward values that may live on the host between forward and backward: a single fresh contiguous
+    tensor that owns its storage alone among what forward hands over (no saved view or user output shares it;
+    those would keep the device copy alive or read a freed one), not a user output, not an input."""
+    import torch
+
+    handed_over = set(costs.frontier) | set(costs.forward_outputs)
+    shared = {costs.storage_base(j) for j in handed_over if costs.storage_base(j) != j}
+    outputs = set(costs.forward_outputs)
+    found = set()
+    for i in costs.forward:
+        if i in costs.primals or i in costs.unsaveable or i in costs.views or i in outputs or i in shared:
+            continue
+        value = costs.values[i]
+        if len(value.outputs) != 1 or value.outputs[0] is None or value.outputs[0].alias is not None:
+            continue
+        fake = costs.nodes[i].meta.get("val")
+        if not isinstance(fake, torch.Tensor) or not fake.is_contiguous() or costs.weight[i] <= 0:
+            continue
+        found.add(i)
+    return frozenset(found)
+
+
+def place_transfers(costs: "GraphCosts", forward: Sequence[int], backward: Sequence[int],
+                    offloaded: Iterable[int]) -> Transfers:
+    """Where the ops of ``offloaded`` values go in this forward/backward order, and the stall they add."""
+    offloaded = sorted(set(offloaded))
+    if not offloaded:
+        return Transfers()
+    link = costs.device.host_link_bytes_per_s
+    fw_position = {i: k for k, i in enumerate(forward)}
+    bw_position = {i: k for k, i in enumerate(backward)}
+    fw_start = _start_times(costs, forward)
+    bw_start = _start_times(costs, backward)
+
+    last_use = {v: max([fw_position[v]] + [fw_position[u] for u in _readers(costs, v) if u in fw_position])
+                for v in offloaded}
+    first_use = {v: min(bw_position[u] for u in costs.users[v] if u in bw_position) for v in offloaded}
+    nbytes = {v: int(costs.weight[v]) for v in offloaded}
+    seconds = {v: nbytes[v] / link for v in offloaded}
+
+    # forward: copies queue on the transfer stream in the order they are issued
+    stall = 0.0
+    stream_free = 0.0
+    wait_at: dict[int, int | None] = {}
+    for v in sorted(offloaded, key=lambda v: (last_use[v], v)):
+        issued = fw_start[last_use[v] + 1]
+        done = max(issued, stream_free) + seconds[v]
+        stream_free = done
+        later = next((k for k in range(last_use[v] + 1, len(forward)) if fw_start[k] >= done), None)
+        wait_at[v] = later
+        if later is None:
+            stall = max(stall, done - fw_start[len(forward)])
+
+    # backward: each reload as late as still hides its copy, but not before the previous offloaded value's first
+    # use (one reload in flight ahead of compute: prefetching further would hold several values at once)
+    reload_at: dict[int, int] = {}
+    floor = 0
+    for v in sorted(offloaded, key=lambda v: (first_use[v], v)):
+        target = bw_start[first_use[v]] - seconds[v]
+        hidden = max([k for k in range(first_use[v] + 1) if bw_start[k] <= target], default=0)
+        reload_at[v] = max(hidden, min(floor, first_use[v]))
+        floor = first_use[v]
+    stream_free = 0.0
+    backward_stall = 0.0
+    for v in sorted(offloaded, key=lambda v: (reload_at[v], first_use[v], v)):
+        done = max(bw_start[reload_at[v]], stream_free) + seconds[v]
+        stream_free = done
+        backward_stall = max(backward_stall, done - bw_start[first_use[v]])
+
+    items = tuple(Transfer(
+        value=costs.names[v], nbytes=nbytes[v], seconds=seconds[v],
+        offload_after=costs.names[forward[last_use[v]]],
+        wait_before=None if wait_at[v] is None else costs.names[forward[wait_at[v]]],
+        reload_before=costs.names[backward[reload_at[v]]],
+        needed_by=costs.names[backward[first_use[v]]]) for v in offloaded)
+    return Transfers(items, stall_seconds=float(max(stall, 0.0) + max(backward_stall, 0.0)))
+
+
+def _start_times(costs: "GraphCosts", order: Sequence[int]) -> list[float]:
+    """Predicted start time of each node (and the end, at index len(order)) when nothing stalls."""
+    times = [0.0]
+    for i in order:
+        times.append(times[-1] + float(costs.seconds[i]))
+    return times
+
+
+def _readers(costs: "GraphCosts", value: int) -> list[int]:
+    """Nodes that read ``value``'s storage: its users and the users of its views."""
+    readers, stack, seen = [], [value], set()
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        for u in costs.users[i]:
+            readers.append(u)
+            if u in costs.views and costs.storage_base(u) == value:
+                stack.append(u)
+    return readers
+
+
+def interleave(order: Sequence[str], transfers: Transfers, phase: str) -> list[tuple[str, str]]:
+    """``order`` (node names of one graph) with the transfer ops of ``phase`` ("forward"/"backward") placed:
+    a list of (kind, name), kind "node" or one of "offload", "wait_offload", "reload", "wait_reload" (name: the
+    offloaded value's). Ops anchored at the same node keep the order of ``transfers.items``."""
+    after: dict[str, list[tuple[str, str]]] = {}
+    before: dict[str | None, list[tuple[str, str]]] = {}
+    for t in transfers.items:
+        if phase == "forward":
+            after.setdefault(t.offload_after, []).append(("offload", t.value))
+            before.setdefault(t.wait_before, []).append(("wait_offload", t.value))
+        else:
+            before.setdefault(t.reload_before, []).append(("reload", t.value))
+    if phase == "backward":  # a wait right before the first use, after any reload anchored there
+        for t in transfers.items:
+            before.setdefault(t.needed_by, []).append(("wait_reload", t.value))
+    sequence: list[tuple[str, str]] = []
+    for name in order:
+        sequence.extend(before.get(name, ()))
+        sequence.append(("node", name))
+        sequence.extend(after.get(name, ()))
+    sequence.extend(before.get(None, ()))
+    return sequence

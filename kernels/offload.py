@@ -1,0 +1,165 @@
+"""Host offload of saved activations: the three ops a plan's transfers become in the forward/backward graphs.
+
+Forward, after a saved value's last forward use::
+
+    host = memgraph.offload(value)                      # D2H copy starts on the transfer stream
+    ...                                                 # compute the copy hides behind
+    host = memgraph.wait_transfer(host, keepalive=value) # compute stream waits; ``value`` dies after this
+
+Backward, before the value's first use::
+
+    value = memgraph.reload(host, device)                # H2D copy starts (the plan chooses how early)
+    ...
+    value = memgraph.wait_transfer(value, keepalive=host)  # ``host``'s pinned buffer goes back to the pool
+
+Why it is safe without ``record_stream`` (which fragments the caching allocator): a copy's source and
+destination are graph values that stay referenced until their ``wait_transfer`` (``keepalive`` is a data
+dependency), and the wait makes the compute stream wait on the copy's event, so any later reuse of that memory
+by the compute stream is ordered after the copy. One transfer stream per device runs every copy in order, so a
+pinned buffer handed back to the pool by a reload's wait is never overwritten by a later offload before the
+reload's copy ran. Host buffers come from a pool keyed by (numel, dtype): a step reuses the previous step's
+buffers instead of paying ``cudaHostAlloc`` per tensor.
+
+On a CPU the copies are real host copies (``clone``) and the waits are no-ops: CPU tests run the same graphs.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("memgraph.offload")
+
+__all__ = ["offload", "reload", "wait_transfer", "release_host_buffers", "host_pool_bytes"]
+
+_transfer_streams: dict[torch.device, torch.cuda.Stream] = {}
+_pending: dict[int, torch.cuda.Event] = {}  # data_ptr of a copy's destination -> its completion event
+_pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+_pooled: set[int] = set()  # data_ptrs of buffers the pool owns
+
+
+def _transfer_stream(device: torch.device) -> torch.cuda.Stream:
+    stream = _transfer_streams.get(device)
+    if stream is None:
+        stream = _transfer_streams[device] = torch.cuda.Stream(device=device)
+    return stream
+
+
+def _pinned_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    bucket = _pool.get((numel, dtype))
+    if bucket:
+        return bucket.pop()
+    try:
+        buffer = torch.empty(numel, dtype=dtype, pin_memory=True)
+    except RuntimeError as error:  # pinned memory exhausted: pageable memory still works, the copy just blocks
+        _warn_once(f"memgraph: pinned host memory could not be allocated ({error}); offloading into pageable "
+                   "memory, whose copies are not hidden behind compute. Lower offload_budget.")
+        buffer = torch.empty(numel, dtype=dtype)
+    _pooled.add(buffer.data_ptr())
+    return buffer
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def _give_back(buffer: torch.Tensor) -> None:
+    if buffer.data_ptr() in _pooled:
+        flat = buffer.reshape(-1)
+        _pool.setdefault((flat.numel(), flat.dtype), []).append(flat)
+
+
+def release_host_buffers() -> None:
+    """Free the pinned host buffers kept for the next step (e.g. when training ends)."""
+    _pool.clear()
+    _pooled.clear()
+
+
+def host_pool_bytes() -> int:
+    """Bytes of pinned host memory the pool holds between steps."""
+    return sum(b.numel() * b.element_size() for bucket in _pool.values() for b in bucket)
+
+
+def _copy_on_transfer_stream(destination: torch.Tensor, source: torch.Tensor, device: torch.device) -> None:
+    stream = _transfer_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # the source is written, the destination free
+    with torch.cuda.stream(stream):
+        destination.copy_(source, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    _pending[destination.data_ptr()] = event
+
+
+@torch.library.custom_op("memgraph::offload", mutates_args=())
+def offload(value: torch.Tensor) -> torch.Tensor:
+    """Start copying ``value`` to (pinned) host memory; pair with ``wait_transfer(host, keepalive=value)``."""
+    if value.device.type != "cuda":
+        return value.detach().clone()
+    host = _pinned_buffer(value.numel(), value.dtype).view(value.shape)
+    _copy_on_transfer_stream(host, value, value.device)
+    return host
+
+
+@offload.register_fake
+def _(value: torch.Tensor) -> torch.Tensor:
+    return torch.empty(value.shape, dtype=value.dtype, device="cpu")
+
+
+@torch.library.custom_op("memgraph::reload", mutates_args=())
+def reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Start copying ``host`` back to ``device``; pair with ``wait_transfer(value, keepalive=host)``."""
+    if device.type != "cuda":
+        return host.detach().clone().to(device)
+    value = torch.empty(host.shape, dtype=host.dtype, device=device)  # allocated on the compute stream
+    _copy_on_transfer_stream(value, host, device)
+    return value
+
+
+@reload.register_fake
+def _(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.empty(host.shape, dtype=host.dtype, device=device)
+
+
+# The output aliases ``tensor`` (custom_op forbids aliasing outputs, so the schema is written by hand).
+_library = torch.library.Library("memgraph", "FRAGMENT")
+_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
+
+
+@torch.library.impl("memgraph::wait_transfer", "CompositeExplicitAutograd")
+def _wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+    event = _pending.pop(tensor.data_ptr(), None)
+    if event is not None:
+        device = keepalive.device if keepalive is not None and keepalive.is_cuda else tensor.device
+        torch.cuda.current_stream(device).wait_event(event)
+        if keepalive is not None and not keepalive.is_cuda:
+            _give_back(keepalive)  # the H2D copy from this pinned buffer is ordered before any later offload
+    return tensor
+
+
+@torch.library.register_fake("memgraph::wait_transfer")
+def _(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+    return tensor
+
+
+def wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+    """Make the compute stream wait for the copy that produced ``tensor``; ``keepalive`` (the copy's source)
+    stays referenced until here."""
+    return torch.ops.memgraph.wait_transfer(tensor, keepalive)
+
+
+def _register() -> None:
+    from torch.fx.node import has_side_effect
+
+    from memgraph.cost_model.values import register_host_output
+
+    # a wait is a sync point that must stay where the plan put it (dead-code elimination keeps it)
+    has_side_effect(torch.ops.memgraph.wait_transfer.default)
+    register_host_output(torch.ops.memgraph.offload.default)
+
+
+_register()

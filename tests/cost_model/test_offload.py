@@ -1,0 +1,173 @@
+"""Offload as the planner's third choice: valid plans, graphs that give eager's gradients, one timeline."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from memgraph import cost_model
+from memgraph.capture import capture
+from memgraph.cost_model.solvers import get
+from memgraph.cost_model.solvers.offload import leanest_saved, offload_until_fits
+from memgraph.cost_model.transfers import wait_offload_name, wait_reload_name
+from memgraph.errors import InfeasibleBudgetError, MemgraphError
+from memgraph.options import resolve_options
+from memgraph.passes.partition import partition
+from memgraph.pipeline import compiled_graphs
+
+from .conftest import token_ids
+
+OFFLOAD_ON = {"offload": "on", "rewrites": False}
+SEQ = 512  # long enough for layer inputs, not the weights or the logits, to set the peak
+
+
+def four_layer_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    return LlamaForCausalLM(config).train()
+
+
+@pytest.fixture(scope="module")
+def captured():
+    ids = token_ids(SEQ)
+    (graph,) = capture(four_layer_llama(), options=OFFLOAD_ON, solvers=("offload-layers", "checkpoint"),
+                       input_ids=ids, labels=ids)
+    return graph
+
+
+def assert_transfers_are_ordered(plan, fw, bw, num_fwd_outputs: int) -> None:
+    """Every offloaded value leaves forward as its host copy, and backward reads it only after its reload."""
+    fw_outputs = [n.name for n in fw.graph.find_nodes(op="output")[0].args[0][num_fwd_outputs:]]
+    bw_order = {n.name: k for k, n in enumerate(bw.graph.nodes)}
+    bw_nodes = {n.name: n for n in bw.graph.nodes}
+    for value in plan.offloaded:
+        assert value not in fw_outputs and wait_offload_name(value) in fw_outputs
+        host = bw_nodes[wait_offload_name(value)]
+        assert host.op == "placeholder" and value not in bw_nodes
+        assert {u.target for u in host.users} == {torch.ops.memgraph.reload.default,
+                                                  torch.ops.memgraph.wait_transfer.default}
+        wait = bw_nodes[wait_reload_name(value)]
+        reload = wait.args[0]
+        assert bw_order[reload.name] < bw_order[wait.name] < min(bw_order[u.name] for u in wait.users)
+
+
+def test_offload_layers_offloads_each_layer_input(captured):
+    plan = captured.partitions["offload-layers"].plan
+    checkpoint = captured.partitions["checkpoint"].plan
+    assert plan.saved == checkpoint.saved and plan.recomputed == checkpoint.recomputed
+    assert len(plan.offloaded) >= 3  # one hidden state per layer (the first may be the embedding)
+    assert plan.host_bytes == sum(int(captured.costs.weight[i]) for i in captured.costs.indices(plan.offloaded))
+    assert plan.peak_bytes < checkpoint.peak_bytes  # the layer inputs no longer wait on the device
+    part = captured.partitions["offload-layers"]
+    assert_transfers_are_ordered(plan, part.fw, part.bw, part.graph.num_fwd_outputs)
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+def test_one_timeline_with_transfers(captured, codegen):
+    """The cost model's simulation of an offload plan is the estimate of the graphs the pass builds."""
+    costs = cost_model.graph_costs(captured.graph, codegen=codegen, offload_budget=1 << 30)
+    plan = get("offload-layers").function(captured.graph, costs, None)
+    fw, bw = partition(captured.graph.private_copy(), plan)
+    simulated = costs.estimate(plan)
+    partitioned = cost_model.estimate_partitioned(captured.graph, fw, bw, codegen=codegen)
+    assert simulated.peak_bytes_hint == partitioned.peak_bytes_hint == plan.peak_bytes
+    assert list(simulated.during) == list(partitioned.during)
+
+
+def lowest_offload_peak(costs) -> int:
+    """The least peak offload reaches from the leanest keep/recompute plan (below it: no heuristic plan)."""
+    return int(offload_until_fits(costs, leanest_saved(costs), 0)[1].peak_bytes_hint)
+
+
+def test_offload_is_chosen_where_recompute_cannot_reach(captured):
+    """Under a budget below the leanest structural keep/recompute plan, greedy offloads; ilp may find a
+    keep/recompute plan there, but both plans are valid and fit."""
+    costs = cost_model.graph_costs(captured.graph, offload_budget=1 << 30)
+    budget = lowest_offload_peak(costs)
+    assert budget < costs.peak(leanest_saved(costs))
+    with pytest.raises(InfeasibleBudgetError):  # without offload greedy cannot get there
+        get("greedy").function(captured.graph, cost_model.graph_costs(captured.graph), budget)
+    for solver in ("greedy", "ilp"):
+        plan = get(solver).function(captured.graph, costs, budget)
+        assert plan.peak_bytes <= budget and set(plan.offloaded) <= set(plan.saved)
+        assert costs.is_valid(costs.indices(plan.saved))
+        assert plan.offloaded or solver == "ilp"
+        fw, bw = partition(captured.graph.private_copy(), plan)
+        assert_transfers_are_ordered(plan, fw, bw, captured.graph.num_fwd_outputs)
+
+
+def test_host_budget_bounds_what_is_offloaded(captured):
+    one_value = captured.partitions["offload-layers"].plan.details["transfers"][0]["nbytes"]
+    costs = cost_model.graph_costs(captured.graph, offload_budget=one_value)
+    plan = get("offload-layers").function(captured.graph, costs, None)
+    assert plan.host_bytes <= one_value and len(plan.offloaded) == 1
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fraction=st.floats(min_value=0.9, max_value=1.1))
+def test_simulated_peak_respects_the_budget(captured, fraction):
+    costs = cost_model.graph_costs(captured.graph, offload_budget=1 << 30)
+    budget = int(captured.partitions["offload-layers"].plan.peak_bytes * fraction)
+    try:
+        plan = get("greedy").function(captured.graph, costs, budget)
+    except InfeasibleBudgetError:
+        assert fraction < 1.0  # offload-layers' own peak is always reachable
+        return
+    estimate = costs.simulate(costs.indices(plan.saved), offloaded=costs.indices(plan.offloaded))
+    assert plan.peak_bytes == estimate.peak_bytes_hint <= budget
+
+
+# greedy's keep/recompute plans reach lower under Inductor's memory model: its offload case runs eager codegen
+@pytest.mark.parametrize("solver, codegen", [("offload-layers", "eager"), ("offload-layers", "inductor"),
+                                             ("greedy", "eager")])
+def test_offloaded_step_gives_eager_gradients(solver, codegen):
+    model = four_layer_llama()
+    reference = copy.deepcopy(model)
+    ids = token_ids(SEQ)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    budget = None
+    if solver == "greedy":  # a budget only offload reaches, in the memory model of this codegen
+        (graph,) = capture(copy.deepcopy(model), options=OFFLOAD_ON, solvers=(), input_ids=ids, labels=ids)
+        budget = lowest_offload_peak(cost_model.graph_costs(graph.graph, codegen=codegen, offload_budget=1 << 30))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memgraph", options={**OFFLOAD_ON, "solver": solver, "codegen": codegen,
+                                                                 "memory_budget": budget, "cache": False})
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    plan = compiled_graphs()[-1].plan
+    assert plan.offloaded, plan.summary()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        error = ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
+        assert error < 1e-5, name
+
+
+def test_offload_options():
+    assert resolve_options({"offload_budget": "2GiB"}).offload_budget == 2 * 2**30
+    with pytest.raises(ValueError, match="offload_budget"):
+        resolve_options({"offload_budget": "lots"})
+    with pytest.raises(MemgraphError, match="auto"):
+        resolve_options({"offload": "sometimes"})
+
+
+def test_cpu_graph_ignores_offload_under_auto(make_ids):
+    ids = make_ids(24)
+    from .conftest import tiny_model
+
+    (graph,) = capture(tiny_model("llama"), options={"rewrites": False, "solver": "greedy"}, solvers=("greedy",),
+                       input_ids=ids, labels=ids)
+    assert graph.costs.offload_budget is None
+    assert not graph.partitions["greedy"].plan.offloaded
+
+
+def test_transfer_ops_round_trip_on_cpu():
+    from memgraph.kernels.offload import offload, reload, wait_transfer
+
+    value = torch.randn(3, 5)
+    host = wait_transfer(offload(value), value)
+    back = wait_transfer(reload(host, value.device), host)
+    assert torch.equal(back, value) and back.data_ptr() != value.data_ptr()
