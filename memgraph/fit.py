@@ -9,7 +9,10 @@ cross-entropy). The cost model's peak of the leanest plans (layer checkpointing;
 sympy expression in both; for each batch size the longest sequence whose peak, plus the optimizer's state,
 stays within the memory is read off it exactly (``MemoryEstimate.max_size``). That answer is then checked by one
 concrete plan: the ``ilp`` solver plans the step at exactly that batch and length under the memory, which also
-gives the breakdown and the predicted tokens/s of the best plan there.
+gives the breakdown and the predicted tokens/s of the best plan there. Unless ``offload="off"``, the leanest plans
+include layer checkpointing with each layer's input hidden state in host memory (``offload-layers``), bounded
+by ``offload_budget`` (default: half of this machine's available host memory); where that plan gives the answer,
+it is the one checked.
 """
 from __future__ import annotations
 
@@ -97,6 +100,11 @@ class FitResult:
                      gib(b.get("temporaries")), gib(b.get("cross_entropy")), gib(b.get("optimizer_state")),
                      f"{row.tok_s:,.0f}" if row.tok_s else "-", row.plan or "-"]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        proven = _longest_proven_mask()
+        if any(row.max_seq > proven for row in self.rows) and self.setup.get("rewrites") is not False:
+            lines += ["", f"Note: the attention rewrite proves a mask equal to its fused pattern up to length "
+                          f"{proven:,} today; a longer step falls back to SDPA with its mask (more memory than "
+                          "predicted here) or, compiled with dynamic shapes, stops with an error."]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +138,12 @@ class FitResult:
         figure.savefig(path, dpi=120)
         plt.close(figure)
         return path
+
+
+def _longest_proven_mask() -> int:
+    from memgraph.passes.attention import MAX_MASK_ELEMENTS
+
+    return math.isqrt(MAX_MASK_ELEMENTS)
 
 
 def fit(model: str, memory: Any = None, *, batches: Sequence[int] = (1, 2, 4, 8), weights: str = "nf4",
@@ -167,18 +181,24 @@ def fit(model: str, memory: Any = None, *, batches: Sequence[int] = (1, 2, 4, 8)
     bar.set_description("symbolic peaks of the leanest plans")
     leanest = {"checkpoint": costs.indices(captured.plan.saved), "recompute-all": set(costs.save_least)}
     estimates = {name: costs.simulate(saved, symbolic=True) for name, saved in leanest.items()}
+    host = _offload_layers(costs, leanest["checkpoint"], estimates, resolved)
     rows = []
     bar.update(1)
     for batch in batches:
         bar.set_description(f"batch {batch}: longest sequence, then an ilp plan there")
-        longest = 0
-        for estimate in estimates.values():
-            found = estimate.max_size(str(seq_symbol), budget - state_bytes, at={str(batch_symbol): batch})
-            longest = max(longest, limit if found == math.inf else int(found))
+        longest, best = 0, None
+        for name, estimate in estimates.items():
+            at = {str(batch_symbol): batch}
+            found = estimate.max_size(str(seq_symbol), budget - state_bytes, at=at)
+            found = limit if found == math.inf else int(found)
+            if name == "offload-layers":  # the layer inputs must also fit in host memory
+                found = min(found, _longest_within(host.bytes, host.budget, str(seq_symbol), at, limit))
+            if found > longest:
+                longest, best = found, name
         row = FitRow(batch, min(longest, limit), "memory" if longest < limit else "max_position_embeddings")
         if row.max_seq:
             _check(row, graph, resolved, budget, state_bytes, {str(batch_symbol): batch, str(seq_symbol): row.max_seq},
-                   solvers, graph_costs)
+                   solvers, graph_costs, host if best == "offload-layers" else None)
         rows.append(row)
         bar.update(1)
     bar.close()
@@ -189,14 +209,62 @@ def fit(model: str, memory: Any = None, *, batches: Sequence[int] = (1, 2, 4, 8)
     return FitResult(model, budget, label, setup, rows, time.perf_counter() - started, curves)
 
 
+@dataclasses.dataclass
+class _HostOffload:
+    """Offload in ``fit``: the host bytes of the layer inputs (an expression in the sizes) and what may hold them."""
+
+    bytes: Any = 0
+    budget: int = 0
+
+
+def _offload_layers(costs, checkpoint_saved: set[int], estimates: dict, options) -> _HostOffload | None:
+    """Add Unsloth's recipe (layer checkpointing with each layer's input in host memory) to the leanest plans,
+    unless ``options.offload`` is "off" (fit plans for a GPU, so "auto" offloads)."""
+    from memgraph.cost_model.solvers.offload import layer_inputs
+    from memgraph.cost_model.transfers import default_offload_budget
+
+    if options.offload == "off":
+        return None
+    offloaded = {i for i in layer_inputs(costs) if i in checkpoint_saved and i in costs.offloadable}
+    if not offloaded:
+        return None
+    estimates["offload-layers"] = costs.simulate(checkpoint_saved, offloaded=offloaded, symbolic=True)
+    budget = options.offload_budget if options.offload_budget is not None else default_offload_budget()
+    return _HostOffload(sum((costs.output_bytes_expr(i) for i in offloaded), 0), budget)
+
+
+def _longest_within(expression: Any, budget: int, symbol: str, at: dict[str, int], limit: int) -> int:
+    """The largest ``symbol`` <= limit at which ``expression`` (bytes, growing with it) stays within ``budget``."""
+    import sympy
+
+    names = {str(s): s for s in getattr(sympy.sympify(expression), "free_symbols", ())}
+    values = {names[k]: v for k, v in at.items() if k in names}
+
+    def size(n: int) -> int:
+        return int(sympy.sympify(expression).subs({**values, **({names[symbol]: n} if symbol in names else {})}))
+
+    if size(limit) <= budget:
+        return limit
+    low, high = 0, limit  # size(low) <= budget < size(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if size(middle) <= budget else (low, middle)
+    return low
+
+
 def _check(row: FitRow, graph, options, budget: int, state_bytes: int, sizes: dict[str, int], solvers,
-           graph_costs) -> None:
-    """Plan the step at exactly (batch, max_seq) with ilp under the memory: the breakdown and tokens/s there."""
-    costs = graph_costs(graph, sizes=sizes)
+           graph_costs, host: _HostOffload | None = None) -> None:
+    """Plan the step at exactly (batch, max_seq) under the memory: the breakdown and tokens/s there. ``ilp``
+    (keep or recompute), or where the answer came from offloading the layer inputs, that plan itself (solving
+    the offload search at every batch size would take minutes on an 8B graph)."""
+    costs = graph_costs(graph, sizes=sizes, offload_budget=host.budget if host is not None else None)
     try:
-        plan = solvers.get("ilp").function(graph, costs, budget - state_bytes)
+        if host is not None:
+            plan = solvers.get("offload-layers").function(graph, costs, budget - state_bytes)
+        else:
+            plan = solvers.get("ilp").function(graph, costs, budget - state_bytes)
     except InfeasibleBudgetError:
-        return  # the symbolic answer's plan is leaner than any the ilp reaches: report it unchecked
+        return  # the symbolic answer's plan is leaner than any the solver reaches: report it unchecked
     estimate = costs.estimate(plan)
     breakdown = dict(estimate.breakdown)
     scratch = [costs.values[i].scratch for i, node in enumerate(costs.nodes)
@@ -205,9 +273,13 @@ def _check(row: FitRow, graph, options, budget: int, state_bytes: int, sizes: di
 
     breakdown["cross_entropy"] = sum(evaluate(s, costs.hints) for s in scratch)  # within temporaries
     breakdown["optimizer_state"] = state_bytes
-    step_seconds = float(sum(costs.seconds)) + plan.recompute_seconds
+    step_seconds = float(sum(costs.seconds)) + plan.recompute_seconds + (plan.transfer_seconds or 0.0)
     row.peak_bytes = int(estimate.peak_bytes_hint) + state_bytes
-    row.breakdown, row.plan, row.checked = breakdown, f"ilp ({len(plan.recomputed)} recomputed)", True
+    described = f"{plan.solver} ({len(plan.recomputed)} recomputed"
+    if plan.offloaded:
+        breakdown["host"] = plan.host_bytes
+        described += f", {len(plan.offloaded)} offloaded: {gib(plan.host_bytes)} host"
+    row.breakdown, row.plan, row.checked = breakdown, described + ")", True
     row.tok_s = row.batch * row.max_seq / step_seconds if step_seconds > 0 else None
 
 

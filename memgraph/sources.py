@@ -114,11 +114,15 @@ def add_training_arguments(parser, *, seq: int | None, weights: str, lora: int |
                                                          "meta, cpu, cuda")
     parser.add_argument("--rewrites", default=None, help="comma-separated rewrites (default: all), or 'none'")
     parser.add_argument("--drop-logits", action="store_true", help="the chunked cross-entropy returns no logits")
+    parser.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
+                        help="saved values may wait in host memory (auto: on CUDA graphs; fit: always unless off)")
+    parser.add_argument("--offload-budget", default=None, help="host memory offload may use (default: half free)")
 
 
 def training_options(args) -> dict[str, Any]:
     """The backend options the training arguments set."""
-    options: dict[str, Any] = {"kv_bits": args.kv_bits, "drop_logits": args.drop_logits}
+    options: dict[str, Any] = {"kv_bits": args.kv_bits, "drop_logits": args.drop_logits, "offload": args.offload,
+                               "offload_budget": args.offload_budget}
     if args.rewrites is not None:
         options["rewrites"] = False if args.rewrites.strip().lower() == "none" else args.rewrites
     return options

@@ -419,6 +419,14 @@ class MaskGuard:
         sizes = tuple(int(size) for size in sizes)
         if sizes not in self.checked:
             length = sizes[self.length_index]
+            if length * length > MAX_MASK_ELEMENTS:
+                from memgraph.errors import MemgraphError
+
+                raise MemgraphError(
+                    f"the attention mask at length {length} has {length * length:,} elements, more than memgraph "
+                    f"evaluates to prove it is the pattern it fused ({MAX_MASK_ELEMENTS:,}: lengths up to "
+                    f"{int(MAX_MASK_ELEMENTS ** 0.5):,}); train shorter sequences or compile with rewrites that "
+                    "exclude 'attention'")
             try:
                 pattern = _allowed(_evaluate(self.build, list(sizes)), length)
                 self.checked[sizes] = _pattern_is(pattern, self.causal, self.window)

@@ -161,5 +161,9 @@ def offload_layers(graph: TrainingGraph, costs: GraphCosts | None = None, budget
         if costs.weight[i] <= host_left:
             offloaded.add(i)
             host_left -= int(costs.weight[i])
+    left_out = len([i for i in inputs if i in saved and i in costs.offloadable]) - len(offloaded)
+    if left_out:
+        log.warning("memgraph: offload_budget (%s) holds %d of the %d layer inputs; the rest stay on the device",
+                    gib(costs.offload_budget), len(offloaded), len(offloaded) + left_out)
     found["layer_inputs"] = len(inputs)
     return costs.plan("offload-layers", saved, budget, offloaded=offloaded, **found)

@@ -10,7 +10,7 @@ from memgraph import cost_model
 from memgraph.capture import capture
 from memgraph.cli import main
 from memgraph.cost_model.tracker import MemoryTracker, run_step
-from memgraph.errors import InfeasibleBudgetError, MemgraphError
+from memgraph.errors import MemgraphError
 from memgraph.fit import GPU_PRESETS, resolve_memory
 from memgraph.sources import example_batch, training_model
 
@@ -20,7 +20,7 @@ MEMORY = 1_400_000  # a tiny model's step at a few hundred tokens
 @pytest.fixture(scope="module")
 def answer():
     result = memgraph.fit("llama", MEMORY, batches=(4,), weights="bf16", lora=None, optimizer="sgd",
-                          progress=False)
+                          progress=False, offload="off")  # trained below on the CPU, where nothing is offloaded
     (row,) = result.rows
     return result, row
 
@@ -50,6 +50,21 @@ def test_the_answer_trains_and_one_token_more_does_not(answer, step_up):
     predicted = cost_model.estimate_partitioned(captured.graph, captured.fw, captured.bw).peak_bytes_hint
     assert abs(measured.peak_bytes - predicted) <= 0.02 * predicted  # the tracker's accuracy bound
     assert (measured.peak_bytes <= MEMORY) == (step_up == 0)
+
+
+def test_offloading_layer_inputs_fits_longer_within_the_host_budget(answer):
+    """With offload the leanest plans include the layer inputs in host memory: a longer answer, checked by that
+    plan at the answer; a host budget that holds nothing gives the keep/recompute answer back."""
+    _, without = answer
+    result = memgraph.fit("llama", MEMORY, batches=(4,), weights="bf16", lora=None, optimizer="sgd",
+                          progress=False, offload="on", offload_budget="1GiB")
+    (row,) = result.rows
+    assert row.max_seq > without.max_seq and row.checked and row.peak_bytes <= MEMORY
+    assert "offloaded" in row.plan and 0 < row.breakdown["host"] <= 2**30
+    assert "offload-layers" in result.curves
+    starved = memgraph.fit("llama", MEMORY, batches=(4,), weights="bf16", lora=None, optimizer="sgd",
+                           progress=False, offload="on", offload_budget=1)
+    assert starved.rows[0].max_seq == without.max_seq
 
 
 def test_memory_sizes_and_presets():

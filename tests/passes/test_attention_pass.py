@@ -390,3 +390,21 @@ def test_memgraph_backend_end_to_end(monkeypatch, family, kv_bits):
             assert _rel(grads[name], g) < 1e-4, name
         elif g.norm() > 0:
             assert _rel(grads[name], g) <= 0.20 and _cos(grads[name], g) >= 0.98, name
+
+
+def test_mask_guard_names_the_length_it_cannot_prove(monkeypatch):
+    """A dynamic-shape mask too large to evaluate at run time is an error that says so, not a wrong pattern."""
+    import torch.fx as fx
+
+    from memgraph.errors import MemgraphError
+    from memgraph.passes import attention as attention_pass
+
+    graph = fx.Graph()  # the mask from the length alone, as HF builds it in a dynamic-shape graph
+    length = graph.placeholder("length")
+    ones = graph.call_function(torch.ones, ((length, length),), {"dtype": torch.bool})
+    graph.output(graph.call_method("tril", (ones,)))
+    guard = attention_pass.MaskGuard(fx.GraphModule(torch.nn.Module(), graph), (0,), 0, causal=True, window=None)
+    assert guard.holds([8])
+    monkeypatch.setattr(attention_pass, "MAX_MASK_ELEMENTS", 100)
+    with pytest.raises(MemgraphError, match="length 16 has 256 elements"):
+        guard.holds([16])
