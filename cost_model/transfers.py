@@ -80,13 +80,17 @@ class Transfers:
         return {t.value: t for t in self.items}
 
 
-def default_offload_budget() -> int:
-    """A safe share of the host memory available now (``HOST_MEMORY_FRACTION``)."""
+def available_host_bytes() -> int:
+    """Host memory free now (0 where the OS does not say)."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not a POSIX host
         return 0
-    return int(available * HOST_MEMORY_FRACTION)
+
+
+def default_offload_budget() -> int:
+    """A safe share of the host memory available now (``HOST_MEMORY_FRACTION``)."""
+    return int(available_host_bytes() * HOST_MEMORY_FRACTION)
 
 
 def offloadable(costs: "GraphCosts") -> frozenset[int]:

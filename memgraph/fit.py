@@ -102,8 +102,9 @@ class FitResult:
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         proven = _longest_proven_mask()
         if any(row.max_seq > proven for row in self.rows) and self.setup.get("rewrites") is not False:
-            lines += ["", f"Note: the attention rewrite proves a mask equal to its fused pattern up to length "
-                          f"{proven:,} today; a longer step falls back to SDPA with its mask (more memory than "
+            lines += ["", f"Note: the attention rewrite proves a mask equal to its fused pattern by evaluating it, "
+                          f"up to length {proven:,} with this machine's free host memory; on a machine where a "
+                          "step is longer than that, it falls back to SDPA with its mask (more memory than "
                           "predicted here) or, compiled with dynamic shapes, stops with an error."]
         return "\n".join(lines)
 
@@ -141,9 +142,9 @@ class FitResult:
 
 
 def _longest_proven_mask() -> int:
-    from memgraph.passes.attention import MAX_MASK_ELEMENTS
+    from memgraph.passes.attention import mask_elements_limit
 
-    return math.isqrt(MAX_MASK_ELEMENTS)
+    return math.isqrt(mask_elements_limit())
 
 
 def fit(model: str, memory: Any = None, *, batches: Sequence[int] = (1, 2, 4, 8), weights: str = "nf4",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import operator
 from typing import Any, Optional, Sequence
 
@@ -51,7 +52,18 @@ SDPA_TARGETS = (
 SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 # Proving a mask evaluates it: one element per (query, key) pair (and per batch/head it is not broadcast over).
-MAX_MASK_ELEMENTS = 1 << 28
+MAX_MASK_ELEMENTS = 1 << 28  # masks this small are always evaluated (length 16,384)
+MASK_HOST_SHARE = 0.5  # larger ones while their evaluation fits this share of the host memory available
+BYTES_PER_MASK_ELEMENT = 16  # a float mask and the boolean temporaries of building and checking it
+
+
+def mask_elements_limit() -> int:
+    """How many elements a mask may have for the pass to evaluate it (the proof that it is the fused pattern):
+    at least ``MAX_MASK_ELEMENTS``, more where the host has memory for it (one evaluation per length, while
+    compiling or at a dynamic graph's first call at that length)."""
+    from memgraph.cost_model.transfers import available_host_bytes
+
+    return max(MAX_MASK_ELEMENTS, int(available_host_bytes() * MASK_HOST_SHARE / BYTES_PER_MASK_ELEMENT))
 # An additive float mask "masks" a pair when adding it makes the probability exactly 0: -inf or a huge negative
 # (HF fills with torch.finfo(dtype).min). Anything between is a bias, not a mask.
 MASKED_FLOAT_THRESHOLD_FRACTION = 0.5  # of torch.finfo(mask dtype).min
@@ -330,7 +342,8 @@ def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], 
         seq_len = q.shape[2]
         if not isinstance(seq_len, int):
             raise _Unsupported("the mask's shape is symbolic or unknown")
-        if mask_example.numel() > MAX_MASK_ELEMENTS or seq_len * seq_len > MAX_MASK_ELEMENTS:
+        limit = mask_elements_limit()
+        if mask_example.numel() > limit or seq_len * seq_len > limit:
             raise _Unsupported(f"the mask has too many elements to check ({mask_example.numel()})")
         causal, window = _mask_pattern(_evaluate(build, []), seq_len)
         return causal, window, nodes
@@ -350,12 +363,13 @@ def _meta_to_cpu(value: Any) -> Any:
 
 
 def _evaluate(build: fx.GraphModule, sizes: list[int]) -> torch.Tensor:
-    if any(size * size > MAX_MASK_ELEMENTS for size in sizes):
+    limit = mask_elements_limit()
+    if any(size * size > limit for size in sizes):
         raise _Unsupported(f"the mask at sizes {sizes} has too many elements to check")
     value = build(*sizes)
     if not isinstance(value, torch.Tensor) or _compat.is_fake_tensor(value):
         raise _Unsupported("the mask could not be evaluated")
-    if value.numel() > MAX_MASK_ELEMENTS:
+    if value.numel() > limit:
         raise _Unsupported(f"the mask has too many elements to check ({value.numel()})")
     return value
 
@@ -419,14 +433,15 @@ class MaskGuard:
         sizes = tuple(int(size) for size in sizes)
         if sizes not in self.checked:
             length = sizes[self.length_index]
-            if length * length > MAX_MASK_ELEMENTS:
+            limit = mask_elements_limit()
+            if length * length > limit:
                 from memgraph.errors import MemgraphError
 
                 raise MemgraphError(
                     f"the attention mask at length {length} has {length * length:,} elements, more than memgraph "
-                    f"evaluates to prove it is the pattern it fused ({MAX_MASK_ELEMENTS:,}: lengths up to "
-                    f"{int(MAX_MASK_ELEMENTS ** 0.5):,}); train shorter sequences or compile with rewrites that "
-                    "exclude 'attention'")
+                    f"can evaluate here to prove it is the pattern it fused ({limit:,}: lengths up to "
+                    f"{math.isqrt(limit):,}, from the host memory available); train shorter sequences or "
+                    "compile with rewrites that exclude 'attention'")
             try:
                 pattern = _allowed(_evaluate(self.build, list(sizes)), length)
                 self.checked[sizes] = _pattern_is(pattern, self.causal, self.window)

@@ -405,6 +405,7 @@ def test_mask_guard_names_the_length_it_cannot_prove(monkeypatch):
     graph.output(graph.call_method("tril", (ones,)))
     guard = attention_pass.MaskGuard(fx.GraphModule(torch.nn.Module(), graph), (0,), 0, causal=True, window=None)
     assert guard.holds([8])
-    monkeypatch.setattr(attention_pass, "MAX_MASK_ELEMENTS", 100)
+    assert attention_pass.mask_elements_limit() >= attention_pass.MAX_MASK_ELEMENTS
+    monkeypatch.setattr(attention_pass, "mask_elements_limit", lambda: 100)
     with pytest.raises(MemgraphError, match="length 16 has 256 elements"):
         guard.holds([16])
