@@ -482,16 +482,21 @@ class GraphCosts:
     def fastest_plan(self, solver: str) -> Plan:
         return self.plan(solver, self.save_all, None, reason="no memory_budget: fastest plan (recompute nothing)")
 
-    @functools.cached_property
-    def least_peak(self) -> tuple[int, MemoryEstimate]:
-        """(peak, estimate) of the lowest-memory plan the built-in heuristics find: the bound behind
-        InfeasibleBudgetError's "smallest predicted-feasible peak"."""
+    def structural_saved_sets(self) -> list[frozenset[int]]:
+        """The leanest saved sets found from structure alone: recompute all that may be, and layer
+        checkpointing where the graph has repeated blocks."""
         candidates = [self.save_least]
         blocks = self.blocks()
         if blocks is not None:
             candidates.append(frozenset(blocks.checkpoint_saved(self)))
+        return candidates
+
+    @functools.cached_property
+    def least_peak(self) -> tuple[int, MemoryEstimate]:
+        """(peak, estimate) of the lowest-memory plan the built-in heuristics find: the bound behind
+        InfeasibleBudgetError's "smallest predicted-feasible peak"."""
         best = None
-        for saved in candidates:
+        for saved in self.structural_saved_sets():
             estimate = self.simulate(saved)
             if best is None or estimate.peak_bytes_hint < best[1].peak_bytes_hint:
                 best = (int(estimate.peak_bytes_hint), estimate)

@@ -95,11 +95,7 @@ def layer_inputs(costs: GraphCosts) -> set[int]:
 
 def leanest_saved(costs: GraphCosts) -> set[int]:
     """The keep/recompute saved set of least predicted peak among the structural ones (``least_peak``'s)."""
-    candidates = [set(costs.save_least)]
-    blocks = costs.blocks()
-    if blocks is not None:
-        candidates.append(blocks.checkpoint_saved(costs))
-    return min(candidates, key=costs.peak)
+    return set(min(costs.structural_saved_sets(), key=costs.peak))
 
 
 def added_seconds(plan: Plan) -> float:
@@ -155,13 +151,10 @@ def offload_layers(graph: TrainingGraph, costs: GraphCosts | None = None, budget
     costs = costs or graph_costs(graph)
     saved, found = checkpoint_saved(costs)
     inputs = layer_inputs(costs)
-    host_left = costs.offload_budget if costs.offload_budget is not None else float("inf")
-    offloaded = set()
-    for i in sorted(i for i in inputs if i in saved and i in costs.offloadable):
-        if costs.weight[i] <= host_left:
-            offloaded.add(i)
-            host_left -= int(costs.weight[i])
-    left_out = len([i for i in inputs if i in saved and i in costs.offloadable]) - len(offloaded)
+    candidates = sorted(i for i in inputs if i in saved and i in costs.offloadable)
+    host = costs.offload_budget if costs.offload_budget is not None else sum(int(costs.weight[i]) for i in candidates)
+    offloaded = set(_within(costs, candidates, host))
+    left_out = len(candidates) - len(offloaded)
     if left_out:
         log.warning("memgraph: offload_budget (%s) holds %d of the %d layer inputs; the rest stay on the device",
                     gib(costs.offload_budget), len(offloaded), len(offloaded) + left_out)
