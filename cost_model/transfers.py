@@ -17,14 +17,11 @@ that inserts the ops (``passes/offload.py``), so both describe one timeline.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 if TYPE_CHECKING:
     from memgraph.cost_model.graph_costs import GraphCosts
-
-log = logging.getLogger("memgraph.offload")
 
 HOST_MEMORY_FRACTION = 0.5  # default offload_budget: this share of the host memory available when planning
 
@@ -71,13 +68,6 @@ class Transfers:
         """Host memory the offloaded values occupy together (all are on the host between forward and backward;
         the pinned pool reuses the buffers from step to step)."""
         return sum(t.nbytes for t in self.items)
-
-    @property
-    def copy_seconds(self) -> float:
-        return 2 * sum(t.seconds for t in self.items)
-
-    def by_value(self) -> dict[str, Transfer]:
-        return {t.value: t for t in self.items}
 
 
 def available_host_bytes() -> int:
