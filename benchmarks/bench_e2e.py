@@ -105,6 +105,19 @@ def compile_model(model, compiler: str, options: dict):
 
 def run_recipe(args, recipe: str) -> dict:
     weights, compiler, options = parse_recipe(recipe)
+    if args.cap_gib:  # a smaller card: the allocator refuses beyond the cap (torch.OutOfMemoryError)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
+    try:
+        return _run_recipe(args, recipe, weights, compiler, options)
+    except torch.OutOfMemoryError as error:
+        if not args.cap_gib:
+            raise
+        return {"recipe": recipe, "seq": args.seq, "cap_gib": args.cap_gib, "fits": False,
+                "error": f"out of memory under the {args.cap_gib} GiB cap: {str(error).splitlines()[0][:200]}"}
+
+
+def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -> dict:
     model = build_model(args.model, weights, args.layers, compiler)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
@@ -138,6 +151,16 @@ def run_recipe(args, recipe: str) -> dict:
     row = {"recipe": recipe, "seq": args.seq, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
            "tok_s": ids.numel() / step_s, "step_ms": step_s * 1e3, "compile_s": first_step_s - step_s,
            "first_loss": first_loss}
+    if args.cap_gib:
+        row.update(cap_gib=args.cap_gib, fits=True)
+    if args.peak_report:  # one more step, allocations recorded: what is alive at its peak, and who made it
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+        outside = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        report = peak_allocations(torch.cuda.memory._snapshot(), outside)
+        torch.cuda.memory._record_memory_history(enabled=None)
+        Path(args.peak_report).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **report}, indent=1))
     if compiler == "memgraph":
         import memgraph
 
@@ -159,6 +182,35 @@ def run_recipe(args, recipe: str) -> dict:
                            host_gib=host_pool_bytes() / 2**30,  # pinned buffers held between steps
                            predicted_transfer_ms=sum(p.transfer_seconds or 0 for p in offloaded) * 1e3)
     return row
+
+
+def peak_allocations(snapshot: dict, before_bytes: int, top: int = 40) -> dict:
+    """The allocations alive at a recorded step's peak (bytes alive before recording started are
+    ``before_bytes``: weights, optimizer state), largest first, each with the frames that allocated it."""
+    live: dict[int, dict] = {}
+    current = peak = 0
+    at_peak: list[dict] = []
+    for event in (e for trace in snapshot["device_traces"] for e in trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, list(live.values())
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            current -= live.pop(event["addr"])["size"]
+
+    def frames(event: dict) -> list[str]:
+        useful = [f for f in event.get("frames", []) if "torch/_" not in f["filename"] or "output_code" in f["filename"]
+                  or f["filename"].startswith("/tmp")]
+        import linecache
+
+        return [f"{Path(f['filename']).name}:{f['line']} {f['name']}: "
+                f"{linecache.getline(f['filename'], f['line']).strip()[:160]}" for f in useful[:5]]
+
+    largest = sorted(at_peak, key=lambda e: -e["size"])[:top]
+    return {"before_bytes": before_bytes, "peak_in_step_bytes": peak, "peak_bytes": before_bytes + peak,
+            "alive_at_peak": len(at_peak),
+            "largest": [{"bytes": e["size"], "frames": frames(e)} for e in largest]}
 
 
 def _write(args, rows: list[dict], recipes: list[str]) -> None:
@@ -186,6 +238,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="one compile cache for every recipe (default: a fresh "
                                                           "empty one per recipe)")
     parser.add_argument("--extra", default=None, help="JSON of fields added to every row")
+    parser.add_argument("--cap-gib", type=float, default=None, help="cap GPU memory at this many GiB (a smaller "
+                        "card): a step that does not fit gives a row with fits=false")
+    parser.add_argument("--peak-report", default=None, help="JSON path: allocations alive at a recorded step's peak")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,6 +268,10 @@ def main() -> None:
     print_table([r for r in rows if r is not None])
 
 
+def _file_safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:120]
+
+
 def run_in_process(args, recipe: str) -> dict:
     """One recipe in a fresh process: its row, or its error (exit code and the last lines it printed)."""
     # A fresh, empty compile cache per recipe unless one is shared: every recipe compiles cold (fair compile
@@ -224,6 +283,10 @@ def run_in_process(args, recipe: str) -> dict:
                    "--seq", str(args.seq), "--steps", str(args.steps)]
         if args.layers:
             command += ["--layers", str(args.layers)]
+        if getattr(args, "cap_gib", None):
+            command += ["--cap-gib", str(args.cap_gib)]
+        if getattr(args, "peak_report", None):
+            command += ["--peak-report", args.peak_report.replace("RECIPE", _file_safe(recipe))]
         try:
             result = subprocess.run(command, env=environment, timeout=args.recipe_timeout, stdout=log,
                                     stderr=subprocess.STDOUT)
