@@ -410,5 +410,107 @@ def inductor_kernels(nodes: Sequence[NodeValue], outputs: Sequence[str], *, give
     lowering = _Lowering(nodes, outputs, given_set)
     for value in nodes:
         lowering.lower(value)
-    emitted = lowering.finish()
+    emitted = fuse_kernels(lowering.finish(), given_set)
     return _reuse_in_place(emitted, lowering.aligned, outputs, given_set, set(donated))
+
+
+# --- the scheduler's fusion ---------------------------------------------------------------------------
+# Inductor's scheduler (scheduler.py: fuse_nodes / can_fuse / topological_sort_schedule) fuses buffer
+# kernels that loop over the same elements and share a read (or where one reads the other) into one
+# multi-output kernel, unless that would put a node outside the kernel both after and before it (a cycle).
+# The fused kernel takes its earliest member's place, with what its later members read scheduled first;
+# all its outputs are allocated before it runs and its inputs freed after it. In a recomputed SwiGLU MLP's
+# backward that is one kernel holding the recomputed activations, their float32 LoRA copies and the
+# gradients at once, which a sweep in graph order does not see.
+FUSION_WINDOW = 64  # config.max_fusion_buffer_group_pairwise_attempts: candidates within this many nodes
+MAX_FUSION_SIZE = 64  # config.max_fusion_size
+
+
+def fuse_kernels(emitted: list[NodeValue], given: set[str]) -> list[NodeValue]:
+    """``emitted`` reordered so that each fused kernel's members are adjacent, marked with ``fused``."""
+    position = {v.name: i for i, v in enumerate(emitted)}
+    producers = [tuple(position[n] for n in v.inputs if n in position) for v in emitted]
+    extents = [_loop_extent(v, emitted, position) for v in emitted]
+    fusible = [_fusible(v, given) and extents[i] is not None for i, v in enumerate(emitted)]
+    group = list(range(len(emitted)))  # each node's group: the index of its earliest member
+    members: dict[int, list[int]] = {i: [i] for i in range(len(emitted))}
+    for b, value in enumerate(emitted):
+        if not fusible[b]:
+            continue
+        reads = set(value.inputs)
+        for a in range(b - 1, max(-1, b - FUSION_WINDOW - 1), -1):
+            target = group[a]
+            if (not fusible[a] or target == group[b] or extents[a] != extents[b]
+                    or not (reads & set(emitted[a].inputs) or emitted[a].name in reads)
+                    or len(members[target]) >= MAX_FUSION_SIZE or _reaches_outside(b, members[target], producers)):
+                continue
+            members[target].append(b)
+            del members[group[b]]
+            group[b] = target
+            break  # one fused kernel per node (Inductor may merge more; this keeps the check pairwise)
+    fused_id = {g: g for g, m in members.items() if len(m) > 1}
+    order = _schedule(members, group, producers)
+    return [dataclasses.replace(emitted[i], fused=fused_id.get(group[i])) if group[i] in fused_id else emitted[i]
+            for i in order]
+
+
+def _fusible(value: NodeValue, given: set[str]) -> bool:
+    info = value.kernel
+    return (info is not None and info.kind in (POINTWISE, BUFFER) and not info.concat and value.name not in given
+            and bool(value.outputs) and all(o is not None and o.alias is None for o in value.outputs))
+
+
+def _loop_extent(value: NodeValue, emitted: list[NodeValue], position: dict[str, int]) -> Size | None:
+    """The elements a kernel loops over: its output's, or a reduction's input's (the larger)."""
+    extents = [value.kernel.numel] if value.kernel is not None and value.kernel.numel is not None else []
+    for name in value.inputs:
+        info = emitted[position[name]].kernel if name in position else None
+        if info is not None and info.numel is not None:
+            extents.append(info.numel)
+    if not extents:
+        return None
+    best = extents[0]
+    for extent in extents[1:]:
+        try:
+            if bool(extent > best):
+                best = extent
+        except TypeError:  # symbolic sizes that do not compare: not a fusion candidate
+            return None
+    return best
+
+
+def _reaches_outside(b: int, group_members: list[int], producers: list[tuple[int, ...]]) -> bool:
+    """Whether ``b`` depends on a member of the group through a node outside it (fusing would be a cycle)."""
+    inside = set(group_members)
+    earliest = min(inside)
+    stack = [p for p in producers[b] if p not in inside]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node < earliest or node in seen:
+            continue
+        seen.add(node)
+        if node in inside:
+            return True
+        stack.extend(producers[node])
+    return False
+
+
+def _schedule(members: dict[int, list[int]], group: list[int], producers: list[tuple[int, ...]]) -> list[int]:
+    """Kernels in their earliest member's order, each after everything its members read (depth first)."""
+    done: set[int] = set()
+    order: list[int] = []
+    for root in sorted(members):
+        stack = [(root, False)]
+        while stack:
+            unit, expanded = stack.pop()
+            if unit in done:
+                continue
+            if expanded:
+                done.add(unit)
+                order.extend(sorted(members[unit]))
+                continue
+            stack.append((unit, True))
+            needed = sorted({group[p] for m in members[unit] for p in producers[m]} - {unit} - done, reverse=True)
+            stack.extend((dep, False) for dep in needed)
+    return order

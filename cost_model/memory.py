@@ -193,8 +193,12 @@ def run_phase(program: Program, phase: str, nodes: Sequence[NodeValue], outputs:
             continue
         # An op's workspace lives while it runs: allocated with its outputs, freed when it returns.
         scratch = [program.new_storage(value.scratch, TEMPORARIES, value.name)] if value.scratch != 0 else []
-        program.step(value.name, phase, pending_allocs + allocations[index] + scratch,
-                     pending_frees + frees[index] + scratch)
+        pending_allocs += allocations[index] + scratch
+        pending_frees += frees[index] + scratch
+        following = nodes[index + 1] if index + 1 < len(nodes) else None
+        if value.fused is not None and following is not None and following.fused == value.fused:
+            continue  # one fused kernel: every output is allocated before it runs, inputs freed after it
+        program.step(value.name, phase, pending_allocs, pending_frees)
         pending_allocs, pending_frees = [], []
     if pending_allocs or pending_frees:
         program.step(f"{phase}_inputs", phase, pending_allocs, pending_frees)

@@ -44,6 +44,7 @@ class NodeValue:
     unknown: str | None = None  # why the size or aliasing is a guess (reported in unknown_ops)
     kernel: Any = None  # inductor.KernelInfo when memory is modelled for Inductor's generated code
     scratch: Size = 0  # bytes the op allocates and frees inside its call (a kernel's workspace)
+    fused: int | None = None  # Inductor kernel: adjacent values with one id run as one multi-output kernel
 
 
 # op -> function(**arguments bound to the op's schema, tensors as fake values) -> scratch bytes (int or SymInt)

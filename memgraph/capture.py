@@ -112,11 +112,14 @@ def capture_backend(captured: list[CapturedGraph], *, options: Options | Mapping
                     observe_backward_inputs: Callable[[list], None] | None = None) -> Callable:
     """The torch.compile backend behind ``capture`` (arguments as there): it appends a ``CapturedGraph`` to
     ``captured`` per compiled graph. For callers that run the compiled model more than once."""
-    resolved = resolve_options({**(options.to_dict() if isinstance(options, Options) else dict(options or {})),
-                                "codegen": "eager"})
+    given = options.to_dict() if isinstance(options, Options) else dict(options or {})
+    # The captured graphs run eagerly, but are planned for the codegen the options name (Inductor by default),
+    # as the backend plans them: a plan made here equals the compiled step's.
+    planned_for = resolve_options(given).codegen
+    resolved = resolve_options({**given, "codegen": "eager"})
     rewrites: list[str] = []  # of the Dynamo graph being compiled
     partition_fn = _partition_fn(captured, _plan_functions(solvers or (resolved.solver,), plan_fn, resolved),
-                                 rewrites, resolved)
+                                 rewrites, resolved, planned_for)
     forward_compiler, backward_compiler = _compilers(captured, run_under, observe_backward_inputs)
 
     def backend(gm, example_inputs):
@@ -158,15 +161,15 @@ def _plan_functions(solvers: Sequence[str], plan_fn: PlanFunction | None, option
 
 
 def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction], rewrites: list[str],
-                  options: Options | None = None):
+                  options: Options | None = None, codegen: str | None = None):
     from memgraph.passes.partition import partition
     from memgraph.pipeline import offload_setting
 
     def partition_fn(joint, joint_inputs, **kwargs):
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
         offload_budget, device = offload_setting(graph, options) if options is not None else (None, None)
-        record = CapturedGraph(graph, graph_costs(graph, offload_budget=offload_budget, device=device), {},
-                               list(rewrites))
+        record = CapturedGraph(graph, graph_costs(graph, offload_budget=offload_budget, device=device,
+                                                  codegen=codegen), {}, list(rewrites))
         captured.append(record)
         for name, plan_fn in plans.items():
             plan = plan_fn(graph, record.costs)

@@ -258,7 +258,8 @@ def _check(row: FitRow, graph, options, budget: int, state_bytes: int, sizes: di
     """Plan the step at exactly (batch, max_seq) under the memory: the breakdown and tokens/s there. ``ilp``
     (keep or recompute), or where the answer came from offloading the layer inputs, that plan itself (solving
     the offload search at every batch size would take minutes on an 8B graph)."""
-    costs = graph_costs(graph, sizes=sizes, offload_budget=host.budget if host is not None else None)
+    costs = graph_costs(graph, sizes=sizes, offload_budget=host.budget if host is not None else None,
+                        codegen=options.codegen)
     try:
         if host is not None:
             plan = solvers.get("offload-layers").function(graph, costs, budget - state_bytes)

@@ -12,7 +12,9 @@ from memgraph.capture import capture
 from memgraph.cost_model.plot import align_measured
 from memgraph.cost_model.tracker import GraphRunner, MemoryTracker
 
-NO_REWRITES = {"rewrites": False}  # the cost model is checked on the graphs as the model traces them
+# The cost model is checked on the graphs as the model traces them, run eagerly (one allocation per node):
+# planned for eager codegen.
+NO_REWRITES = {"rewrites": False, "codegen": "eager"}
 
 
 def _forward_only(x, w):

@@ -19,7 +19,7 @@ from memgraph.pipeline import compiled_graphs
 
 from .conftest import token_ids
 
-OFFLOAD_ON = {"offload": "on", "rewrites": False}
+OFFLOAD_ON = {"offload": "on", "rewrites": False, "codegen": "eager"}  # tests override codegen where it matters
 SEQ = 512  # long enough for layer inputs, not the weights or the logits, to set the peak
 
 

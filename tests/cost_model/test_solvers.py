@@ -19,7 +19,9 @@ from memgraph.cost_model.tracker import MemoryTracker, run_step
 from memgraph.errors import InfeasibleBudgetError
 from memgraph.passes.partition import partition
 
-NO_REWRITES = {"rewrites": False}  # the cost model is checked on the graphs as the model traces them
+# The cost model is checked on the graphs as the model traces them, run eagerly (one allocation per node):
+# planned for eager codegen.
+NO_REWRITES = {"rewrites": False, "codegen": "eager"}
 
 BUDGETED = ("ilp", "greedy", "torch-budget", "checkpoint")
 LAYERS = 3

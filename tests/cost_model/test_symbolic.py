@@ -10,7 +10,9 @@ from memgraph.cost_model import symbolic
 from memgraph.capture import capture
 from memgraph.cost_model.sizing import largest_fitting
 
-NO_REWRITES = {"rewrites": False}  # the cost model is checked on the graphs as the model traces them
+# The cost model is checked on the graphs as the model traces them, run eagerly (one allocation per node):
+# planned for eager codegen.
+NO_REWRITES = {"rewrites": False, "codegen": "eager"}
 
 
 def static_peak(model, make_ids, length: int) -> int:

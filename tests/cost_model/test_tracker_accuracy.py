@@ -9,7 +9,9 @@ from memgraph import cost_model
 from memgraph.capture import capture, capture_backend
 from memgraph.cost_model.tracker import MemoryTracker, run_step
 
-NO_REWRITES = {"rewrites": False}  # the cost model is checked on the graphs as the model traces them
+# The cost model is checked on the graphs as the model traces them, run eagerly (the tracker's oracle): planned
+# for eager codegen, one allocation per node.
+NO_REWRITES = {"rewrites": False, "codegen": "eager"}
 
 SOLVERS = ("none", "mincut")
 

@@ -15,12 +15,13 @@ from memgraph.fit import GPU_PRESETS, resolve_memory
 from memgraph.sources import example_batch, training_model
 
 MEMORY = 1_400_000  # a tiny model's step at a few hundred tokens
+EAGER = "eager"  # the oracle runs the captured graphs eagerly (the tracker): fit plans for that codegen
 
 
 @pytest.fixture(scope="module")
 def answer():
     result = memgraph.fit("llama", MEMORY, batches=(4,), weights="bf16", lora=None, optimizer="sgd",
-                          progress=False, offload="off")  # trained below on the CPU, where nothing is offloaded
+                          progress=False, offload="off", codegen=EAGER)  # trained below on the CPU: no offload
     (row,) = result.rows
     return result, row
 
@@ -41,7 +42,7 @@ def test_the_answer_trains_and_one_token_more_does_not(answer, step_up):
     model = training_model("llama", weights="bf16", lora=None, device="cpu", dtype=torch.bfloat16)
     inputs = example_batch(model, row.batch, seq, device="cpu")
     try:
-        (captured,) = capture(model, options={"solver": "ilp", "memory_budget": MEMORY}, **inputs)
+        (captured,) = capture(model, options={"solver": "ilp", "memory_budget": MEMORY, "codegen": EAGER}, **inputs)
     except Exception as error:  # noqa: BLE001 - Dynamo wraps the solver's InfeasibleBudgetError
         assert step_up == 1 and "cannot be met" in str(error), error
         return
@@ -57,13 +58,13 @@ def test_offloading_layer_inputs_fits_longer_within_the_host_budget(answer):
     plan at the answer; a host budget that holds nothing gives the keep/recompute answer back."""
     _, without = answer
     result = memgraph.fit("llama", MEMORY, batches=(4,), weights="bf16", lora=None, optimizer="sgd",
-                          progress=False, offload="on", offload_budget="1GiB")
+                          progress=False, offload="on", offload_budget="1GiB", codegen=EAGER)
     (row,) = result.rows
     assert row.max_seq > without.max_seq and row.checked and row.peak_bytes <= MEMORY
     assert "offloaded" in row.plan and 0 < row.breakdown["host"] <= 2**30
     assert "offload-layers" in result.curves
     starved = memgraph.fit("llama", MEMORY, batches=(4,), weights="bf16", lora=None, optimizer="sgd",
-                           progress=False, offload="on", offload_budget=1)
+                           progress=False, offload="on", offload_budget=1, codegen=EAGER)
     assert starved.rows[0].max_seq == without.max_seq
 
 

@@ -16,7 +16,9 @@ from memgraph.errors import MemgraphError
 from memgraph.graph import TrainingGraph
 from memgraph.graph_io import load_graph, save_graph
 
-NO_REWRITES = {"rewrites": False}  # the cost model is checked on the graphs as the model traces them
+# The cost model is checked on the graphs as the model traces them, run eagerly (one allocation per node):
+# planned for eager codegen.
+NO_REWRITES = {"rewrites": False, "codegen": "eager"}
 
 
 @pytest.fixture(scope="module")
