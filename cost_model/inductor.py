@@ -25,8 +25,12 @@ same liveness sweep (``memory.run_phase``) predicts Inductor's memory. The rules
   into that buffer instead of allocating (``inplace_buffers``). Backward's saved activations are donated
   buffers and qualify; forward inputs and buffers still needed later do not.
 
+* Fusion (``fuse_kernels``): buffer kernels over the same elements that share a read fuse into one
+  multi-output kernel, placed as the scheduler places it; its outputs are allocated together and its inputs
+  freed after it.
+
 Buffer reuse between dead and new buffers of equal size (``allow_buffer_reuse``) does not change the bytes
-allocated, and the scheduler's reordering for peak memory is not modelled (the graph's order is kept).
+allocated, and the scheduler's later reordering for peak memory (``reorder_for_peak_memory``) is not modelled.
 """
 from __future__ import annotations
 
