@@ -21,6 +21,7 @@ import argparse
 import concurrent.futures
 import gc
 import json
+import linecache
 import os
 import statistics
 import subprocess
@@ -187,27 +188,33 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
 def peak_allocations(snapshot: dict, before_bytes: int, top: int = 40) -> dict:
     """The allocations alive at a recorded step's peak (bytes alive before recording started are
     ``before_bytes``: weights, optimizer state), largest first, each with the frames that allocated it."""
-    live: dict[int, dict] = {}
-    current = peak = 0
-    at_peak: list[dict] = []
-    for event in (e for trace in snapshot["device_traces"] for e in trace):
-        if event["action"] == "alloc":
-            live[event["addr"]] = event
-            current += event["size"]
-            if current > peak:
-                peak, at_peak = current, list(live.values())
-        elif event["action"] == "free_completed" and event["addr"] in live:
-            current -= live.pop(event["addr"])["size"]
+    events = [e for trace in snapshot["device_traces"] for e in trace]
+
+    def replay(until: int) -> tuple[dict[int, dict], int, int]:
+        """(live allocations after event ``until``, bytes alive then, index of the highest point so far)."""
+        live: dict[int, dict] = {}
+        current = peak = 0
+        highest = -1
+        for index, event in enumerate(events[:until + 1]):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                current += event["size"]
+                if current > peak:
+                    peak, highest = current, index
+            elif event["action"] == "free_completed" and event["addr"] in live:
+                current -= live.pop(event["addr"])["size"]
+        return live, current, highest
+
+    _, _, highest = replay(len(events) - 1)
+    at_peak, peak, _ = replay(highest)
 
     def frames(event: dict) -> list[str]:
         useful = [f for f in event.get("frames", []) if "torch/_" not in f["filename"] or "output_code" in f["filename"]
                   or f["filename"].startswith("/tmp")]
-        import linecache
-
         return [f"{Path(f['filename']).name}:{f['line']} {f['name']}: "
                 f"{linecache.getline(f['filename'], f['line']).strip()[:160]}" for f in useful[:5]]
 
-    largest = sorted(at_peak, key=lambda e: -e["size"])[:top]
+    largest = sorted(at_peak.values(), key=lambda e: -e["size"])[:top]
     return {"before_bytes": before_bytes, "peak_in_step_bytes": peak, "peak_bytes": before_bytes + peak,
             "alive_at_peak": len(at_peak),
             "largest": [{"bytes": e["size"], "frames": frames(e)} for e in largest]}

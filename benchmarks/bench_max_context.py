@@ -24,10 +24,9 @@ from _common import print_table, write_results  # noqa: E402
 from bench_e2e import parse_recipe, run_in_process  # noqa: E402
 
 
-def predicted_max_seq(args, options: dict) -> dict:
+def predicted_max_seq(args, weights: str, options: dict) -> dict:
     """``memgraph fit`` (symbolic cost model, meta device) for the recipe's options at batch 1."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        weights = parse_recipe(args.recipe)[0]
         command = ["memgraph", "fit", "--model", args.model, "--memory", f"{args.cap_gib}GiB", "--batches", "1",
                    "--device", "meta", "--weights", weights,
                    "--kv-bits", str(options.get("kv_bits", 16)), "--offload-budget", args.offload_budget,
@@ -55,12 +54,12 @@ def main() -> None:
     parser.add_argument("--no-predict", action="store_true", help="skip memgraph fit")
     parser.add_argument("--name", default="max_context")
     args = parser.parse_args()
-    _, compiler, options = parse_recipe(args.recipe)
+    weights, compiler, options = parse_recipe(args.recipe)
     seqs = sorted(int(s) for s in args.seqs.split(","))
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel + 1) as pool:
         prediction = None
         if compiler == "memgraph" and not args.no_predict:
-            prediction = pool.submit(predicted_max_seq, args, options)
+            prediction = pool.submit(predicted_max_seq, args, weights, options)
         probes = {}
         for seq in seqs:
             run = argparse.Namespace(model=args.model, seq=seq, steps=args.steps, layers=None, cache_dir=None,

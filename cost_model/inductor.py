@@ -436,16 +436,16 @@ def fuse_kernels(emitted: list[NodeValue], given: set[str]) -> list[NodeValue]:
     producers = [tuple(position[n] for n in v.inputs if n in position) for v in emitted]
     extents = [_loop_extent(v, emitted, position) for v in emitted]
     fusible = [_fusible(v, given) and extents[i] is not None for i, v in enumerate(emitted)]
+    reads = [set(v.inputs) for v in emitted]
     group = list(range(len(emitted)))  # each node's group: the index of its earliest member
     members: dict[int, list[int]] = {i: [i] for i in range(len(emitted))}
-    for b, value in enumerate(emitted):
+    for b in range(len(emitted)):
         if not fusible[b]:
             continue
-        reads = set(value.inputs)
         for a in range(b - 1, max(-1, b - FUSION_WINDOW - 1), -1):
             target = group[a]
             if (not fusible[a] or target == group[b] or extents[a] != extents[b]
-                    or not (reads & set(emitted[a].inputs) or emitted[a].name in reads)
+                    or not (reads[b] & reads[a] or emitted[a].name in reads[b])
                     or len(members[target]) >= MAX_FUSION_SIZE or _reaches_outside(b, members[target], producers)):
                 continue
             members[target].append(b)

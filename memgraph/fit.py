@@ -238,19 +238,13 @@ def _longest_within(expression: Any, budget: int, symbol: str, at: dict[str, int
     """The largest ``symbol`` <= limit at which ``expression`` (bytes, growing with it) stays within ``budget``."""
     import sympy
 
-    names = {str(s): s for s in getattr(sympy.sympify(expression), "free_symbols", ())}
+    from memgraph.cost_model.sizing import largest_fitting
+
+    expression = sympy.sympify(expression)
+    names = {str(s): s for s in expression.free_symbols}
     values = {names[k]: v for k, v in at.items() if k in names}
-
-    def size(n: int) -> int:
-        return int(sympy.sympify(expression).subs({**values, **({names[symbol]: n} if symbol in names else {})}))
-
-    if size(limit) <= budget:
-        return limit
-    low, high = 0, limit  # size(low) <= budget < size(high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if size(middle) <= budget else (low, middle)
-    return low
+    found = largest_fitting(expression, names.get(symbol, sympy.Symbol(symbol)), budget, values, lower=0)
+    return limit if found == math.inf else min(int(found), limit)
 
 
 def _check(row: FitRow, graph, options, budget: int, state_bytes: int, sizes: dict[str, int], solvers,

@@ -6,6 +6,10 @@ import copy
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# The cost model is checked on the graphs as the model traces them, run eagerly (one allocation per node):
+# planned for eager codegen.
+NO_REWRITES = {"rewrites": False, "codegen": "eager"}
+
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()

@@ -12,9 +12,7 @@ from memgraph.capture import capture
 from memgraph.cost_model.plot import align_measured
 from memgraph.cost_model.tracker import GraphRunner, MemoryTracker
 
-# The cost model is checked on the graphs as the model traces them, run eagerly (one allocation per node):
-# planned for eager codegen.
-NO_REWRITES = {"rewrites": False, "codegen": "eager"}
+from tests.helpers import NO_REWRITES
 
 
 def _forward_only(x, w):

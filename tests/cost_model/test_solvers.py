@@ -19,9 +19,7 @@ from memgraph.cost_model.tracker import MemoryTracker, run_step
 from memgraph.errors import InfeasibleBudgetError
 from memgraph.passes.partition import partition
 
-# The cost model is checked on the graphs as the model traces them, run eagerly (one allocation per node):
-# planned for eager codegen.
-NO_REWRITES = {"rewrites": False, "codegen": "eager"}
+from tests.helpers import NO_REWRITES
 
 BUDGETED = ("ilp", "greedy", "torch-budget", "checkpoint")
 LAYERS = 3

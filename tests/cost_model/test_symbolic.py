@@ -10,9 +10,7 @@ from memgraph.cost_model import symbolic
 from memgraph.capture import capture
 from memgraph.cost_model.sizing import largest_fitting
 
-# The cost model is checked on the graphs as the model traces them, run eagerly (one allocation per node):
-# planned for eager codegen.
-NO_REWRITES = {"rewrites": False, "codegen": "eager"}
+from tests.helpers import NO_REWRITES
 
 
 def static_peak(model, make_ids, length: int) -> int:

@@ -9,9 +9,7 @@ from memgraph import cost_model
 from memgraph.capture import capture, capture_backend
 from memgraph.cost_model.tracker import MemoryTracker, run_step
 
-# The cost model is checked on the graphs as the model traces them, run eagerly (the tracker's oracle): planned
-# for eager codegen, one allocation per node.
-NO_REWRITES = {"rewrites": False, "codegen": "eager"}
+from tests.helpers import NO_REWRITES
 
 SOLVERS = ("none", "mincut")
 

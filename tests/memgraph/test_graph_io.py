@@ -16,9 +16,7 @@ from memgraph.errors import MemgraphError
 from memgraph.graph import TrainingGraph
 from memgraph.graph_io import load_graph, save_graph
 
-# The cost model is checked on the graphs as the model traces them, run eagerly (one allocation per node):
-# planned for eager codegen.
-NO_REWRITES = {"rewrites": False, "codegen": "eager"}
+from tests.helpers import NO_REWRITES
 
 
 @pytest.fixture(scope="module")
