@@ -25,6 +25,16 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _installed(distribution: str) -> str | None:
+    """An installed distribution's version, without importing it (Unsloth patches transformers on import)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def meta(**extra: Any) -> dict[str, Any]:
     import torch
 
@@ -43,6 +53,7 @@ def meta(**extra: Any) -> dict[str, Any]:
             "peft": _version("peft"),
             "bitsandbytes": _version("bitsandbytes"),
             "memgraph": _version("memgraph"),
+            **{name: _installed(name) for name in ("liger-kernel", "unsloth") if _installed(name)},
         },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),

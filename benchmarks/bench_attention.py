@@ -52,9 +52,9 @@ KV4_GATES = (0.20, 0.98)  # max relative error, min cosine of dQ/dK/dV (DESIGN.m
 KV_DEQUANT_MODES = ("prepass", "in_kernel")  # memgraph.kernels.attention.launch.KV_DEQUANT_MODES, timed side by side
 
 
-def _inputs(seq, head_dim, seed=0, dtype=torch.bfloat16):
+def _inputs(seq, head_dim, seed=0, dtype=torch.bfloat16, batch=None):
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
-    draw = lambda heads: torch.randn(BATCH, heads, seq, head_dim, device=DEVICE, dtype=dtype,  # noqa: E731
+    draw = lambda heads: torch.randn(batch or BATCH, heads, seq, head_dim, device=DEVICE, dtype=dtype,  # noqa: E731
                                      generator=generator)
     return draw(HEADS), draw(KV_HEADS), draw(KV_HEADS), draw(HEADS)
 
@@ -214,6 +214,102 @@ def time_case(fn, seq, head_dim):
         "host_us_per_fwd_bwd": _host_us(forward_backward, leaves),
         "saved_bytes": saved_bytes(fn, q, k, v),
     }
+
+
+# --- masked batches: packed sequences and right padding (issue: real training batches) ---
+MASKED_CASES = {  # name: (batch, seq); packed: 8 sequences of random lengths; padded: 30% of tokens are padding
+    "packed": (1, 8192),
+    "padded": (4, 2048),
+}
+PACKED_SEQUENCES = 8
+PADDING_FRACTION = 0.3
+
+
+def masked_layout(name: str, batch: int, seq: int, seed: int = 0):
+    """(q_segments, k_segments, boolean SDPA mask [B, 1, S, S], cumulative sequence starts or None)."""
+    from memgraph.kernels.attention import packed_segments, padding_segments
+
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.arange(seq)
+    causal = positions[None, :] <= positions[:, None]
+    if name == "packed":
+        cuts = torch.sort(torch.randperm(seq - 1, generator=generator)[:PACKED_SEQUENCES - 1] + 1).values
+        lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([seq])]))
+        position_ids = torch.cat([torch.arange(int(n)) for n in lengths]).expand(batch, seq).to(DEVICE)
+        q_segments, k_segments = packed_segments(position_ids)
+        starts = torch.cat([torch.tensor([0]), torch.cumsum(lengths, 0)]).to(DEVICE, torch.int32)
+    else:
+        # Right padding, each row's length drawn around 1 - PADDING_FRACTION of the sequence.
+        spread = int(seq * PADDING_FRACTION / 2)
+        kept = seq - int(seq * PADDING_FRACTION) + torch.randint(-spread, spread + 1, (batch,), generator=generator)
+        attention_mask = (positions[None, :] < kept[:, None]).long().to(DEVICE)
+        q_segments, k_segments = padding_segments(attention_mask)
+        starts = None
+    mask = (causal.to(DEVICE) & (q_segments[:, :, None] == k_segments[:, None, :]))[:, None]
+    return q_segments, k_segments, mask, starts
+
+
+def _sdpa_masked(mask):
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def _varlen(starts, seq):
+    """torch's varlen flash attention over the packed sequences (q/k/v [1, H, S, D] -> [S, H, D] and back), if this
+    torch has it."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    import inspect
+
+    longest = int(torch.diff(starts).max())
+    # torch 2.11 takes is_causal; later versions a (left, right) window, (-1, 0) being causal.
+    causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {
+        "window_size": (-1, 0)}
+
+    def run(q, k, v):
+        group = q.shape[1] // k.shape[1]
+        flat = lambda x: x[0].transpose(0, 1)  # noqa: E731  [S, H, D]
+        k_rep, v_rep = (x.repeat_interleave(group, 1) for x in (k, v))
+        out = varlen_attn(flat(q), flat(k_rep), flat(v_rep), starts, starts, longest, longest, **causal)
+        return out.transpose(0, 1)[None]
+
+    return run
+
+
+def time_masked(name: str, head_dim: int = 128) -> list[dict]:
+    """fwd+bwd of memgraph (kv 16 and 4) against SDPA with the same boolean mask (and varlen flash attention for
+    the packed batch, where torch has it) on one masked batch."""
+    batch, seq = MASKED_CASES[name]
+    q_segments, k_segments, mask, starts = masked_layout(name, batch, seq)
+    pairs = int(mask.sum())
+    q, k, v, grad_out = _inputs(seq, head_dim, seed=seq, batch=batch)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    flops = 4.0 * HEADS * head_dim * pairs
+    impls = [("sdpa", 16, _sdpa_masked(mask))]
+    if starts is not None:
+        try:
+            impls.append(("varlen_attn", 16, _varlen(starts, seq)))
+        except ImportError as error:
+            print(f"no varlen attention in this torch: {error}")
+    impls += [("memgraph", bits, _ours(bits, q_segments=q_segments, k_segments=k_segments)) for bits in (16, 4)]
+    rows = []
+    for impl, kv_bits, fn in impls:
+        try:
+            with exclusive_gpu_timing():
+                ms = _median_ms(lambda: fn(*leaves).backward(grad_out), grad_to_none=leaves)
+            rows.append({"impl": impl, "kv_bits": kv_bits, "layout": name, "batch": batch, "seq": seq,
+                         "head_dim": head_dim, "visible_pairs_per_head": pairs, "fwd_bwd_ms": ms,
+                         "fwd_bwd_tflops": 3.5 * flops / ms / 1e9})
+        except Exception as error:  # noqa: BLE001 - a baseline that cannot run is recorded, not fatal
+            rows.append({"impl": impl, "kv_bits": kv_bits, "layout": name, "error": f"{type(error).__name__}: "
+                         f"{str(error)[:200]}"})
+    sdpa = rows[0].get("fwd_bwd_ms")
+    for row in rows:
+        if sdpa and "fwd_bwd_ms" in row:
+            row["speedup_vs_sdpa"] = sdpa / row["fwd_bwd_ms"]
+    reference = _grads(_sdpa_masked(mask), q, k, v, grad_out)
+    ours = _grads(_ours(16, q_segments=q_segments, k_segments=k_segments), q, k, v, grad_out)
+    rows[0]["check_max_rel_error_kv16"] = max(_rel(a, b) for a, b in zip(ours, reference))
+    return rows
 
 
 def profile_host(seq, head_dim, calls: int = 50) -> None:
@@ -522,6 +618,8 @@ def main(argv=None) -> int:
                         help="print where the host's time goes in memgraph's fwd+bwd at the first case (cProfile)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU dry run of the whole script on tiny shapes (Triton's interpreter); writes no results")
+    parser.add_argument("--masked", action="store_true",
+                        help="packed and padded batches against SDPA with the same masks; writes attention_masked.json")
     parser.add_argument("--tune", action="store_true",
                         help="time every CONFIGS entry of every kernel alone; writes attention_tuning.json")
     parser.add_argument("--tune-budget", type=float, default=TUNE_BUDGET_S,
@@ -539,6 +637,15 @@ def main(argv=None) -> int:
         return 2
     if args.tune:
         return tune(args.tune_budget, args.tune_workers, args.smoke)
+    if args.masked:
+        if args.smoke:
+            MASKED_CASES.update(packed=(1, 96), padded=(2, 64))
+        rows = [row for name in MASKED_CASES for row in time_masked(name, 64 if args.smoke else 128)]
+        print_table(rows)
+        if not args.smoke:
+            write_results("attention_masked", rows, heads=HEADS, kv_heads=KV_HEADS, dtype="bfloat16",
+                          packed_sequences=PACKED_SEQUENCES, padding_fraction=PADDING_FRACTION)
+        return 0
     if args.no_autotune:
         from memgraph.kernels.attention import launch as module
 

@@ -5,7 +5,9 @@ A recipe is ``WEIGHTS/COMPILER[?option=value&...]``:
   COMPILER eager | inductor (torch.compile default) | memgraph (options after '?', e.g. solver=mincut&kv_bits=4;
            a list option joins its items with '+': rewrites=attention+nf4) | eager-gc (HF gradient
            checkpointing) | liger-gc (HF gradient checkpointing + Liger-Kernel's kernels, its fused linear
-           cross-entropy included) | inductor (torch.compile; options activation_memory_budget=0.3)
+           cross-entropy included) | inductor (torch.compile; options activation_memory_budget=0.3) |
+           unsloth (Unsloth's FastLanguageModel QLoRA with its "unsloth" gradient checkpointing; weights bnb
+           only: it quantizes at load, from a random-init checkpoint this script saves once per model)
 Each recipe runs in its own process with its own empty compile cache (``--cache-dir`` shares one instead: a
 second run of the same recipe then measures a warm compile), so none inherits another's warm caches or allocator
 state. ``--parallel N`` runs N recipes at once: their untimed phases (model build, compile, first step) overlap,
@@ -36,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exclusive_gpu_timing, print_table, write_results  # noqa: E402
 
 WEIGHTS = ("bf16", "bnb", "nf4")
-COMPILERS = ("eager", "inductor", "memgraph", "eager-gc", "liger-gc")
+COMPILERS = ("eager", "inductor", "memgraph", "eager-gc", "liger-gc", "unsloth")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def parse_recipe(recipe: str) -> tuple[str, str, dict]:
@@ -45,6 +48,8 @@ def parse_recipe(recipe: str) -> tuple[str, str, dict]:
     if weights not in WEIGHTS or compiler not in COMPILERS:
         raise SystemExit(f"bad recipe {recipe!r}: use WEIGHTS/COMPILER with WEIGHTS in {WEIGHTS}, COMPILER in "
                          f"{COMPILERS}")
+    if compiler == "unsloth" and weights != "bnb":
+        raise SystemExit(f"bad recipe {recipe!r}: Unsloth quantizes with bitsandbytes at load; use bnb/unsloth")
     options = {}
     for pair in filter(None, query.split("&")):
         key, _, value = pair.partition("=")
@@ -88,9 +93,59 @@ def build_model(name: str, weights: str, layers: int | None, compiler: str = "ea
     return models.add_lora(model)
 
 
+def saved_checkpoint(name: str, layers: int | None) -> Path:
+    """A random-init bf16 checkpoint and a small tokenizer on disk (Unsloth loads models by path), saved once per
+    model and layer count; concurrent recipes wait on a lock instead of writing it twice."""
+    import fcntl
+
+    root = Path(os.environ.get("MEMGRAPH_BENCH_CHECKPOINTS", tempfile.gettempdir())) / "memgraph-checkpoints"
+    path = root / f"{name}-{layers or 'all'}"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").exists():
+            from memgraph import models
+
+            model = models.build(name, dtype=torch.bfloat16, device="cuda", use_cache=False,
+                                 **({"num_hidden_layers": layers} if layers else {}))
+            model.save_pretrained(path)
+            del model
+            torch.cuda.empty_cache()
+            _tiny_tokenizer(model_config_path=path).save_pretrained(path)
+    return path
+
+
+def _tiny_tokenizer(model_config_path: Path):
+    """A word-level tokenizer with the model's special tokens: the benchmark feeds token ids, never text."""
+    from tokenizers import Tokenizer, models as token_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    vocab = {token: i for i, token in enumerate([*specials.values(), *"abcdefghijklmnopqrstuvwxyz"])}
+    backend = Tokenizer(token_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials, model_max_length=1 << 20)
+
+
+def build_unsloth(name: str, layers: int | None, seq: int):
+    """Unsloth's documented QLoRA recipe on the same architecture, LoRA r=16 alpha 16 dropout 0 everywhere."""
+    from unsloth import FastLanguageModel  # first: it patches transformers on import
+
+    path = saved_checkpoint(name, layers)
+
+    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=True, fix_tokenizer=False)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                             target_modules=LORA_TARGETS, use_gradient_checkpointing="unsloth",
+                                             random_state=0)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return model
+
+
 def compile_model(model, compiler: str, options: dict):
     torch._dynamo.reset()
-    if compiler == "eager":
+    if compiler in ("eager", "unsloth"):
         return model
     if compiler in ("eager-gc", "liger-gc"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -119,7 +174,10 @@ def run_recipe(args, recipe: str) -> dict:
 
 
 def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -> dict:
-    model = build_model(args.model, weights, args.layers, compiler)
+    if compiler == "unsloth":
+        model = build_unsloth(args.model, args.layers, args.seq)
+    else:
+        model = build_model(args.model, weights, args.layers, compiler)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     step_model = compile_model(model, compiler, options)
@@ -285,6 +343,8 @@ def run_in_process(args, recipe: str) -> dict:
     # times) while identical kernels within one compile are still shared, as in a user's first run.
     cache = args.cache_dir or tempfile.mkdtemp(prefix="memgraph-bench-cache-")
     environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+    if parse_recipe(recipe)[1] == "unsloth":  # nothing outside the machine is reachable: no Hub, no statistics
+        environment.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
     with tempfile.NamedTemporaryFile(suffix=".json") as row_file, tempfile.TemporaryFile("w+") as log:
         command = [sys.executable, __file__, "--only", recipe, "--row-out", row_file.name, "--model", args.model,
                    "--seq", str(args.seq), "--steps", str(args.steps)]

@@ -177,10 +177,35 @@ def build_parser() -> argparse.ArgumentParser:
     from memgraph.compare import add_compare_parser
 
     add_compare_parser(commands)
+    bench_parser = commands.add_parser(
+        "bench", help="the end-to-end benchmark against the rival recipes (GPU; a source checkout's "
+                      "benchmarks/e2e.py, whose arguments follow: memgraph bench -- --help)")
+    bench_parser.add_argument("arguments", nargs=argparse.REMAINDER, help="arguments of benchmarks/e2e.py")
+    bench_parser.set_defaults(run=lambda args: bench_command(args.arguments))
     return parser
 
 
+def bench_command(arguments: list[str]) -> int:
+    """Run benchmarks/e2e.py of the checkout this package lives in (benchmarks are not part of a wheel)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "e2e.py"
+    if not script.exists():
+        raise ValueError(f"memgraph bench runs benchmarks/e2e.py from a source checkout (pip install -e .); "
+                         f"there is none at {script}")
+    arguments = arguments[1:] if arguments[:1] == ["--"] else arguments
+    return subprocess.run([sys.executable, str(script), *arguments]).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every later argument is e2e.py's (argparse would claim its options)
+        try:
+            return bench_command(argv[1:])
+        except ValueError as error:
+            print(f"memgraph: error: {error}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

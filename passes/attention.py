@@ -14,7 +14,16 @@ What is rewritten, and how it is proven equivalent:
 * a mask computed from constants only (no graph input, no module state, nothing random: HF's causal and
   sliding-window masks when no ``attention_mask`` is passed) is evaluated once, here, and compared element by
   element with the causal, causal sliding-window, full and bidirectional-window patterns; a match gives
-  ``causal``/``window``. A mask that depends on a graph input (a padding mask) cannot be proven and is left alone.
+  ``causal``/``window``.
+* a mask computed from one [B, S] graph input and constants (HF's causal-and-padding mask from ``attention_mask``,
+  or its packed-sequence mask from ``position_ids``) is evaluated on probe values of that input (all valid, left
+  and right padding, random holes and values other than 0/1; packed rows of random lengths starting at random
+  positions) and compared element by element with the segment form the kernel takes: padding (key j visible
+  where ``attention_mask[b, j] != 0``) or packing (same sequence, a new one wherever the position does not follow
+  the previous one by 1). A match installs the segments (computed in the graph from that input: [B, S] integers,
+  no S x S mask); anything else is left alone. This is a check on probes, not a symbolic proof: the subgraph
+  reads nothing else (no other input, nothing random or mutated), and the probes are built to tell apart the
+  variants a model plausibly writes (``== 1`` vs ``!= 0``, masking query rows too, position- vs index-causal).
 * dynamic shapes: HF builds its mask in the graph from the symbolic length. A mask that reads nothing but the
   graph's size inputs is a function of them alone: its pattern is read at a probe length (long enough to show a
   window) and installed, and the compiled graph re-checks it at run time once per distinct size (``MaskGuard``),
@@ -87,12 +96,14 @@ class _Match:
     window: Optional[int]
     scale: Optional[float]
     dead_candidates: list  # nodes that may become unused once the SDPA call is replaced
+    segments: Optional[tuple] = None  # (segments function, the [B, S] graph input it reads) for masked batches
 
 
 def rewrite_attention(gm: fx.GraphModule, example_inputs: list, options: Any) -> fx.GraphModule:
     """Replace every provably equivalent SDPA call by ``memgraph.attention`` with ``options.kv_bits``."""
     kv_bits = options.kv_bits  # validated by Options
     rewritten = 0
+    segment_nodes: dict = {}  # one segments computation per (function, input), shared by every layer
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target in SDPA_TARGETS):
             continue
@@ -105,7 +116,7 @@ def rewrite_attention(gm: fx.GraphModule, example_inputs: list, options: Any) ->
             log.info("memgraph: attention %s left unchanged: could not analyse it (%s: %s)", node.name,
                      type(error).__name__, error)
             continue
-        _install(gm, node, match, kv_bits)
+        _install(gm, node, match, kv_bits, segment_nodes)
         rewritten += 1
     if rewritten:
         gm.graph.lint()
@@ -180,14 +191,15 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match:
         dead += key_chain + value_chain
 
     mask = arguments["attn_mask"]
+    segments = None
     if mask is None:
         causal, window = is_causal, None
     elif is_causal:
         raise _Unsupported("both attn_mask and is_causal=True")
     else:
-        causal, window, mask_nodes = _prove_mask(gm, mask, q)
+        causal, window, mask_nodes, segments = _prove_mask(gm, mask, q)
         dead += mask_nodes
-    return _Match(query, key, value, causal, window, None if scale is None else float(scale), dead)
+    return _Match(query, key, value, causal, window, None if scale is None else float(scale), dead, segments)
 
 
 def _full_slice(index: Any) -> bool:
@@ -302,20 +314,23 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
     return list(seen)
 
 
-def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], list[fx.Node]]:
-    """(causal, window, nodes of the mask's subgraph) if the mask is a causal/window/full pattern computed from
-    constants, or from the symbolic sizes of a dynamic-shape graph (then checked again at run time, per length:
-    see ``MaskGuard``)."""
+def _prove_mask(gm: fx.GraphModule, mask: Any,
+                q) -> tuple[bool, Optional[int], list[fx.Node], Optional[tuple]]:
+    """(causal, window, nodes of the mask's subgraph, segments) if the mask is a causal/window/full pattern
+    computed from constants, or from the symbolic sizes of a dynamic-shape graph (then checked again at run time,
+    per length: see ``MaskGuard``), or that pattern restricted by the segments of one [B, S] graph input (padding
+    or packing; ``segments`` is then (function, input node), else None)."""
     if not isinstance(mask, fx.Node):
         raise _Unsupported(f"attn_mask={mask!r} is not a graph value")
     nodes = _ancestors(mask)
-    symbols = []
+    symbols, inputs = [], []
     for node in nodes:
         if node.op == "placeholder" and isinstance(example_value(node), (int, torch.SymInt)):
             symbols.append(node)  # a size of a dynamic-shape graph (HF builds the mask from the length then)
             continue
         if node.op == "placeholder":
-            raise _Unsupported(f"the mask depends on graph input {node.target!r} (a padding or custom mask)")
+            inputs.append(node)
+            continue
         if node.op != "call_function" and node.op != "call_method":
             raise _Unsupported(f"the mask depends on {node.op} {node.target!r}")
         name = _target_name(node)
@@ -326,11 +341,16 @@ def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], 
     mask_example = example_value(mask)
     if not isinstance(mask_example, torch.Tensor):
         raise _Unsupported("the mask has no example value")
+    if len(inputs) > 1:
+        raise _Unsupported(f"the mask depends on graph inputs {[n.target for n in inputs]}")
 
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
     graph = fx.Graph()
     copies: dict[fx.Node, fx.Node] = {}
     for node in sorted(nodes, key=order.__getitem__):
+        if node in inputs:
+            copies[node] = graph.placeholder(node.name)
+            continue
         copies[node] = graph.node_copy(node, lambda n: copies[n])
         # A graph traced on the meta device (planning without a GPU) builds its mask on meta: evaluate it on the
         # CPU instead (the mask reads no tensor input, so the device changes nothing but where it is computed).
@@ -338,6 +358,10 @@ def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], 
     graph.output(copies[mask])
     build = fx.GraphModule(torch.nn.Module(), graph)  # the mask from the sizes (placeholders in graph order)
     symbols.sort(key=order.__getitem__)
+    if inputs and symbols:
+        guard = _input_mask_guard(gm, build, symbols, inputs[0], nodes, q)
+        gm.__dict__.setdefault(RUNTIME_CHECKS, []).append(guard)
+        return guard.causal, guard.window, nodes, (guard.form, inputs[0])
     if not symbols:
         seq_len = q.shape[2]
         if not isinstance(seq_len, int):
@@ -345,11 +369,154 @@ def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], 
         limit = mask_elements_limit()
         if mask_example.numel() > limit or seq_len * seq_len > limit:
             raise _Unsupported(f"the mask has too many elements to check ({mask_example.numel()})")
+        if inputs:
+            batch, dtype, device = _source_layout(inputs[0], seq_len)
+            causal, window, segments = _segments_of_mask(build, batch, seq_len, dtype, device, inputs[0].target)
+            return causal, window, nodes, (segments, inputs[0])
         causal, window = _mask_pattern(_evaluate(build, []), seq_len)
-        return causal, window, nodes
+        return causal, window, nodes, None
     guard = _mask_guard(gm, build, symbols, nodes, q)
     gm.__dict__.setdefault(RUNTIME_CHECKS, []).append(guard)
-    return guard.causal, guard.window, nodes
+    return guard.causal, guard.window, nodes, None
+
+
+# --- masks from one [B, S] input: padding and packing ---
+PROBES_PER_FORM = 6  # random probe values of the input per candidate form (plus the all-valid one)
+PROBE_SEED = 0  # probes are deterministic: a compile proves (or rejects) the same way every time
+
+
+def _source_layout(source: fx.Node, seq_len) -> tuple:
+    """(batch, dtype, device) of the [B, S] integer input a mask is built from; raises _Unsupported otherwise."""
+    example = example_value(source)
+    if not isinstance(example, torch.Tensor) or example.dim() != 2 or not _same_size(example.shape[1], seq_len):
+        raise _Unsupported(f"the mask depends on graph input {source.target!r}, which is not [B, S]")
+    if example.dtype.is_floating_point or example.dtype.is_complex:
+        raise _Unsupported(f"the mask depends on graph input {source.target!r} ({example.dtype}, not integers)")
+    device = torch.device("cpu") if example.device.type == "meta" else example.device
+    return example.shape[0], example.dtype, device
+
+
+FORMS = ("padding_segments", "packed_segments")  # kernel functions, tried in this order
+
+
+def _segments_of_mask(evaluate, batch: int, seq_len: int, dtype, device, name, forms=FORMS):
+    """(causal, window, segments function) if the mask ``evaluate(x)`` equals the (causal, window) pattern
+    restricted by ``padding_segments(x)`` or ``packed_segments(x)`` on every probe value x ([batch, seq_len]);
+    raises _Unsupported otherwise."""
+    reasons = []
+    for form_name in forms:
+        form = getattr(attention_kernel, form_name)
+        probes = _padding_probes if form_name == "padding_segments" else _packed_probes
+        generator = torch.Generator().manual_seed(PROBE_SEED)
+        values = [x.to(device=device, dtype=dtype) for x in probes(batch, seq_len, generator)]
+        try:
+            causal, window = _mask_pattern(_evaluate_with(evaluate, values[0]), seq_len)  # all valid: the pattern
+            positions = torch.arange(seq_len, device=device)
+            base = attention_kernel.visible_mask(positions, positions, causal, window)
+            for value in values:
+                allowed = _allowed_per_row(_evaluate_with(evaluate, value), seq_len)
+                q_segments, k_segments = form(value)
+                expected = base & (q_segments[:, :, None] == k_segments[:, None, :])
+                if allowed.shape[0] != expected.shape[0] or not torch.equal(allowed, expected):
+                    raise _Unsupported(f"differs from the {form_name} form on a probe")
+            return causal, window, form
+        except _Unsupported as reason:
+            reasons.append(str(reason))
+    raise _Unsupported(f"the mask built from graph input {name!r} is neither a padding nor a packed-sequence mask "
+                       f"of a causal/window pattern ({'; '.join(reasons)})")
+
+
+def _input_mask_guard(gm: fx.GraphModule, build: fx.GraphModule, symbols: list[fx.Node], source: fx.Node,
+                      nodes: list[fx.Node], q) -> "InputMaskGuard":
+    """A dynamic-shape graph's padding/packed mask: its form proven on probes at a probe length (long enough to
+    show a window), and the run-time check of the same form at every new size."""
+    from memgraph import _compat
+
+    batch, dtype, device = _source_layout(source, q.shape[2])
+    lengths = [node for node in symbols if _same_size(example_value(node), q.shape[2])]
+    if not lengths:
+        raise _Unsupported("the mask depends on symbolic sizes other than the query length")
+    hints = [_compat.concrete_int(example_value(node)) for node in symbols]
+    constants = [abs(value) for node in nodes for value in _int_constants((node.args, node.kwargs))]
+    length_index = symbols.index(lengths[0])
+    batch_index = next((i for i, node in enumerate(symbols) if _same_size(example_value(node), batch)), None)
+    if batch_index is None and not isinstance(batch, int):
+        raise _Unsupported("the mask's batch size is symbolic and not one of the graph's size inputs")
+    order = [node for node in build.graph.nodes if node.op == "placeholder"]
+    names = [node.name for node in symbols]
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    guard = InputMaskGuard(build, tuple(placeholders.index(node) for node in symbols), length_index, batch_index,
+                           batch if isinstance(batch, int) else None, tuple(names.index(n.name) if n.name in names
+                                                                           else None for n in order),
+                           dtype, device, source.target)
+    probe = list(hints)
+    probe[length_index] = max(hints[length_index], min(2 * max(constants, default=0) + 2, MAX_PROBE_LENGTH))
+    guard.causal, guard.window, guard.form = guard.prove(probe)
+    if not guard.holds(hints):
+        raise _Unsupported("the mask's form at the traced length differs from the one at a longer length")
+    return guard
+
+
+def _padding_probes(batch: int, seq_len: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """attention_mask values: all valid first, then left/right padding, random holes with values 0, 1 and 2."""
+    probes = [torch.ones(batch, seq_len, dtype=torch.long)]
+    for index in range(PROBES_PER_FORM):
+        value = torch.ones(batch, seq_len, dtype=torch.long)
+        for row in range(batch):
+            pad = int(torch.randint(0, seq_len + 1, (1,), generator=generator))
+            kind = (index + row) % 3
+            if kind == 0:
+                value[row, :pad] = 0
+            elif kind == 1:
+                value[row, seq_len - pad:] = 0
+            else:
+                value[row] = torch.randint(0, 3, (seq_len,), generator=generator)
+        probes.append(value)
+    return probes
+
+
+def _packed_probes(batch: int, seq_len: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """position_ids values: one sequence first, then rows of sequences of random lengths and start positions."""
+    probes = [torch.arange(seq_len).expand(batch, seq_len).clone()]
+    for _ in range(PROBES_PER_FORM):
+        rows = []
+        for _ in range(batch):
+            positions: list[int] = []
+            while len(positions) < seq_len:
+                length = int(torch.randint(1, max(seq_len // 2, 1) + 1, (1,), generator=generator))
+                start = int(torch.randint(0, 4, (1,), generator=generator))
+                positions += range(start, start + length)
+            rows.append(positions[:seq_len])
+        probes.append(torch.tensor(rows))
+    return probes
+
+
+def _evaluate_with(evaluate, value: torch.Tensor) -> torch.Tensor:
+    limit = mask_elements_limit()
+    if value.shape[0] * value.shape[1] ** 2 > limit:
+        raise _Unsupported(f"the mask at batch x length {tuple(value.shape)} has too many elements to check")
+    mask = evaluate(value)
+    if not isinstance(mask, torch.Tensor) or _compat.is_fake_tensor(mask):
+        raise _Unsupported("the mask could not be evaluated")
+    return mask
+
+
+def _allowed_per_row(mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[B, seq_len, seq_len] bool from a [B, (H or 1), S, S] mask, identical over heads."""
+    if mask.dim() != 4 or mask.shape[-1] != seq_len or mask.shape[-2] != seq_len:
+        raise _Unsupported(f"mask shape {tuple(mask.shape)} is not [B, H, {seq_len}, {seq_len}]")
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.is_floating_point():
+        threshold = torch.finfo(mask.dtype).min * MASKED_FLOAT_THRESHOLD_FRACTION
+        if not bool(((mask == 0) | (mask <= threshold)).all()):
+            raise _Unsupported("the float mask holds values other than 0 and a large negative (a bias)")
+        allowed = mask == 0
+    else:
+        raise _Unsupported(f"mask dtype {mask.dtype}")
+    if not bool((allowed == allowed[:, :1]).all()):
+        raise _Unsupported("the mask differs across heads")
+    return allowed[:, 0]
 
 
 def _meta_to_cpu(value: Any) -> Any:
@@ -460,6 +627,56 @@ class MaskGuard:
                 "dynamic-shape graph; compile with dynamic=False or with rewrites that exclude 'attention'")
 
 
+class InputMaskGuard:
+    """The run-time half of the check of a dynamic-shape graph's padding or packed-sequence mask.
+
+    The mask reads one [B, S] input and the graph's sizes; the kernel computes the segments from that input, so
+    what needs checking per size is only that the mask is still that form of the same pattern: at each distinct
+    size tuple (cached) the probes run again at that size. A mismatch raises instead of computing a different
+    attention."""
+
+    def __init__(self, build: fx.GraphModule, positions: tuple[int, ...], length_index: int,
+                 batch_index: Optional[int], static_batch: Optional[int], build_order: tuple, dtype, device,
+                 name: str):
+        self.build, self.positions, self.length_index = build, positions, length_index
+        self.batch_index, self.static_batch, self.build_order = batch_index, static_batch, build_order
+        self.dtype, self.device, self.name = dtype, device, name
+        self.causal: bool = True
+        self.window: Optional[int] = None
+        self.form = None
+        self.checked: dict[tuple[int, ...], bool] = {}
+
+    def _evaluator(self, sizes: list[int]):
+        def evaluate(value: torch.Tensor) -> torch.Tensor:
+            return self.build(*(value if index is None else sizes[index] for index in self.build_order))
+
+        return evaluate
+
+    def prove(self, sizes: list[int]) -> tuple:
+        batch = self.static_batch if self.batch_index is None else sizes[self.batch_index]
+        return _segments_of_mask(self._evaluator(sizes), batch, sizes[self.length_index], self.dtype, self.device,
+                                 self.name, forms=(self.form.__name__,) if self.form else FORMS)
+
+    def holds(self, sizes) -> bool:
+        sizes = tuple(int(size) for size in sizes)
+        if sizes not in self.checked:
+            try:
+                self.checked[sizes] = self.prove(list(sizes))[:2] == (self.causal, self.window)
+            except _Unsupported:
+                self.checked[sizes] = False
+        return self.checked[sizes]
+
+    def check(self, args: Sequence[Any]) -> None:
+        sizes = tuple(args[position] for position in self.positions)
+        if not self.holds(sizes):
+            from memgraph.errors import MemgraphError
+
+            raise MemgraphError(
+                f"the attention mask built from {self.name!r} at sizes {sizes} is not the {self.form.__name__} "
+                "form memgraph fused for this dynamic-shape graph (or is too large to check); compile with "
+                "dynamic=False or with rewrites that exclude 'attention'")
+
+
 def _allowed(mask: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[seq_len, seq_len] bool: which (query, key) pairs the mask lets through (identical over batch/heads)."""
     if mask.dim() < 2 or mask.shape[-1] != seq_len or mask.shape[-2] not in (1, seq_len):
@@ -506,19 +723,44 @@ def _mask_pattern(mask: torch.Tensor, seq_len: int) -> tuple[bool, Optional[int]
 # ------------------------------------------------------------------------------------------------------------
 # Installing
 # ------------------------------------------------------------------------------------------------------------
-def _install(gm: fx.GraphModule, node: fx.Node, match: _Match, kv_bits: int) -> None:
+def _segment_inputs(gm: fx.GraphModule, match: _Match, segment_nodes: dict) -> tuple:
+    """(q_segments, k_segments) nodes for a masked batch (computed once per input, right after it), or Nones."""
+    if match.segments is None:
+        return None, None
+    form, source = match.segments
+    if (form, source) not in segment_nodes:
+        graph = gm.graph
+        with graph.inserting_after(source):
+            both = graph.call_function(form, (source,))
+        with graph.inserting_after(both):
+            pair = tuple(graph.call_function(operator.getitem, (both, i)) for i in range(2))
+        value = example_value(source)
+        fake_mode = _compat.fake_mode_of([example_value(match.query)])
+        if fake_mode is not None and isinstance(value, torch.Tensor):
+            with fake_mode:  # the graph's mode (the input's example value may belong to another one)
+                values = form(torch.zeros(value.shape, dtype=value.dtype, device=value.device))
+            both.meta["example_value"] = values
+            for node, segment_value in zip(pair, values):
+                node.meta["example_value"] = segment_value
+        segment_nodes[(form, source)] = pair
+    return segment_nodes[(form, source)]
+
+
+def _install(gm: fx.GraphModule, node: fx.Node, match: _Match, kv_bits: int, segment_nodes: dict) -> None:
     graph = gm.graph
     op = torch.ops.memgraph.attention.default
+    q_segments, k_segments = _segment_inputs(gm, match, segment_nodes)
     with graph.inserting_before(node):
         fused = graph.call_function(op, (match.query, match.key, match.value),
                                     {"causal": match.causal, "scale": match.scale, "kv_bits": kv_bits,
-                                     "window": match.window, "softcap": None})
+                                     "window": match.window, "softcap": None, "q_segments": q_segments,
+                                     "k_segments": k_segments})
         out = graph.call_function(operator.getitem, (fused, 0))
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr"):
         if key in node.meta:
             fused.meta[key] = node.meta[key]
             out.meta[key] = node.meta[key]
-    fused_value = _fake_run(op, match, kv_bits)
+    fused_value = _fake_run(op, match, kv_bits, q_segments, k_segments)
     if fused_value is not None:
         fused.meta["example_value"] = fused_value
         out.meta["example_value"] = fused_value[0]
@@ -532,16 +774,17 @@ def _install(gm: fx.GraphModule, node: fx.Node, match: _Match, kv_bits: int) -> 
             graph.erase_node(candidate)
 
 
-def _fake_run(op, match: _Match, kv_bits: int):
+def _fake_run(op, match: _Match, kv_bits: int, q_segments=None, k_segments=None):
     """The op's outputs on the example (fake) values, for later passes that read node.meta['example_value']."""
     values = [example_value(n) for n in (match.query, match.key, match.value)]
+    segments = [None if n is None else example_value(n) for n in (q_segments, k_segments)]
     try:
         fake_mode = _compat.fake_mode_of(values)
         if fake_mode is None:
             return None
         with fake_mode:
             return op(*values, causal=match.causal, scale=match.scale, kv_bits=kv_bits, window=match.window,
-                      softcap=None)
+                      softcap=None, q_segments=segments[0], k_segments=segments[1])
     except Exception as error:  # noqa: BLE001 - metadata only
         log.debug("memgraph: no example value for memgraph.attention (%s)", error)
         return None

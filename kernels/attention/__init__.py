@@ -1,11 +1,16 @@
 """Fused attention whose backward keeps K/V in 4 (or 8) bits: Triton kernels, custom ops, FLOP formulas, references.
 
-    out = attention(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None)
+    out = attention(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None,
+                    q_segments=None, k_segments=None)
 
 q is ``[B, Hq, S, D]``, k and v are ``[B, Hkv, S, D]`` with ``Hq % Hkv == 0`` (GQA/MQA: query head ``h`` reads
 KV head ``h // (Hq // Hkv)``, the order HF's ``repeat_kv`` produces). ``window=W`` (Mistral-style sliding window)
 lets query ``i`` see key ``j`` only when ``i - W < j`` (and ``j < i + W`` when not causal): the W most recent
 keys, itself included. ``softcap=c`` (Gemma-2 style) replaces each scaled logit ``x`` by ``c * tanh(x / c)``.
+``q_segments``/``k_segments`` ([B, S] integers) restrict query ``i`` to keys ``j`` with ``q_segments[b, i] ==
+k_segments[b, j]``: padded batches (``padding_segments(attention_mask)``: keys at padding get a segment no query
+has) and packed ones (``packed_segments(position_ids)``: one segment per sequence), with no S x S mask. The kernels
+then mask every block element-wise (they skip no block by segment); a row that sees no key gives 0.
 
 How the pieces fit (one direction, top to bottom in this file):
 
@@ -51,12 +56,14 @@ mode, transform or tracer) ``attention()`` and the ops' autograd kernels run the
 trip through the dispatcher: host time matters at short sequences (see "Custom ops" below).
 """
 from memgraph.kernels.attention.op import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, attention, attention_flops,
-                                           quantize_kv, saved_bytes, visible_pairs)
+                                           packed_segments, padding_segments, quantize_kv, saved_bytes,
+                                           visible_pairs)
 from memgraph.kernels.attention.reference import reference_attention, reference_quantized_grads, visible_mask
 from memgraph.kernels.kv_quant import KV_BITS, META_DTYPE, dequantize_kv, packed_kv_shapes, quantize_kv_reference
 
 __all__ = [
-    "attention", "attention_flops", "dequantize_kv", "packed_kv_shapes", "quantize_kv", "quantize_kv_reference",
+    "attention", "attention_flops", "dequantize_kv", "packed_segments", "padding_segments", "packed_kv_shapes",
+    "quantize_kv", "quantize_kv_reference",
     "reference_attention", "reference_quantized_grads", "saved_bytes", "visible_pairs", "visible_mask",
     "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "KV_BITS", "META_DTYPE",
 ]

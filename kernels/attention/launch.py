@@ -62,8 +62,8 @@ CONFIGS = {
 }
 AUTOTUNE = True  # False: each kernel runs its first config (fewer compiles; the benchmark's correctness check)
 INTERPRETER_BLOCKS = {"fwd": (16, 32), "stats": (16, 32), "dq": (16, 32), "dkdv": (16, 32)}  # (M, N): small
-AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "DOT_PRECISION", "KV_BITS",
-                "DELTA_FROM_O"]
+AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_SEGMENTS", "DOT_PRECISION",
+                "KV_BITS", "DELTA_FROM_O"]
 # kv_bits < 16: "prepass" dequantizes K/V once per backward into a 16-bit K'/V' (a transient the size of dK + dV,
 # freed when the backward returns) and runs the 16-bit kernels on it; "in_kernel" dequantizes every K/V tile inside
 # the stats/dQ/dK-dV kernels (no transient, but each key block is unpacked again by every query block and head of
@@ -132,9 +132,9 @@ def _launch(kind: str, grid, *args, config=None, **meta) -> None:
 _FLAGS_CACHE: dict = {}
 
 
-def _flags(q: Tensor, causal: bool, window: Optional[int], softcap: Optional[float]) -> dict:
+def _flags(q: Tensor, causal: bool, window: Optional[int], softcap: Optional[float], tables=None) -> dict:
     """The kernels' constexpr flags (a shared dict: callers unpack it, never mutate it)."""
-    key = (q.shape[-1], bool(causal), window is not None, softcap is not None, q.dtype)
+    key = (q.shape[-1], bool(causal), window is not None, softcap is not None, tables is not None, q.dtype)
     flags = _FLAGS_CACHE.get(key)
     if flags is None:
         flags = _FLAGS_CACHE[key] = {
@@ -142,6 +142,7 @@ def _flags(q: Tensor, causal: bool, window: Optional[int], softcap: Optional[flo
             "CAUSAL": bool(causal),
             "HAS_WINDOW": window is not None,
             "HAS_SOFTCAP": softcap is not None,
+            "HAS_SEGMENTS": tables is not None,
             "DOT_PRECISION": _dot_precision(q.dtype),
         }
     return flags
@@ -173,6 +174,38 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def segment_tables(q_segments: Tensor, k_segments: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernels' (QSEG, KSEG) tables, int32 [B, 3, S] (see triton_kernels.py): ids, and per position the span of
+    the other side's positions with the same id, for skipping blocks. Ids are bucketed by clamping into
+    [-1, S) first (padding_segments and packed_segments stay inside it): ids that share a bucket only widen a
+    span, which stays a superset. No host synchronization (no unique, no data-dependent shapes)."""
+    batch, seq_len = q_segments.shape
+    positions = torch.arange(seq_len, device=q_segments.device, dtype=torch.int32).expand(batch, seq_len)
+
+    def buckets(segments: Tensor) -> Tensor:
+        return (segments.to(torch.int64) + 1).clamp(0, seq_len)
+
+    def span(source: Tensor, lookup: Tensor) -> tuple[Tensor, Tensor]:
+        """For each position of `lookup`, [first, last + 1) of the positions of `source` in its bucket."""
+        shape = (batch, seq_len + 1)
+        first = torch.full(shape, seq_len, dtype=torch.int32, device=source.device)
+        last = torch.full(shape, -1, dtype=torch.int32, device=source.device)
+        first = first.scatter_reduce(1, buckets(source), positions, "amin")
+        last = last.scatter_reduce(1, buckets(source), positions, "amax")
+        index = buckets(lookup)
+        return first.gather(1, index), last.gather(1, index) + 1
+
+    q_ids, k_ids = q_segments.to(torch.int32), k_segments.to(torch.int32)
+    q_table = torch.stack([q_ids, *span(k_ids, q_ids)], dim=1).contiguous()
+    k_table = torch.stack([k_ids, *span(q_ids, k_ids)], dim=1).contiguous()
+    return q_table, k_table
+
+
+def _segment_pointers(tables, q: Tensor) -> tuple:
+    """(QSEG, KSEG): the segment tables, or q twice without segments (never read)."""
+    return (q, q) if tables is None else tables
+
+
 class _KV(NamedTuple):
     """K and V as the backward kernels read them: 16-bit tensors (bits=16) or the packed codes (bits 8/4)."""
 
@@ -201,16 +234,17 @@ def _kv_for_backward(packed, bits: int, dtype: torch.dtype, mode: Optional[str] 
     return _kv_packed(packed, bits)
 
 
-def fwd_triton(q, k, v, causal, scale, window, softcap, config=None):
+def fwd_triton(q, k, v, causal, scale, window, softcap, segments=None, config=None):
     batch, heads, seq_len, head_dim = q.shape
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     out = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
     grid = lambda meta: (batch * heads, _cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     with device_guard(q):
-        _launch("fwd", grid, q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], heads,
-                heads // k.shape[1], *_runtime(seq_len, scale, window, softcap), config=config,
-                **_flags(q, causal, window, softcap))
+        tables = None if segments is None else segment_tables(*segments)
+        _launch("fwd", grid, q, k, v, out, lse, *_segment_pointers(tables, q), *q.stride()[:3], *k.stride()[:3],
+                *v.stride()[:3], heads, heads // k.shape[1], *_runtime(seq_len, scale, window, softcap),
+                config=config, **_flags(q, causal, window, softcap, tables))
     return out, lse
 
 
@@ -243,32 +277,33 @@ def dequantize_triton(packed, bits: int, dtype: torch.dtype):
     return k, v
 
 
-def _launch_stats(q, kv: _KV, do, causal, scale, window, softcap, config=None):
+def _launch_stats(q, kv: _KV, do, causal, scale, window, softcap, tables=None, config=None):
     """(LSE', delta') from K'/V' (kv_bits < 16)."""
     batch, heads, seq_len, _ = q.shape
     lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
     grid = lambda meta: (batch * heads, _cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     with device_guard(q):
-        _launch("stats", grid, q, *kv.tensors, do, lse, delta, *q.stride()[:3], *kv.strides, heads,
-                heads // kv.heads, *_runtime(seq_len, scale, window, softcap), config=config, KV_BITS=kv.bits,
-                **_flags(q, causal, window, softcap))
+        _launch("stats", grid, q, *kv.tensors, do, lse, delta, *_segment_pointers(tables, q), *q.stride()[:3],
+                *kv.strides, heads, heads // kv.heads, *_runtime(seq_len, scale, window, softcap), config=config,
+                KV_BITS=kv.bits, **_flags(q, causal, window, softcap, tables))
     return lse, delta
 
 
-def _launch_dq(q, kv: _KV, out, do, lse, delta, causal, scale, window, softcap, config=None):
+def _launch_dq(q, kv: _KV, out, do, lse, delta, causal, scale, window, softcap, tables=None, config=None):
     """dQ. out given (kv_bits=16): the kernel also writes delta = rowsum(dO * O) into `delta` for dK/dV."""
     batch, heads, seq_len, head_dim = q.shape
     dq = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
     grid = lambda meta: (batch * heads, _cdiv(seq_len, meta["BLOCK_M"]))  # noqa: E731
     with device_guard(q):
-        _launch("dq", grid, q, *kv.tensors, do if out is None else out, do, lse, delta, dq, *q.stride()[:3],
-                *kv.strides, heads, heads // kv.heads, *_runtime(seq_len, scale, window, softcap), config=config,
-                KV_BITS=kv.bits, DELTA_FROM_O=out is not None, **_flags(q, causal, window, softcap))
+        _launch("dq", grid, q, *kv.tensors, do if out is None else out, do, lse, delta, dq,
+                *_segment_pointers(tables, q), *q.stride()[:3], *kv.strides, heads, heads // kv.heads,
+                *_runtime(seq_len, scale, window, softcap), config=config, KV_BITS=kv.bits,
+                DELTA_FROM_O=out is not None, **_flags(q, causal, window, softcap, tables))
     return dq
 
 
-def _launch_dkdv(q, kv: _KV, do, lse, delta, split, causal, scale, window, softcap, config=None):
+def _launch_dkdv(q, kv: _KV, do, lse, delta, split, causal, scale, window, softcap, tables=None, config=None):
     """(dK, dV); split > 1 divides each GQA group over `split` programs and sums their float32 partials."""
     batch, heads, seq_len, head_dim = q.shape
     shape = (batch, kv.heads, seq_len, head_dim)
@@ -277,9 +312,10 @@ def _launch_dkdv(q, kv: _KV, do, lse, delta, split, causal, scale, window, softc
     parts = None if split == 1 else torch.empty((2, split, *shape), dtype=torch.float32, device=q.device)
     targets = (dk, dv) if split == 1 else (parts[0], parts[1])
     grid = lambda meta: (split * batch * kv.heads, _cdiv(seq_len, meta["BLOCK_N"]))  # noqa: E731
-    flags = _flags(q, causal, window, softcap)
+    flags = _flags(q, causal, window, softcap, tables)
     with device_guard(q):
-        _launch("dkdv", grid, q, *kv.tensors, do, lse, delta, *targets, *q.stride()[:3], *kv.strides, heads,
+        _launch("dkdv", grid, q, *kv.tensors, do, lse, delta, *targets, *_segment_pointers(tables, q),
+                *q.stride()[:3], *kv.strides, heads,
                 kv.heads, heads // kv.heads // split, *_runtime(seq_len, scale, window, softcap), config=config,
                 KV_BITS=kv.bits, **flags)
         if split > 1:
@@ -318,13 +354,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def bwd_triton(do, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads):
+def bwd_triton(do, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads, segments=None):
     """(dq, dk, dv). kv_bits=16: dQ (forming delta), then dK/dV; no pre-pass. kv_bits < 16: K'/V' (KV_DEQUANT),
     the stats pre-pass (LSE', delta' from K'/V'), dQ, dK/dV."""
     batch, heads, seq_len, head_dim = q.shape
     q = _last_dim_contiguous(q)
     do = do.contiguous()
-    options = (causal, scale, window, softcap)
+    tables = None if segments is None else segment_tables(*segments)  # once for the three kernels
+    options = (causal, scale, window, softcap, tables)
     if kv_bits == 16:
         kv = _kv_16bit(k, v)
         out = out.contiguous()

@@ -34,7 +34,8 @@ def quantize_kv(k: Tensor, v: Tensor, bits: int):
     return quantize_kv_reference(k, v, bits)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, kv_bits: int, window: Optional[int], softcap: Optional[float]):
+def _check(q: Tensor, k: Tensor, v: Tensor, kv_bits: int, window: Optional[int], softcap: Optional[float],
+           q_segments: Optional[Tensor] = None, k_segments: Optional[Tensor] = None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -54,6 +55,25 @@ def _check(q: Tensor, k: Tensor, v: Tensor, kv_bits: int, window: Optional[int],
         raise ValueError(f"attention: window must be None or >= 1, got {window}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"attention: softcap must be None or > 0, got {softcap}")
+    if (q_segments is None) != (k_segments is None):
+        raise ValueError("attention: pass both q_segments and k_segments, or neither")
+    for name, segments in (("q_segments", q_segments), ("k_segments", k_segments)):
+        if segments is None:
+            continue
+        if segments.dim() != 2 or segments.shape[1] != q.shape[2] or segments.shape[0] not in (1, q.shape[0]):
+            raise ValueError(f"attention: {name} must be [B, S] (or [1, S]) for q {tuple(q.shape)}; got "
+                             f"{tuple(segments.shape)}")
+        if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.device != q.device:
+            raise ValueError(f"attention: {name} must be an integer tensor on {q.device}; got {segments.dtype} on "
+                             f"{segments.device}")
+
+
+def _segments(q: Tensor, q_segments: Optional[Tensor], k_segments: Optional[Tensor]):
+    """(q_segments, k_segments) as the kernels read them (int32, contiguous, [B, S]), or None."""
+    if q_segments is None:
+        return None
+    batch, _, seq_len, _ = q.shape
+    return tuple(s.to(torch.int32).expand(batch, seq_len).contiguous() for s in (q_segments, k_segments))
 
 
 def _empty_packed(q: Tensor):
@@ -70,52 +90,60 @@ def _empty_packed(q: Tensor):
 # produced, so graphs, passes and the cost model see the same ops.
 _LIB = torch.library.Library("memgraph", "FRAGMENT")  # module-level: the registrations live as long as it does
 _LIB.define("attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None, SymInt kv_bits=16, "
-            "SymInt? window=None, float? softcap=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+            "SymInt? window=None, float? softcap=None, Tensor? q_segments=None, Tensor? k_segments=None) -> "
+            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
             tags=(torch.Tag.pt2_compliant_tag,))
 _LIB.define("attention_backward(Tensor grad_out, Tensor q, Tensor? k, Tensor? v, Tensor? out, Tensor? lse, "
             "Tensor? k_codes, Tensor? k_meta, Tensor? v_codes, Tensor? v_meta, bool causal, float? scale, "
-            "SymInt kv_bits, SymInt? window, float? softcap) -> (Tensor, Tensor, Tensor)",
+            "SymInt kv_bits, SymInt? window, float? softcap, Tensor? q_segments=None, Tensor? k_segments=None) -> "
+            "(Tensor, Tensor, Tensor)",
             tags=(torch.Tag.pt2_compliant_tag,))
 _ATTENTION = torch.ops.memgraph.attention.default
 _ATTENTION_BACKWARD = torch.ops.memgraph.attention_backward.default
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], kv_bits: int,
-             window: Optional[int], softcap: Optional[float]):
+             window: Optional[int], softcap: Optional[float], q_segments: Optional[Tensor] = None,
+             k_segments: Optional[Tensor] = None):
     """The forward op's work on checked arguments: (out, lse, k_codes, k_meta, v_codes, v_meta)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    segments = _segments(q, q_segments, k_segments)
     if use_triton(q, log):
-        out, lse = fwd_triton(q, k, v, causal, scale, window, softcap)
+        out, lse = fwd_triton(q, k, v, causal, scale, window, softcap, segments)
     else:
-        out, lse = torch_forward(q, k, v, causal, scale, window, softcap)
+        out, lse = torch_forward(q, k, v, causal, scale, window, softcap, segments)
     packed = _empty_packed(q) if kv_bits == 16 else quantize_kv(k, v, kv_bits)
     # Contiguous, as the fake impl promises: Inductor asserts the strides it was told (q may arrive transposed).
     return (out.contiguous(), lse.contiguous(), *packed)
 
 
 def _attention_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
-                    kv_bits: int = 16, window: Optional[int] = None, softcap: Optional[float] = None):
+                    kv_bits: int = 16, window: Optional[int] = None, softcap: Optional[float] = None,
+                    q_segments: Optional[Tensor] = None, k_segments: Optional[Tensor] = None):
     """(out, lse, k_codes, k_meta, v_codes, v_meta); the packed four are empty when kv_bits=16."""
-    _check(q, k, v, kv_bits, window, softcap)
-    return _forward(q, k, v, causal, scale, kv_bits, window, softcap)
+    _check(q, k, v, kv_bits, window, softcap, q_segments, k_segments)
+    return _forward(q, k, v, causal, scale, kv_bits, window, softcap, q_segments, k_segments)
 
 
 def _attention_backward_impl(grad_out: Tensor, q: Tensor, k: Optional[Tensor], v: Optional[Tensor],
                              out: Optional[Tensor], lse: Optional[Tensor], k_codes: Optional[Tensor],
                              k_meta: Optional[Tensor], v_codes: Optional[Tensor], v_meta: Optional[Tensor],
                              causal: bool, scale: Optional[float], kv_bits: int, window: Optional[int],
-                             softcap: Optional[float]):
+                             softcap: Optional[float], q_segments: Optional[Tensor] = None,
+                             k_segments: Optional[Tensor] = None):
     """(dq, dk, dv). kv_bits=16 reads k, v, out, lse; kv_bits<16 reads only q and the packed K/V."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     packed = (k_codes, k_meta, v_codes, v_meta)
     kv_heads = k.shape[1] if kv_bits == 16 else k_codes.shape[1]
+    segments = _segments(q, q_segments, k_segments)
     if use_triton(q, log):
-        grads = bwd_triton(grad_out, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads)
+        grads = bwd_triton(grad_out, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads,
+                           segments)
     elif kv_bits == 16:
-        grads = torch_backward(grad_out, q, k, v, out, lse, causal, scale, window, softcap)
+        grads = torch_backward(grad_out, q, k, v, out, lse, causal, scale, window, softcap, segments)
     else:
         k_deq, v_deq = dequantize_kv(*packed, kv_bits, dtype=q.dtype)
-        grads = torch_backward(grad_out, q, k_deq, v_deq, None, None, causal, scale, window, softcap)
+        grads = torch_backward(grad_out, q, k_deq, v_deq, None, None, causal, scale, window, softcap, segments)
     dq, dk, dv = grads
     # The fake impl's strides (see _forward); the kernels' outputs are fresh contiguous tensors already.
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
@@ -126,7 +154,8 @@ _LIB.impl("attention_backward", _attention_backward_impl, "CompositeExplicitAuto
 
 
 @torch.library.register_fake("memgraph::attention")
-def _attention_fake(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None):
+def _attention_fake(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None, q_segments=None,
+                    k_segments=None):
     batch, heads, seq_len, head_dim = q.shape
     out = q.new_empty((batch, heads, seq_len, head_dim))
     lse = q.new_empty((batch, heads, seq_len), dtype=torch.float32)
@@ -138,7 +167,7 @@ def _attention_fake(q, k, v, causal=True, scale=None, kv_bits=16, window=None, s
 
 @torch.library.register_fake("memgraph::attention_backward")
 def _attention_backward_fake(grad_out, q, k, v, out, lse, k_codes, k_meta, v_codes, v_meta, causal, scale, kv_bits,
-                             window, softcap):
+                             window, softcap, q_segments=None, k_segments=None):
     batch, heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1] if kv_bits == 16 else k_codes.shape[1]
     kv_shape = (batch, kv_heads, seq_len, head_dim)
@@ -157,20 +186,20 @@ class _AttentionFunction(torch.autograd.Function):
     its backward is memgraph.attention_backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, options, direct):
-        # options = (causal, scale, kv_bits, window, softcap): one argument, so apply() tracks 5 inputs, not 9.
+    def forward(ctx, q, k, v, options, direct, q_segments=None, k_segments=None):
+        # options = (causal, scale, kv_bits, window, softcap): one argument, so apply() tracks fewer inputs.
         causal, scale, kv_bits, window, softcap = options
         if direct:  # arguments already checked by the caller
-            outputs = _forward(q, k, v, causal, scale, kv_bits, window, softcap)
+            outputs = _forward(q, k, v, causal, scale, kv_bits, window, softcap, q_segments, k_segments)
         else:
             with _compat.below_autograd():
-                outputs = _ATTENTION(q, k, v, causal, scale, kv_bits, window, softcap)
+                outputs = _ATTENTION(q, k, v, causal, scale, kv_bits, window, softcap, q_segments, k_segments)
         out, lse, k_codes, k_meta, v_codes, v_meta = outputs
         if kv_bits == 16:
-            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.save_for_backward(q, k, v, out, lse, q_segments, k_segments)
         else:
             # Only q and the packed K/V: no bf16 K or V, no O, no LSE (the backward recomputes LSE' and delta').
-            ctx.save_for_backward(q, k_codes, k_meta, v_codes, v_meta)
+            ctx.save_for_backward(q, k_codes, k_meta, v_codes, v_meta, q_segments, k_segments)
         ctx.mark_non_differentiable(lse, k_codes, k_meta, v_codes, v_meta)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the five non-differentiable outputs
         ctx.options = options
@@ -181,14 +210,14 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, *_unused_grads):
         causal, scale, kv_bits, window, softcap = ctx.options
         if kv_bits == 16:
-            q, k, v, out, lse = ctx.saved_tensors
+            q, k, v, out, lse, q_segments, k_segments = ctx.saved_tensors
             packed = (None, None, None, None)
         else:
-            q, *packed = ctx.saved_tensors
+            q, *packed, q_segments, k_segments = ctx.saved_tensors
             k = v = out = lse = None
         if grad_out is None:  # the output was not used: every gradient is zero
             grad_out = torch.zeros_like(q)
-        args = (grad_out, q, k, v, out, lse, *packed, causal, scale, kv_bits, window, softcap)
+        args = (grad_out, q, k, v, out, lse, *packed, causal, scale, kv_bits, window, softcap, q_segments, k_segments)
         if torch.is_grad_enabled():  # create_graph=True: the gradients get the op's autograd history
             dq, dk, dv = _ATTENTION_BACKWARD(*args)
         # Backward has its own context (a mode may be entered between forward and backward).
@@ -198,20 +227,22 @@ class _AttentionFunction(torch.autograd.Function):
             with _compat.below_autograd():
                 dq, dk, dv = _ATTENTION_BACKWARD(*args)
         needs = ctx.needs_input_grad
-        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None
+        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None, None
 
 
-def _attention_autograd(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None):
+def _attention_autograd(q, k, v, causal=True, scale=None, kv_bits=16, window=None, softcap=None, q_segments=None,
+                        k_segments=None):
     """memgraph.attention's Autograd-key kernel (the op called through the dispatcher)."""
     direct = direct_eager(q, k, v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         if direct:
-            _check(q, k, v, kv_bits, window, softcap)
-        return _AttentionFunction.apply(q, k, v, (causal, scale, kv_bits, window, softcap), direct)
+            _check(q, k, v, kv_bits, window, softcap, q_segments, k_segments)
+        return _AttentionFunction.apply(q, k, v, (causal, scale, kv_bits, window, softcap), direct, q_segments,
+                                        k_segments)
     if direct:
-        return _attention_impl(q, k, v, causal, scale, kv_bits, window, softcap)
+        return _attention_impl(q, k, v, causal, scale, kv_bits, window, softcap, q_segments, k_segments)
     with _compat.below_autograd():
-        return _ATTENTION(q, k, v, causal, scale, kv_bits, window, softcap)
+        return _ATTENTION(q, k, v, causal, scale, kv_bits, window, softcap, q_segments, k_segments)
 
 
 class _AttentionBackwardFunction(torch.autograd.Function):
@@ -300,17 +331,38 @@ def saved_bytes(batch, heads, kv_heads, seq_len, head_dim, *, kv_bits=16, dtype=
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
-              kv_bits: int = 16, window: Optional[int] = None, softcap: Optional[float] = None) -> Tensor:
+              kv_bits: int = 16, window: Optional[int] = None, softcap: Optional[float] = None,
+              q_segments: Optional[Tensor] = None, k_segments: Optional[Tensor] = None) -> Tensor:
     """Fused attention; q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D] in q's dtype.
 
     kv_bits=8 or 4 keeps K/V for backward in that many bits (the output is exact; gradients are those of
-    attention with the dequantized K/V). See the module docstring for window, softcap and the packed format."""
-    _check(q, k, v, kv_bits, window, softcap)
+    attention with the dequantized K/V). See the module docstring for window, softcap and the packed format.
+    q_segments/k_segments ([B, S] integers; both or neither): query i also needs q_segments[b, i] ==
+    k_segments[b, j] to see key j (padded and packed batches: see ``padding_segments``/``packed_segments``);
+    a row that sees no key gives 0."""
+    _check(q, k, v, kv_bits, window, softcap, q_segments, k_segments)
     traced = torch.compiler.is_compiling() or has_torch_function((q, k, v))
     if not traced and direct_eager(q, k, v):
         # Plain eager (see "autograd" above): what the dispatcher would run, without entering it. Dynamo and torch
         # function modes/subclasses get the op through the dispatcher.
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _AttentionFunction.apply(q, k, v, (causal, scale, kv_bits, window, softcap), True)[0]
-        return _forward(q, k, v, causal, scale, kv_bits, window, softcap)[0]
-    return _ATTENTION(q, k, v, causal, scale, kv_bits, window, softcap)[0]
+            return _AttentionFunction.apply(q, k, v, (causal, scale, kv_bits, window, softcap), True, q_segments,
+                                            k_segments)[0]
+        return _forward(q, k, v, causal, scale, kv_bits, window, softcap, q_segments, k_segments)[0]
+    return _ATTENTION(q, k, v, causal, scale, kv_bits, window, softcap, q_segments, k_segments)[0]
+
+
+def padding_segments(attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(q_segments, k_segments) for HF's causal-and-padding mask from a [B, S] ``attention_mask``: every query in
+    segment 0, keys where the mask is 0 in segment -1 (seen by no query)."""
+    k_segments = attention_mask.ne(0).to(torch.int32) - 1
+    return torch.zeros_like(k_segments), k_segments
+
+
+def packed_segments(position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(q_segments, k_segments) for sequences packed into one row, from [B, S] ``position_ids``: a new sequence
+    starts wherever the position does not follow the previous one by 1 (HF's ``find_packed_sequence_indices``)."""
+    before_first = position_ids[:, :1] - 1
+    starts = torch.diff(position_ids, prepend=before_first, dim=-1).ne(1)
+    segments = starts.cumsum(-1).to(torch.int32)
+    return segments, segments

@@ -73,9 +73,13 @@ def _scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _visible(q_idx, k_idx, seq_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Which (query, key) pairs attend; q_idx/k_idx are broadcastable index tiles (either orientation)."""
+def _visible(q_idx, k_idx, seq_len, window, q_seg, k_seg, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+             HAS_SEGMENTS: tl.constexpr):
+    """Which (query, key) pairs attend; q_idx/k_idx (and the segment ids q_seg/k_seg, when HAS_SEGMENTS) are
+    broadcastable tiles (either orientation)."""
     vis = (k_idx < seq_len) & (q_idx < seq_len)
+    if HAS_SEGMENTS:
+        vis = vis & (q_seg == k_seg)
     if CAUSAL:
         vis = vis & (k_idx <= q_idx)
     if HAS_WINDOW:
@@ -85,9 +89,34 @@ def _visible(q_idx, k_idx, seq_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl
     return vis
 
 
+# Segment tables (QSEG, KSEG): int32 [B, 3, S]. Row 0: each position's segment id. Rows 1 and 2: the span
+# [lo, hi) of positions on the other side that can share its segment (QSEG: keys per query, KSEG: queries per key),
+# a superset the kernels use to skip whole blocks; the element-wise test on the ids decides.
 @triton.jit
-def _key_block_ranges(start_m, seq_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _segments(SEG, b, offs, seq_len, HAS_SEGMENTS: tl.constexpr):
+    """Segment ids of positions offs of batch row b; without segments, offs itself (unused)."""
+    if HAS_SEGMENTS:
+        seg = tl.load(SEG + b * (3 * seq_len) + offs, mask=offs < seq_len, other=-1)
+    else:
+        seg = offs
+    return seg
+
+
+@triton.jit
+def _segment_span(SEG, b, offs, seq_len, HAS_SEGMENTS: tl.constexpr):
+    """[lo, hi): the other side's positions any of positions offs can see by segment (everything without)."""
+    lo = 0
+    hi = seq_len
+    if HAS_SEGMENTS:
+        row = SEG + b * (3 * seq_len) + offs
+        lo = tl.min(tl.load(row + seq_len, mask=offs < seq_len, other=seq_len), 0)
+        hi = tl.max(tl.load(row + 2 * seq_len, mask=offs < seq_len, other=0), 0)
+    return lo, hi
+
+
+@triton.jit
+def _key_block_ranges(start_m, seq_len, window, span_lo, span_hi, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      HAS_SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key blocks seen by queries [start_m, start_m + BLOCK_M): [lo, full_lo) and [full_hi, hi) need masks,
     [full_lo, full_hi) is visible to every row (inside the sequence, causal and window satisfied)."""
     lo = 0
@@ -106,12 +135,17 @@ def _key_block_ranges(start_m, seq_len, window, CAUSAL: tl.constexpr, HAS_WINDOW
             full_hi = tl.minimum(full_hi, ((start_m + window) // BLOCK_N) * BLOCK_N)  # last key < first q + window
     full_lo = tl.minimum(full_lo, tl.cdiv(hi, BLOCK_N) * BLOCK_N)
     full_hi = tl.maximum(full_hi, full_lo)
+    if HAS_SEGMENTS:  # blocks outside the rows' segment span are skipped; the rest take the masked path
+        lo = tl.maximum(lo, (span_lo // BLOCK_N) * BLOCK_N)
+        hi = tl.maximum(tl.minimum(hi, span_hi), lo)
+        full_lo = lo
+        full_hi = lo
     return lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def _query_block_ranges(start_n, seq_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _query_block_ranges(start_n, seq_len, window, span_lo, span_hi, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        HAS_SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query blocks that see keys [start_n, start_n + BLOCK_N), split like _key_block_ranges."""
     lo = 0
     hi = seq_len
@@ -129,6 +163,11 @@ def _query_block_ranges(start_n, seq_len, window, CAUSAL: tl.constexpr, HAS_WIND
     full_lo = tl.maximum(full_lo, lo)
     full_lo = tl.minimum(full_lo, tl.cdiv(hi, BLOCK_M) * BLOCK_M)
     full_hi = tl.maximum(full_hi, full_lo)
+    if HAS_SEGMENTS:
+        lo = tl.maximum(lo, (span_lo // BLOCK_M) * BLOCK_M)
+        hi = tl.maximum(tl.minimum(hi, span_hi), lo)
+        full_lo = lo
+        full_hi = lo
     return lo, full_lo, full_hi, hi
 
 
@@ -282,9 +321,10 @@ def _quantize_kv_kernel(K, V, KC, KM, VC, VM, stride_kb, stride_kh, stride_ks, s
 # Triton: forward
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, seq_len, scale, window,
-              softcap, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, q_seg, KSEG, b, seq_len,
+              scale, window, softcap, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """One key block of the online softmax: rescale the running sum/accumulator to the new row max, add P V."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -292,8 +332,9 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, o
     v = _load_rows(v_base, offs_n, stride_vs, offs_d, seq_len, MASKED)
     s, _ = _scores(_dot(q, tl.trans(k), None, DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
     if MASKED:
-        s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seq_len, window, CAUSAL, HAS_WINDOW), s,
-                     float("-inf"))
+        k_seg = _segments(KSEG, b, offs_n, seq_len, HAS_SEGMENTS)
+        s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seq_len, window, q_seg[:, None], k_seg[None, :],
+                              CAUSAL, HAS_WINDOW, HAS_SEGMENTS), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -303,12 +344,14 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, o
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+def _attn_fwd_kernel(Q, K, V, O, LSE, QSEG, KSEG, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, num_heads, group, seq_len, scale, window, softcap,
                      seq_bucket, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    """One program per (batch * query head, query block). seq_bucket is only an autotuning key."""
+                     HAS_SOFTCAP: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (batch * query head, query block). seq_bucket is only an autotuning key. With segments
+    (QSEG, KSEG: [B, S] int32) query i sees key j only where QSEG[b, i] == KSEG[b, j]; a row that sees no key
+    gets output 0 (as SDPA gives a boolean mask's fully masked row)."""
     bh = tl.program_id(0)
     # Causal rows near the end see the most keys: launch them first so the last wave is made of short ones.
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
@@ -319,29 +362,33 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qs, stride_kb
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, offs_d, seq_len, True)
+    q_seg = _segments(QSEG, b, offs_m, seq_len, HAS_SEGMENTS)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
 
     m_i = tl.full([BLOCK_M], NEG_LARGE, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    lo, full_lo, full_hi, hi = _key_block_ranges(start_m, seq_len, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    span_lo, span_hi = _segment_span(QSEG, b, offs_m, seq_len, HAS_SEGMENTS)
+    lo, full_lo, full_hi, hi = _key_block_ranges(start_m, seq_len, window, span_lo, span_hi, CAUSAL, HAS_WINDOW,
+                                                 HAS_SEGMENTS, BLOCK_M, BLOCK_N)
     for start_n in range(lo, full_lo, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, seq_len,
-                                  scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION,
-                                  BLOCK_N, True)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, q_seg,
+                                  KSEG, b, seq_len, scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                  HAS_SEGMENTS, DOT_PRECISION, BLOCK_N, True)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, seq_len,
-                                  scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION,
-                                  BLOCK_N, False)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, q_seg,
+                                  KSEG, b, seq_len, scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                  HAS_SEGMENTS, DOT_PRECISION, BLOCK_N, False)
     for start_n in range(full_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, seq_len,
-                                  scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION,
-                                  BLOCK_N, True)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)  # only rows past the sequence end have no visible key
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, q_seg,
+                                  KSEG, b, seq_len, scale, window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                  HAS_SEGMENTS, DOT_PRECISION, BLOCK_N, True)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows past the sequence end (or masked whole by segments) see no key
     row = bh.to(tl.int64) * seq_len
     in_seq = offs_m < seq_len
-    tl.store(LSE + row + offs_m, (m_i + tl.log2(l_safe)) * LN2, mask=in_seq)
+    # A row that sees no key stores LSE = +inf: the backward's exp2(s - LSE) is then 0 for it, whatever s is.
+    tl.store(LSE + row + offs_m, tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("inf")), mask=in_seq)
     out = _cast(acc / l_safe[:, None], O.dtype.element_ty, DOT_PRECISION)
     tl.store(O + (row + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], out, mask=in_seq[:, None])
 
@@ -367,10 +414,11 @@ def _dequantize_kv_kernel(KC, KM, VC, VM, K, V, seq_len, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
-def _stats_step(m_i, l_i, u_i, q, do, K, V, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n, offs_m, seq_len,
-                scale, window, softcap, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _stats_step(m_i, l_i, u_i, q, do, K, V, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n, offs_m, q_seg,
+                KSEG, b, seq_len, scale, window, softcap, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr):
     """Online logsumexp and u = sum_j p_ij dp_ij (unnormalised), with dequantized K', V'."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _cast(_load_k(K, stride_ks, KC, KM, bhkv, start_n, seq_len, MASKED, KV_BITS, HEAD_DIM, BLOCK_N), q.dtype,
@@ -379,8 +427,9 @@ def _stats_step(m_i, l_i, u_i, q, do, K, V, stride_ks, stride_vs, KC, KM, VC, VM
               DOT_PRECISION)
     s, _ = _scores(_dot(q, tl.trans(k), None, DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
     if MASKED:
-        s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seq_len, window, CAUSAL, HAS_WINDOW), s,
-                     float("-inf"))
+        k_seg = _segments(KSEG, b, offs_n, seq_len, HAS_SEGMENTS)
+        s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seq_len, window, q_seg[:, None], k_seg[None, :],
+                              CAUSAL, HAS_WINDOW, HAS_SEGMENTS), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -391,11 +440,12 @@ def _stats_step(m_i, l_i, u_i, q, do, K, V, stride_ks, stride_vs, KC, KM, VC, VM
 
 
 @triton.jit
-def _attn_bwd_stats_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs, stride_kb,
-                           stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, group, seq_len, scale,
-                           window, softcap, seq_bucket, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _attn_bwd_stats_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, QSEG, KSEG, stride_qb, stride_qh, stride_qs,
+                           stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, group, seq_len,
+                           scale, window, softcap, seq_bucket, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
                            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
     """LSE' and delta' = rowsum(P' * dP') with P', dP' from the dequantized K', V' (kv_bits < 16).
 
     delta' is formed from the same dP = dO V'^T the dK/dV and dQ kernels compute, so rowsum(dS) = 0 holds to
@@ -412,28 +462,34 @@ def _attn_bwd_stats_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, stride_qb, s
     row = bh.to(tl.int64) * seq_len
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, offs_d, seq_len, True)
     do = _load_rows(DO + row * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_len, True)
+    q_seg = _segments(QSEG, b, offs_m, seq_len, HAS_SEGMENTS)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
 
     m_i = tl.full([BLOCK_M], NEG_LARGE, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     u_i = tl.zeros([BLOCK_M], tl.float32)
-    lo, full_lo, full_hi, hi = _key_block_ranges(start_m, seq_len, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    span_lo, span_hi = _segment_span(QSEG, b, offs_m, seq_len, HAS_SEGMENTS)
+    lo, full_lo, full_hi, hi = _key_block_ranges(start_m, seq_len, window, span_lo, span_hi, CAUSAL, HAS_WINDOW,
+                                                 HAS_SEGMENTS, BLOCK_M, BLOCK_N)
     for start_n in range(lo, full_lo, BLOCK_N):
         m_i, l_i, u_i = _stats_step(m_i, l_i, u_i, q, do, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv,
-                                    start_n, offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL,
-                                    HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, True)
+                                    start_n, offs_m, q_seg, KSEG, b, seq_len, scale, window, softcap, KV_BITS,
+                                    HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_SEGMENTS, DOT_PRECISION, BLOCK_N,
+                                    True)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         m_i, l_i, u_i = _stats_step(m_i, l_i, u_i, q, do, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv,
-                                    start_n, offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL,
-                                    HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, False)
+                                    start_n, offs_m, q_seg, KSEG, b, seq_len, scale, window, softcap, KV_BITS,
+                                    HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_SEGMENTS, DOT_PRECISION, BLOCK_N,
+                                    False)
     for start_n in range(full_hi, hi, BLOCK_N):
         m_i, l_i, u_i = _stats_step(m_i, l_i, u_i, q, do, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv,
-                                    start_n, offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL,
-                                    HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, True)
+                                    start_n, offs_m, q_seg, KSEG, b, seq_len, scale, window, softcap, KV_BITS,
+                                    HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_SEGMENTS, DOT_PRECISION, BLOCK_N,
+                                    True)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     in_seq = offs_m < seq_len
-    tl.store(LSE + row + offs_m, (m_i + tl.log2(l_safe)) * LN2, mask=in_seq)
+    tl.store(LSE + row + offs_m, tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("inf")), mask=in_seq)
     tl.store(DELTA + row + offs_m, u_i / l_safe, mask=in_seq)
 
 
@@ -441,10 +497,10 @@ def _attn_bwd_stats_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, stride_qb, s
 # Triton: backward, dQ per query block
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n, offs_m, seq_len,
-             scale, window, softcap, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _dq_step(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n, offs_m, q_seg, KSEG,
+             b, seq_len, scale, window, softcap, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Add one key block's share to dQ: P and dP recomputed from the saved LSE and delta, dQ += dS k."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _cast(_load_k(K, stride_ks, KC, KM, bhkv, start_n, seq_len, MASKED, KV_BITS, HEAD_DIM, BLOCK_N), q.dtype,
@@ -454,7 +510,9 @@ def _dq_step(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, KC, KM, VC, VM,
     s, t = _scores(_dot(q, tl.trans(k), None, DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
-        p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seq_len, window, CAUSAL, HAS_WINDOW), p, 0.0)
+        k_seg = _segments(KSEG, b, offs_n, seq_len, HAS_SEGMENTS)
+        p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seq_len, window, q_seg[:, None], k_seg[None, :],
+                              CAUSAL, HAS_WINDOW, HAS_SEGMENTS), p, 0.0)
     dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
@@ -463,12 +521,12 @@ def _dq_step(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, KC, KM, VC, VM,
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, KC, KM, VC, VM, O, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qs,
+def _attn_bwd_dq_kernel(Q, K, V, KC, KM, VC, VM, O, DO, LSE, DELTA, DQ, QSEG, KSEG, stride_qb, stride_qh, stride_qs,
                         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, group, seq_len,
                         scale, window, softcap, seq_bucket, KV_BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        DELTA_FROM_O: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        HAS_SEGMENTS: tl.constexpr, DELTA_FROM_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (batch * query head, query block of BLOCK_M rows), looping over the visible key blocks of
     BLOCK_N keys (same ranges as the forward). DELTA_FROM_O (kv_bits=16): delta = rowsum(dO * O) is formed here
     and stored for the dK/dV kernel, which runs after this one; otherwise the stats pre-pass wrote it."""
@@ -492,23 +550,26 @@ def _attn_bwd_dq_kernel(Q, K, V, KC, KM, VC, VM, O, DO, LSE, DELTA, DQ, stride_q
     else:
         delta = tl.load(DELTA + row + offs_m, mask=in_seq, other=0.0)
     lse2 = tl.load(LSE + row + offs_m, mask=in_seq, other=0.0) * LOG2E
+    q_seg = _segments(QSEG, b, offs_m, seq_len, HAS_SEGMENTS)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    lo, full_lo, full_hi, hi = _key_block_ranges(start_m, seq_len, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    span_lo, span_hi = _segment_span(QSEG, b, offs_m, seq_len, HAS_SEGMENTS)
+    lo, full_lo, full_hi, hi = _key_block_ranges(start_m, seq_len, window, span_lo, span_hi, CAUSAL, HAS_WINDOW,
+                                                 HAS_SEGMENTS, BLOCK_M, BLOCK_N)
     for start_n in range(lo, full_lo, BLOCK_N):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n,
-                      offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                      DOT_PRECISION, BLOCK_N, True)
+                      offs_m, q_seg, KSEG, b, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL, HAS_WINDOW,
+                      HAS_SOFTCAP, HAS_SEGMENTS, DOT_PRECISION, BLOCK_N, True)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n,
-                      offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                      DOT_PRECISION, BLOCK_N, False)
+                      offs_m, q_seg, KSEG, b, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL, HAS_WINDOW,
+                      HAS_SOFTCAP, HAS_SEGMENTS, DOT_PRECISION, BLOCK_N, False)
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, KC, KM, VC, VM, bhkv, start_n,
-                      offs_m, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                      DOT_PRECISION, BLOCK_N, True)
+                      offs_m, q_seg, KSEG, b, seq_len, scale, window, softcap, KV_BITS, HEAD_DIM, CAUSAL, HAS_WINDOW,
+                      HAS_SOFTCAP, HAS_SEGMENTS, DOT_PRECISION, BLOCK_N, True)
     dq = _cast(dq * scale, DQ.dtype.element_ty, DOT_PRECISION)
     tl.store(DQ + (row + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq, mask=in_seq[:, None])
 
@@ -517,10 +578,10 @@ def _attn_bwd_dq_kernel(Q, K, V, KC, KM, VC, VM, O, DO, LSE, DELTA, DQ, stride_q
 # Triton: backward, dK/dV per key block
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs, b, num_heads, head, start_m,
-               offs_n, seq_len, scale, window, softcap, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, QSEG, k_seg, stride_qb, stride_qh, stride_qs, b, num_heads, head,
+               start_m, offs_n, seq_len, scale, window, softcap, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
     """Add one query block's share (query head `head`, rows start_m + [0, BLOCK_M)) to dK, dV.
 
     Everything is computed on the key side, [keys, queries] tiles (s_t = k q^T, dp_t = v dO^T), so that the
@@ -541,7 +602,9 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs,
     s_t, t_t = _scores(_dot(k, tl.trans(q), None, DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
     p_t = tl.exp2(s_t - lse2[None, :])
     if MASKED:
-        p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], seq_len, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
+        q_seg = _segments(QSEG, b, offs_m, seq_len, HAS_SEGMENTS)
+        p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], seq_len, window, q_seg[None, :], k_seg[:, None],
+                                CAUSAL, HAS_WINDOW, HAS_SEGMENTS), p_t, 0.0)
     dv = _dot(_cast(p_t, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
     dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -552,12 +615,12 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs,
 
 
 @triton.jit(do_not_specialize=["heads_per_program"])  # 4, 2 or 1 per split: one compiled kernel for all
-def _attn_bwd_dkdv_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stride_qs,
+def _attn_bwd_dkdv_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, DK, DV, QSEG, KSEG, stride_qb, stride_qh, stride_qs,
                           stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_heads, num_kv_heads,
                           heads_per_program, seq_len, scale, window, softcap, seq_bucket, KV_BITS: tl.constexpr,
                           HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                          HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          HAS_SOFTCAP: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (split, batch * KV head, key block of BLOCK_N keys). K and V of the block are loaded (and
     dequantized) once; the query blocks of `heads_per_program` heads of the GQA group stream past them, BLOCK_M
     rows per step. No atomics: with a split > 1 (see _dkdv_split) each split writes float32 partials that
@@ -578,31 +641,35 @@ def _attn_bwd_dkdv_kernel(Q, K, V, KC, KM, VC, VM, DO, LSE, DELTA, DK, DV, strid
     v = _load_v(v_base, stride_vs, VC, VM, bhkv, start_n, seq_len, True, KV_BITS, HEAD_DIM, BLOCK_N)
     k = _cast(k, compute_dtype, DOT_PRECISION)
     v = _cast(v, compute_dtype, DOT_PRECISION)
+    k_seg = _segments(KSEG, b, offs_n, seq_len, HAS_SEGMENTS)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     # Causal: only the query blocks crossing the diagonal (lo..full_lo) are masked; the rest run unmasked.
-    lo, full_lo, full_hi, hi = _query_block_ranges(start_n, seq_len, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    span_lo, span_hi = _segment_span(KSEG, b, offs_n, seq_len, HAS_SEGMENTS)
+    lo, full_lo, full_hi, hi = _query_block_ranges(start_n, seq_len, window, span_lo, span_hi, CAUSAL, HAS_WINDOW,
+                                                   HAS_SEGMENTS, BLOCK_M, BLOCK_N)
     first_head = (hkv * (num_heads // num_kv_heads) + split * heads_per_program).to(tl.int64)
     # Each range is one flat loop over (query head, query block) pairs: Triton software-pipelines innermost loops,
     # and one long loop keeps the pipeline full across the group's heads instead of draining at every head.
     blocks = (full_lo - lo) // BLOCK_M
     for i in range(0, heads_per_program * blocks):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs, b, num_heads,
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, QSEG, k_seg, stride_qb, stride_qh, stride_qs, b, num_heads,
                             first_head + i // blocks, lo + (i % blocks) * BLOCK_M, offs_n, seq_len, scale, window,
-                            softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_M, True)
+                            softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_SEGMENTS, DOT_PRECISION,
+                            BLOCK_M, True)
     blocks = (full_hi - full_lo) // BLOCK_M
     for i in range(0, heads_per_program * blocks):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs, b, num_heads,
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, QSEG, k_seg, stride_qb, stride_qh, stride_qs, b, num_heads,
                             first_head + i // blocks, full_lo + (i % blocks) * BLOCK_M, offs_n, seq_len, scale,
-                            window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_M,
-                            False)
+                            window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_SEGMENTS, DOT_PRECISION,
+                            BLOCK_M, False)
     blocks = tl.cdiv(hi - full_hi, BLOCK_M)
     for i in range(0, heads_per_program * blocks):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qs, b, num_heads,
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, QSEG, k_seg, stride_qb, stride_qh, stride_qs, b, num_heads,
                             first_head + i // blocks, full_hi + (i % blocks) * BLOCK_M, offs_n, seq_len, scale,
-                            window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, BLOCK_M,
-                            True)
+                            window, softcap, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_SEGMENTS, DOT_PRECISION,
+                            BLOCK_M, True)
     out = ((split * (tl.num_programs(0) // num_splits) + bhkv).to(tl.int64) * seq_len + offs_n[:, None]) * HEAD_DIM
     out = out + offs_d[None, :]
     in_seq = (offs_n < seq_len)[:, None]

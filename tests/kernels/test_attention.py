@@ -96,6 +96,112 @@ def test_float32_matches_float64_reference(batch, heads, seq_len, head_dim, caus
         assert (a.double() - b).abs().max() <= 1e-4 * (1 + b.abs().max()), (name, float((a.double() - b).abs().max()))
 
 
+def _segment_layout(kind: str, batch: int, seq_len: int, draw) -> tuple:
+    """(q_segments, k_segments) for a padded ("left"/"right"/"holes": any keys masked) or packed batch."""
+    if kind == "packed":
+        rows = []
+        for _ in range(batch):
+            positions, filled = [], 0
+            while filled < seq_len:
+                length = min(draw(st.integers(1, max(seq_len // 2, 1))), seq_len - filled)
+                start = draw(st.integers(0, 3))  # a sequence may start at any position id, not only 0
+                positions += range(start, start + length)
+                filled += length
+            rows.append(positions)
+        return A.packed_segments(torch.tensor(rows))
+    if kind == "any ids":  # arbitrary integers on both sides, beyond [-1, S) too: the block spans bucket them
+        ids = st.lists(st.integers(-3, seq_len + 3), min_size=batch * seq_len, max_size=batch * seq_len)
+        return tuple(torch.tensor(draw(ids)).view(batch, seq_len) for _ in range(2))
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    for row in range(batch):
+        pad = draw(st.integers(0, seq_len))
+        if kind == "left":
+            mask[row, :pad] = 0
+        elif kind == "right":
+            mask[row, seq_len - pad:] = 0
+        else:
+            mask[row] = torch.tensor(draw(st.lists(st.integers(0, 2), min_size=seq_len, max_size=seq_len)))
+    return A.padding_segments(mask)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.sampled_from(HEAD_PAIRS),
+    seq_len=st.integers(1, 70),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 30)),
+    kind=st.sampled_from(["left", "right", "holes", "packed", "any ids"]),
+    kv_bits=st.sampled_from([16, 4]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_segments_match_the_masked_reference(batch, heads, seq_len, causal, window, kind, kv_bits, seed, data):
+    """Padded and packed batches: float32 kernels equal the float64 reference with the same pairs masked, rows
+    that see no key give 0 with zero gradients (no NaN), for kv_bits 16 and 4 (gradients of the quantized scheme)."""
+    q, k, v, grad_out = _inputs(batch, *heads, seq_len, 16, torch.float32, seed)
+    q_segments, k_segments = _segment_layout(kind, batch, seq_len, data.draw)
+    kwargs = dict(causal=causal, window=window, q_segments=q_segments, k_segments=k_segments)
+    ours = _ours(q, k, v, grad_out, kv_bits=kv_bits, **kwargs)
+    if kv_bits == 16:
+        reference = _reference(q, k, v, grad_out, **kwargs)
+    else:
+        out = A.reference_attention(q, k, v, **kwargs)
+        reference = [out, *A.reference_quantized_grads(q, k, v, grad_out, kv_bits=kv_bits, **kwargs)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, reference):
+        assert torch.isfinite(a).all(), name
+        assert (a.double() - b).abs().max() <= 1e-4 * (1 + b.abs().max()), (name, float((a.double() - b).abs().max()))
+    sees_nothing = ~(R.segment_mask(torch.arange(seq_len), torch.arange(seq_len), (q_segments, k_segments))
+                     & A.visible_mask(torch.arange(seq_len), torch.arange(seq_len), causal, window)).any(-1)
+    assert (ours[0].transpose(1, 2)[sees_nothing] == 0).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(kind=st.sampled_from(["left", "right", "holes", "packed", "any ids"]), data=st.data())
+def test_segment_tables_bound_every_visible_pair(kind, data):
+    """The block-skipping spans contain every position with the same id (packed: exactly its sequence)."""
+    q_segments, k_segments = _segment_layout(kind, 2, 37, data.draw)
+    q_table, k_table = L.segment_tables(q_segments, k_segments)
+    same = q_segments[:, :, None] == k_segments[:, None, :]  # [B, query, key]
+    positions = torch.arange(37)
+    for table, pairs in ((q_table, same), (k_table, same.transpose(1, 2))):
+        lo, hi = table[:, 1, :, None], table[:, 2, :, None]
+        inside = (positions >= lo) & (positions < hi)
+        assert not (pairs & ~inside).any()
+    if kind == "packed":
+        first = torch.where(same, positions, 37).amin(-1)
+        last = torch.where(same, positions, -1).amax(-1)
+        assert torch.equal(q_table[:, 1], first.int()) and torch.equal(q_table[:, 2], last.int() + 1)
+
+
+def test_padding_segments_equal_sdpa_with_hf_mask():
+    """The same batch through SDPA with HF's boolean causal-and-padding mask (left padding: whole rows masked)."""
+    q, k, v, grad_out = _inputs(2, 4, 2, 24, 16, torch.float32, seed=5)
+    attention_mask = torch.ones(2, 24, dtype=torch.long)
+    attention_mask[0, :6] = 0
+    attention_mask[1, 19:] = 0
+    positions = torch.arange(24)
+    hf_mask = (positions[None, :, None] >= positions[None, None, :]) & attention_mask.bool()[:, None, :]
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*leaves, attn_mask=hf_mask[:, None], enable_gqa=True)
+    expected.backward(grad_out)
+    q_segments, k_segments = A.padding_segments(attention_mask)
+    ours = _ours(q, k, v, grad_out, q_segments=q_segments, k_segments=k_segments)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, [expected.detach(), *(x.grad for x in leaves)]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_segment_arguments_are_checked():
+    q, k, v, _ = _inputs(2, 2, 1, 8, 16, torch.float32, seed=0)
+    segments = torch.zeros(2, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="both q_segments and k_segments"):
+        A.attention(q, k, v, q_segments=segments)
+    with pytest.raises(ValueError, match=r"\[B, S\]"):
+        A.attention(q, k, v, q_segments=segments[:, :5], k_segments=segments[:, :5])
+    with pytest.raises(ValueError, match="integer tensor"):
+        A.attention(q, k, v, q_segments=segments.float(), k_segments=segments.float())
+
+
 @pytest.mark.parametrize("head_dim", [128, 256])
 @pytest.mark.parametrize("kv_bits", [16, 4])
 def test_large_head_dims(head_dim, kv_bits):
@@ -344,6 +450,15 @@ def test_opcheck(kv_bits):
 
 
 @pytest.mark.parametrize("kv_bits", [16, 4])
+def test_opcheck_with_segments(kv_bits):
+    q, k, v, grad_out = _inputs(2, 2, 1, 21, 16, torch.float32, seed=3)
+    q_segments, k_segments = A.packed_segments(torch.tensor([[*range(9), *range(12)], [*range(4), *range(17)]]))
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, None, kv_bits, None, None, q_segments,
+            k_segments)
+    torch.library.opcheck(torch.ops.memgraph.attention.default, args)
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
 def test_compiles_without_graph_break_and_saves_packed_kv(kv_bits):
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -478,13 +593,16 @@ def _memgraph_ops(recorder):
 
 
 def test_op_schemas_are_stable():
-    # passes/attention.py, the cost model and saved graphs call these by schema: as custom_op defined them.
+    # passes/attention.py, the cost model and saved graphs call these by schema: as custom_op defined them, plus
+    # the segments, appended with defaults so that graphs saved before them still load and call the same op.
     expected = (
         "memgraph::attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None, SymInt kv_bits=16, "
-        "SymInt? window=None, float? softcap=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        "SymInt? window=None, float? softcap=None, Tensor? q_segments=None, Tensor? k_segments=None) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
         "memgraph::attention_backward(Tensor grad_out, Tensor q, Tensor? k, Tensor? v, Tensor? out, Tensor? lse, "
         "Tensor? k_codes, Tensor? k_meta, Tensor? v_codes, Tensor? v_meta, bool causal, float? scale, "
-        "SymInt kv_bits, SymInt? window, float? softcap) -> (Tensor, Tensor, Tensor)",
+        "SymInt kv_bits, SymInt? window, float? softcap, Tensor? q_segments=None, Tensor? k_segments=None) -> "
+        "(Tensor, Tensor, Tensor)",
     )
     assert tuple(str(op._schema) for op in ATTENTION_OPS) == expected
     assert all(torch.Tag.pt2_compliant_tag in op.tags for op in ATTENTION_OPS)

@@ -28,3 +28,53 @@ def test_trainer_with_torch_compile_backend_memgraph(tmp_path, monkeypatch):
     assert torch.isfinite(torch.tensor(result.training_loss))
     records = memgraph.compiled_graphs()[before:]
     assert records and all(r.options.codegen == "eager" and r.plan is not None for r in records)
+
+
+class _VariableLengthTokens(torch.utils.data.Dataset):
+    """Sequences of 5 to 16 tokens: a padding collator gives every batch an attention_mask with padding."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, index):
+        generator = torch.Generator().manual_seed(index)
+        length = int(torch.randint(5, 17, (1,), generator=generator))
+        return {"input_ids": torch.randint(1, 128, (length,), generator=generator)}
+
+
+def _pad_right(examples, length=16):
+    """HF's padding-collator output, padded to a fixed bucket (one shape for every batch: no recompiles)."""
+    ids = torch.zeros(len(examples), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n], mask[row, :n] = example["input_ids"], 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_trainer_padded_batches_with_gradient_accumulation_match_eager(tmp_path, monkeypatch):
+    """Padding collator, batch 4, gradient_accumulation_steps=4: Trainer passes num_items_in_batch (loss = sum /
+    tokens over the 4 micro-batches); memgraph's losses equal eager's, the padded batch runs the fused attention
+    (the mask becomes segments), and the 8 micro-batches compile once."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    monkeypatch.setenv("MEMGRAPH_CODEGEN", "eager")
+    histories = {}
+    for name, backend in (("eager", None), ("memgraph", "memgraph")):
+        torch._dynamo.reset()
+        before = len(memgraph.compiled_graphs())
+        model = models.build("llama", lora=True, seed=0)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name), per_device_train_batch_size=4, gradient_accumulation_steps=4,
+            max_steps=2, learning_rate=1e-3, torch_compile=backend is not None, torch_compile_backend=backend,
+            report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0, data_seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_VariableLengthTokens(),
+                                       data_collator=_pad_right)
+        trainer.train()
+        histories[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        records = memgraph.compiled_graphs()[before:]
+    assert len(histories["eager"]) == 2
+    for eager, ours in zip(histories["eager"], histories["memgraph"], strict=True):
+        assert abs(ours - eager) <= 1e-4 * abs(eager), histories
+    assert len(records) == 1, [r.options for r in records]  # one graph for all 8 micro-batches
+    assert "attention" in records[0].rewrites

@@ -197,6 +197,43 @@ def test_dynamic_sliding_window_is_fused_at_every_length(monkeypatch):
     assert {6, 24, 40} <= set(lengths)
 
 
+@pytest.mark.parametrize("family, layout", [("llama", "right"), ("mistral", "left"), ("qwen2", "packed")])
+def test_dynamic_padded_and_packed_batches_are_fused_at_every_length(family, layout, monkeypatch):
+    """Batches whose length changes every step (dynamic=True, one compile): the padding/packed mask is read from
+    the input at every length, its form re-checked once per new size, and gradients equal eager's."""
+    from memgraph.passes import attention as attention_pass
+
+    checked = []
+    holds = attention_pass.InputMaskGuard.holds
+
+    def spy(self, sizes):
+        checked.append(tuple(int(s) for s in sizes))
+        return holds(self, sizes)
+
+    monkeypatch.setattr(attention_pass.InputMaskGuard, "holds", spy)
+    overrides = {"sliding_window": 5} if family == "mistral" else {}
+    model = models.build(family, **overrides)
+    reference = copy.deepcopy(model)
+    compiled = _memgraph_dynamic(model)
+    for seq in (12, 20, 12):
+        ids = _ids(model, batch=2, seq=seq, seed=seq)
+        kwargs, labels = _masked_batch(ids[:, :12], layout)
+        if layout == "packed":  # the last sequence of each row grows with the length
+            extra = torch.arange(seq - 12) + kwargs["position_ids"][:, -1:] + 1
+            kwargs["position_ids"] = torch.cat([kwargs["position_ids"], extra], dim=1)
+        else:
+            mask = kwargs["attention_mask"]
+            kwargs["attention_mask"] = torch.cat([mask, mask[:, -1:].expand(2, seq - 12)], dim=1) if layout == \
+                "right" else torch.cat([mask, torch.ones(2, seq - 12, dtype=mask.dtype)], dim=1)
+        labels = ids.masked_fill(kwargs["attention_mask"] == 0, -100) if layout != "packed" else ids
+        loss, grads = _masked_step(compiled, ids, labels, **kwargs)
+        eager_loss, eager_grads = _masked_step(reference, ids, labels, **kwargs)
+        assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss), seq
+        assert max(_rel(grads[n], g) for n, g in eager_grads.items() if g.norm() > 0) < 1e-4, seq
+    records = [r for r in memgraph.compiled_graphs() if "attention" in r.rewrites]
+    assert records and any(size == 20 for sizes in checked for size in sizes), checked
+
+
 class _LengthDependentMask(torch.nn.Module):
     """Causal, plus key j visible from query i when (j - i)^2 == 7 * S: no such pair at S = 20 or 24 (the
     compiled length), but (i, i + 14) at S = 28. No constant in it reveals the 28."""
@@ -226,18 +263,108 @@ def test_dynamic_mask_that_changes_pattern_raises_at_run_time():
         compiled(torch.stack(_qkv(kv_heads=4, seq_len=28)))
 
 
-def test_padding_mask_is_left_alone(caplog):
-    model = models.build("llama")
-    ids = _ids(model)
+def _masked_batch(ids, layout):
+    """(model keyword arguments, labels) of a padded ("left"/"right") or packed batch of two rows."""
+    labels = ids.clone()
+    if layout == "packed":  # sequences of 5+4+3 and 7+5 tokens, each starting at position 0
+        positions = torch.tensor([[*range(5), *range(4), *range(3)], [*range(7), *range(5)]])
+        return {"position_ids": positions}, labels
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0
+    if layout == "left":
+        mask[0, :4], mask[1, :1] = 0, 0
+    else:
+        mask[0, -5:], mask[1, -2:] = 0, 0
+    labels[mask == 0] = -100
+    return {"attention_mask": mask}, labels
+
+
+def _masked_step(model, ids, labels, **kwargs):
+    loss = model(input_ids=ids, labels=labels, use_cache=False, **kwargs).loss
+    loss.backward()
+    module = getattr(model, "_orig_mod", model)
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize(
+    "family, layout, kv_bits, lora",
+    [
+        ("llama", "left", 16, False),
+        ("llama", "right", 4, True),
+        ("llama", "packed", 16, True),
+        ("mistral", "left", 4, False),  # the sliding window restricted by padding
+        ("mistral", "packed", 16, False),
+        ("qwen2", "right", 16, True),
+        ("qwen2", "packed", 4, False),
+    ],
+)
+def test_padded_and_packed_batches_run_fused_attention(family, layout, kv_bits, lora):
+    """HF's causal-and-padding mask (from attention_mask) and packed-sequence mask (from position_ids) become the
+    kernel's segments: every layer runs memgraph.attention, no SDPA is left, losses and gradients equal eager's."""
+    overrides = {"sliding_window": 5} if family == "mistral" else {}
+    model = models.build(family, lora=lora, **overrides)
+    ids = _ids(model)
+    kwargs, labels = _masked_batch(ids, layout)
+    eager_loss, eager_grads = _masked_step(copy.deepcopy(model), ids, labels, **kwargs)
+    capture = Capture(kv_bits)
+    loss, grads = _masked_step(torch.compile(model, backend=capture), ids, labels, **kwargs)
+
+    nodes = capture.attention_nodes()
+    assert len(nodes) == model.config.num_hidden_layers
+    assert all(n.kwargs["q_segments"] is not None for n in nodes)
+    assert all(n.kwargs["window"] == overrides.get("sliding_window") for n in nodes)
+    assert not SDPA_ATEN & set(capture.targets(capture.fw))
+    assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)  # the forward is exact for every kv_bits
+    for name, g in eager_grads.items():
+        if g.norm() == 0:
+            continue
+        if kv_bits == 16:
+            assert _rel(grads[name], g) < 1e-4, name
+        else:
+            assert _rel(grads[name], g) <= 0.20 and _cos(grads[name], g) >= 0.98, name
+
+
+def _padding_fn(build_mask):
+    def attend(q, k, v, attention_mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=build_mask(q.shape[2], attention_mask)[:, None],
+                                              enable_gqa=True)
+
+    return attend
+
+
+def _causal_and(seq_len, keys):
+    positions = torch.arange(seq_len)
+    return (positions[None, :, None] >= positions[None, None, :]) & keys
+
+
+@pytest.mark.parametrize(
+    "name, build_mask, fused",
+    [
+        ("keys where mask != 0", lambda n, m: _causal_and(n, m.bool()[:, None, :]), True),
+        ("keys where mask == 1 (2 is padding here)", lambda n, m: _causal_and(n, (m == 1)[:, None, :]), False),
+        ("query rows masked too", lambda n, m: _causal_and(n, m.bool()[:, None, :] & m.bool()[:, :, None]), False),
+        ("a key masked by position", lambda n, m: _causal_and(n, m.bool()[:, None, :] & (torch.arange(n) != 3)),
+         False),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_masks_from_an_input_are_fused_only_when_they_are_the_padding_form(name, build_mask, fused, caplog):
+    q, k, v = _qkv(seq_len=12)
+    attention_mask = torch.ones(2, 12, dtype=torch.long)
+    attention_mask[0, :3] = 0
     capture = Capture(16)
+    compiled = torch.compile(_padding_fn(build_mask), backend=capture, fullgraph=True)
     with caplog.at_level(logging.INFO, logger="memgraph.passes.attention"):
-        loss, grads = _step(torch.compile(model, backend=capture), ids, attention_mask=mask)
-    assert not capture.attention_nodes()
-    assert "depends on graph input" in caplog.text
-    eager_loss, _ = _step(copy.deepcopy(model), ids, attention_mask=mask)
-    assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
+        out = compiled(q, k, v, attention_mask)
+    expected = _padding_fn(build_mask)(q, k, v, attention_mask)
+    assert _rel(out, expected) < 1e-5
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (q, k, v))):
+        assert _rel(got, want) < 1e-4
+    assert len(capture.attention_nodes()) == (1 if fused else 0), name
+    if not fused:
+        assert "neither a padding nor a packed-sequence mask" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,218 @@
+"""Regenerate README.md's results section from the files in benchmarks/results (no hand-typed numbers).
+
+Everything between the README's ``<!-- results:begin -->`` and ``<!-- results:end -->`` lines is replaced by
+tables built from the results files that exist, each with the date and hardware its file records:
+end to end against the rivals (``e2e_MODEL.json``), the step recipes (``offload.json``), the chunked
+cross-entropy (``cross_entropy.json``), attention (``attention.json``, ``attention_masked.json``), the longest
+context under a cap (``max_context.json``), the architecture sweep (``arch_sweep.json``) and a "which options
+for which GPU" guide from ``memgraph fit`` answers (``fit_*.json``).
+
+    python benchmarks/readme_results.py            # rewrite README.md
+    python benchmarks/readme_results.py --check    # exit 1 if README.md is not what the results give
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR  # noqa: E402
+from e2e import MODELS, label, markdown_table  # noqa: E402
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _load(folder: Path, name: str) -> Optional[dict]:
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _first(value):
+    """Merged runs keep lists (or dicts) of what single runs keep once: the first entry."""
+    while isinstance(value, (list, dict)) and value:
+        value = value[0] if isinstance(value, list) else next(iter(value.values()))
+    return value
+
+
+def _meta_fields(meta) -> tuple[str, str, str, str]:
+    """(GPU, dates, torch version, command) from any results file's meta, tolerating merged runs' lists."""
+    if not isinstance(meta, dict):
+        return "", "", "", ""
+    hardware = meta.get("hardware", {})
+    hardware = hardware if isinstance(hardware, dict) else _first(hardware)
+    gpu = hardware.get("gpu", "CPU") if isinstance(hardware, dict) else str(hardware or "")
+    dates = meta.get("date")
+    dates = [dates] if isinstance(dates, str) else [d for d in (dates or []) if isinstance(d, str)]
+    versions = _first(meta.get("versions", {})) if not isinstance(meta.get("versions"), dict) else meta["versions"]
+    torch_version = versions.get("torch", "") if isinstance(versions, dict) else ""
+    command = _first(meta.get("command", ""))
+    return gpu, " to ".join(sorted({d[:10] for d in dates})), torch_version, command if isinstance(command, str) else ""
+
+
+def _source(data: dict, name: str) -> str:
+    """'(file, GPU, date, torch)' from a results file's meta."""
+    gpu, when, torch_version, _ = _meta_fields(data.get("meta", {}))
+    torch_part = f", torch {torch_version}" if torch_version else ""
+    return f"_`{name}`: {gpu or 'CPU'}, {when or 'undated'}{torch_part}_"
+
+
+def _number(value, digits=2) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value and abs(value) < 0.01:
+            return f"{value:.1e}"
+        return f"{value:,.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_number(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def e2e_section(folder: Path) -> Optional[str]:
+    parts = []
+    for model in MODELS:
+        data = _load(folder, f"e2e_{model}.json")
+        if data:
+            parts.append(f"**{model}** {_source(data, f'e2e_{model}.json')}\n\n{markdown_table(data['rows'])}")
+    return "### End to end against the rivals (QLoRA r=16, batch 1)\n\n" + "\n\n".join(parts) if parts else None
+
+
+def steps_section(folder: Path) -> Optional[str]:
+    data = _load(folder, "offload.json")
+    if not data:
+        return None
+    rows = [[r["seq"], label(r["recipe"]) if "memgraph" not in r["recipe"] else r["recipe"].split("?", 1)[1],
+             r.get("peak_gib"), r.get("tok_s"), r.get("host_gib"), r.get("predicted_peak_gib")]
+            for r in data["rows"] if "peak_gib" in r]
+    return ("### Llama-3-8B QLoRA steps by plan (NF4, 4-bit K/V, chunked cross-entropy)\n\n"
+            + _source(data, "offload.json") + "\n\n"
+            + _table(["seq", "recipe options", "peak GiB", "tokens/s", "host GiB", "predicted GiB"], rows))
+
+
+def cross_entropy_section(folder: Path) -> Optional[str]:
+    data = _load(folder, "cross_entropy.json")
+    if not data:
+        return None
+    rows = [[r["seq"], r.get("impl", r.get("recipe")), r.get("fwd_bwd_ms"), r.get("peak_gib"), r.get("grad_rel_err")]
+            for r in data["rows"] if r.get("case") == "op"]
+    if not rows:
+        return None
+    return ("### Chunked lm_head + cross-entropy (the op, Llama-3 vocabulary)\n\n" + _source(data, "cross_entropy.json")
+            + "\n\n" + _table(["seq", "implementation", "fwd+bwd ms", "peak GiB", "grad rel. error"], rows))
+
+
+def attention_section(folder: Path) -> Optional[str]:
+    parts = []
+    data = _load(folder, "attention.json")
+    if data:
+        rows = [[r["seq"], r["head_dim"], r["kv_bits"], r.get("kv_dequant", ""), r.get("fwd_bwd_ms_cudagraph"),
+                 r.get("speedup_vs_sdpa_cudagraph"), r.get("speedup_vs_sdpa")]
+                for r in data["rows"] if r["impl"] == "memgraph"]
+        parts.append("GPU time from a CUDA graph, and eager (host-bound at short lengths). "
+                     + _source(data, "attention.json") + "\n\n"
+                     + _table(["seq", "head dim", "kv bits", "K/V dequant", "fwd+bwd ms (graph)",
+                               "x SDPA flash (graph)", "x SDPA flash (eager)"], rows))
+    masked = _load(folder, "attention_masked.json")
+    if masked:
+        rows = [[r["layout"], r["impl"], r["kv_bits"], r.get("fwd_bwd_ms"), r.get("speedup_vs_sdpa"),
+                 r.get("error", "")] for r in masked["rows"]]
+        parts.append("Packed and padded batches, against SDPA with the same boolean mask. "
+                     + _source(masked, "attention_masked.json") + "\n\n"
+                     + _table(["batch", "implementation", "kv bits", "fwd+bwd ms", "x SDPA", "error"], rows))
+    return "### Fused attention (fwd+bwd, 32 query / 8 KV heads)\n\n" + "\n\n".join(parts) if parts else None
+
+
+def max_context_section(folder: Path) -> Optional[str]:
+    data = _load(folder, "max_context.json")
+    if not data:
+        return None
+    rows = [[r["recipe"], r["cap_gib"], r.get("max_seq") or r.get("status", ""), r.get("predicted_max_seq")]
+            for r in data["rows"]]
+    return ("### Longest sequence under a memory cap\n\n" + _source(data, "max_context.json") + "\n\n"
+            + _table(["recipe", "cap GiB", "measured max seq", "predicted (memgraph fit)"], rows))
+
+
+def arch_sweep_section(folder: Path) -> Optional[str]:
+    data = _load(folder, "arch_sweep.json")
+    if not data:
+        return None
+    statuses: dict[str, int] = {}
+    for row in data["rows"]:
+        statuses[row["verdict"]] = statuses.get(row["verdict"], 0) + 1
+    return ("### Every causal-LM architecture of transformers (tiny configs, padded batch, two lengths)\n\n"
+            + _source(data, "arch_sweep.json") + "\n\n"
+            + _table(["verdict", "architectures"], sorted(statuses.items(), key=lambda kv: -kv[1])))
+
+
+def options_guide_section(folder: Path) -> Optional[str]:
+    rows = []
+    for path in sorted(folder.glob("fit_*.json")):
+        data = json.loads(path.read_text())
+        if "rows" not in data or "memory_label" not in data:
+            continue
+        for row in data["rows"]:
+            rows.append([data["model"], data["memory_label"], data.get("setup", {}).get("weights", ""),
+                         row["batch"], row["max_seq"], row.get("plan", ""), row.get("tok_s")])
+    if not rows:
+        return None
+    return ("### Which options for which GPU (`memgraph fit`, predicted on a CPU)\n\n"
+            + _table(["model", "memory", "weights", "batch", "longest seq", "best plan", "predicted tokens/s"],
+                     rows))
+
+
+def files_section(folder: Path) -> Optional[str]:
+    """Every results file with its GPU, date and command: where the numbers not tabled above live."""
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        gpu, when, _, command = _meta_fields(json.loads(path.read_text()).get("meta", {}))
+        rows.append([f"`{path.name}`", gpu, when, f"`{command[:110]}`" if command else ""])
+    return "### Every results file\n\n" + _table(["file", "GPU", "date", "command"], rows) if rows else None
+
+
+SECTIONS: list[Callable[[Path], Optional[str]]] = [
+    e2e_section, steps_section, max_context_section, cross_entropy_section, attention_section,
+    arch_sweep_section, options_guide_section, files_section]
+
+
+def results_markdown(folder: Path = RESULTS_DIR) -> str:
+    sections = [text for section in SECTIONS if (text := section(folder))]
+    header = ("Generated by `python benchmarks/readme_results.py` from `benchmarks/results/`; each table names "
+              "its file, GPU and date. Peak memory is `torch.cuda.max_memory_allocated` after a warm-up step.")
+    return "\n\n".join([header, *sections])
+
+
+def updated_readme(text: str, folder: Path = RESULTS_DIR) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md needs the lines {BEGIN} and {END} around its results section")
+    before, rest = text.split(BEGIN, 1)
+    _, after = rest.split(END, 1)
+    return f"{before}{BEGIN}\n{results_markdown(folder)}\n{END}{after}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 when README.md differs from the results")
+    parser.add_argument("--results", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    text = README.read_text()
+    new = updated_readme(text, Path(args.results))
+    if args.check:
+        if new != text:
+            print("README.md's results section is stale: run python benchmarks/readme_results.py")
+            return 1
+        return 0
+    README.write_text(new)
+    print(f"updated {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
