@@ -141,15 +141,20 @@ def max_context_section(folder: Path) -> Optional[str]:
 
 
 def arch_sweep_section(folder: Path) -> Optional[str]:
-    data = _load(folder, "arch_sweep.json")
-    if not data:
+    parts = []
+    for name, title in (("arch_sweep.json", "no LoRA"), ("arch_sweep_lora.json", "LoRA on every linear")):
+        data = _load(folder, name)
+        if not data:
+            continue
+        statuses: dict[str, int] = {}
+        for row in data["rows"]:
+            statuses[row["verdict"]] = statuses.get(row["verdict"], 0) + 1
+        parts.append(f"{title}: {_source(data, name)}\n\n"
+                     + _table(["verdict", "architectures"], sorted(statuses.items(), key=lambda kv: -kv[1])))
+    if not parts:
         return None
-    statuses: dict[str, int] = {}
-    for row in data["rows"]:
-        statuses[row["verdict"]] = statuses.get(row["verdict"], 0) + 1
     return ("### Every causal-LM architecture of transformers (tiny configs, padded batch, two lengths)\n\n"
-            + _source(data, "arch_sweep.json") + "\n\n"
-            + _table(["verdict", "architectures"], sorted(statuses.items(), key=lambda kv: -kv[1])))
+            + "\n\n".join(parts))
 
 
 def options_guide_section(folder: Path) -> Optional[str]:
