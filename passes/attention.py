@@ -505,15 +505,7 @@ def _allowed_per_row(mask: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[B, seq_len, seq_len] bool from a [B, (H or 1), S, S] mask, identical over heads."""
     if mask.dim() != 4 or mask.shape[-1] != seq_len or mask.shape[-2] != seq_len:
         raise _Unsupported(f"mask shape {tuple(mask.shape)} is not [B, H, {seq_len}, {seq_len}]")
-    if mask.dtype == torch.bool:
-        allowed = mask
-    elif mask.is_floating_point():
-        threshold = torch.finfo(mask.dtype).min * MASKED_FLOAT_THRESHOLD_FRACTION
-        if not bool(((mask == 0) | (mask <= threshold)).all()):
-            raise _Unsupported("the float mask holds values other than 0 and a large negative (a bias)")
-        allowed = mask == 0
-    else:
-        raise _Unsupported(f"mask dtype {mask.dtype}")
+    allowed = _lets_through(mask)
     if not bool((allowed == allowed[:, :1]).all()):
         raise _Unsupported("the mask differs across heads")
     return allowed[:, 0]
@@ -677,20 +669,23 @@ class InputMaskGuard:
                 "dynamic=False or with rewrites that exclude 'attention'")
 
 
+def _lets_through(mask: torch.Tensor) -> torch.Tensor:
+    """Bool: which pairs a boolean or additive float mask lets through; a float bias raises _Unsupported."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():
+        threshold = torch.finfo(mask.dtype).min * MASKED_FLOAT_THRESHOLD_FRACTION
+        if not bool(((mask == 0) | (mask <= threshold)).all()):
+            raise _Unsupported("the float mask holds values other than 0 and a large negative (a bias)")
+        return mask == 0
+    raise _Unsupported(f"mask dtype {mask.dtype}")
+
+
 def _allowed(mask: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[seq_len, seq_len] bool: which (query, key) pairs the mask lets through (identical over batch/heads)."""
     if mask.dim() < 2 or mask.shape[-1] != seq_len or mask.shape[-2] not in (1, seq_len):
         raise _Unsupported(f"mask shape {tuple(mask.shape)} is not [..., {seq_len}, {seq_len}]")
-    mask = mask.expand(*mask.shape[:-2], seq_len, seq_len).reshape(-1, seq_len, seq_len)
-    if mask.dtype == torch.bool:
-        allowed = mask
-    elif mask.is_floating_point():
-        threshold = torch.finfo(mask.dtype).min * MASKED_FLOAT_THRESHOLD_FRACTION
-        if not bool(((mask == 0) | (mask <= threshold)).all()):
-            raise _Unsupported("the float mask holds values other than 0 and a large negative (a bias)")
-        allowed = mask == 0
-    else:
-        raise _Unsupported(f"mask dtype {mask.dtype}")
+    allowed = _lets_through(mask.expand(*mask.shape[:-2], seq_len, seq_len).reshape(-1, seq_len, seq_len))
     pattern = allowed[0]
     if not bool((allowed == pattern).all()):
         raise _Unsupported("the mask differs across batch/heads")

@@ -72,8 +72,8 @@ def _ids(model, batch=2, seq=12, seed=0):
     return torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator)
 
 
-def _step(model, ids, **kwargs):
-    loss = model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss
+def _step(model, ids, labels=None, **kwargs):
+    loss = model(input_ids=ids, labels=ids if labels is None else labels, use_cache=False, **kwargs).loss
     loss.backward()
     module = getattr(model, "_orig_mod", model)
     grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
@@ -226,8 +226,8 @@ def test_dynamic_padded_and_packed_batches_are_fused_at_every_length(family, lay
             kwargs["attention_mask"] = torch.cat([mask, mask[:, -1:].expand(2, seq - 12)], dim=1) if layout == \
                 "right" else torch.cat([mask, torch.ones(2, seq - 12, dtype=mask.dtype)], dim=1)
         labels = ids.masked_fill(kwargs["attention_mask"] == 0, -100) if layout != "packed" else ids
-        loss, grads = _masked_step(compiled, ids, labels, **kwargs)
-        eager_loss, eager_grads = _masked_step(reference, ids, labels, **kwargs)
+        loss, grads = _step(compiled, ids, labels, **kwargs)
+        eager_loss, eager_grads = _step(reference, ids, labels, **kwargs)
         assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss), seq
         assert max(_rel(grads[n], g) for n, g in eager_grads.items() if g.norm() > 0) < 1e-4, seq
     records = [r for r in memgraph.compiled_graphs() if "attention" in r.rewrites]
@@ -278,15 +278,6 @@ def _masked_batch(ids, layout):
     return {"attention_mask": mask}, labels
 
 
-def _masked_step(model, ids, labels, **kwargs):
-    loss = model(input_ids=ids, labels=labels, use_cache=False, **kwargs).loss
-    loss.backward()
-    module = getattr(model, "_orig_mod", model)
-    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return float(loss.detach()), grads
-
-
 @pytest.mark.parametrize(
     "family, layout, kv_bits, lora",
     [
@@ -306,9 +297,9 @@ def test_padded_and_packed_batches_run_fused_attention(family, layout, kv_bits, 
     model = models.build(family, lora=lora, **overrides)
     ids = _ids(model)
     kwargs, labels = _masked_batch(ids, layout)
-    eager_loss, eager_grads = _masked_step(copy.deepcopy(model), ids, labels, **kwargs)
+    eager_loss, eager_grads = _step(copy.deepcopy(model), ids, labels, **kwargs)
     capture = Capture(kv_bits)
-    loss, grads = _masked_step(torch.compile(model, backend=capture), ids, labels, **kwargs)
+    loss, grads = _step(torch.compile(model, backend=capture), ids, labels, **kwargs)
 
     nodes = capture.attention_nodes()
     assert len(nodes) == model.config.num_hidden_layers
