@@ -169,7 +169,9 @@ def options_guide_section(folder: Path) -> Optional[str]:
     if not rows:
         return None
     return ("### Which options for which GPU (`memgraph fit`, predicted on a CPU)\n\n"
-            + _table(["model", "memory", "weights", "batch", "longest seq", "best plan", "predicted tokens/s"],
+            + "Tokens/s are the cost model's roofline of an H100/H200-class GPU whatever the memory size: they "
+              "compare plans, not cards.\n\n"
+            + _table(["model", "memory", "weights", "batch", "longest seq", "best plan", "predicted tokens/s (H200)"],
                      rows))
 
 

@@ -117,7 +117,8 @@ def fit_command(args: argparse.Namespace) -> int:
                           **training_options(args))
     print(result.table())
     print(f"\n({result.seconds:.0f} s; peak = the step's predicted peak + the optimizer's state; "
-          f"max seq from the symbolic peak of the leanest plan, checked by an ilp plan at that length)")
+          f"max seq from the symbolic peak of the leanest plan, checked by an ilp plan at that length; "
+          f"tok/s from the cost model's roofline of an H100/H200-class GPU, whatever the memory size)")
     if args.json:
         with open(args.json, "w") as handle:
             handle.write(result.to_json())
