@@ -37,6 +37,7 @@ lengths that differ, broadcast batch dims, masks that cannot be proven, and anyt
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import math
@@ -572,38 +573,30 @@ def _int_constants(value: Any):
 MAX_PROBE_LENGTH = 1 << 14  # longest length a dynamic mask is evaluated at while compiling
 
 
-class MaskGuard:
-    """The run-time half of the proof for a mask built from the graph's symbolic sizes.
+class _SizeGuard(abc.ABC):
+    """A check the compiled graph runs on its size arguments before every run, once per distinct size tuple
+    (cached): ``_verify(sizes)`` says whether the fused attention still computes what the mask asks for there;
+    where it does not, ``check`` raises instead of computing a different attention."""
 
-    The mask's subgraph reads nothing but those sizes (no tensor input, nothing random or mutated), so it is a
-    function of them alone; the compiled graph calls ``check`` with its arguments before every run, and the
-    mask is evaluated and compared with the fused pattern once per distinct size tuple (cached). A mismatch
-    raises instead of computing a different attention: the graph must then be compiled with ``dynamic=False``
-    or without the attention rewrite.
-    """
-
-    def __init__(self, build: fx.GraphModule, positions: tuple[int, ...], length_index: int, causal: bool,
-                 window: Optional[int]):
-        self.build, self.positions, self.length_index = build, positions, length_index
-        self.causal, self.window = causal, window
+    def __init__(self, positions: tuple[int, ...], length_index: int):
+        self.positions, self.length_index = positions, length_index
+        self.causal: bool = True
+        self.window: Optional[int] = None
         self.checked: dict[tuple[int, ...], bool] = {}
+
+    @abc.abstractmethod
+    def _verify(self, sizes: tuple[int, ...]) -> bool:
+        """Whether the mask at these sizes is what the fused op computes."""
+
+    @abc.abstractmethod
+    def _what(self) -> str:
+        """What was fused, for the error message."""
 
     def holds(self, sizes: list[int] | tuple[int, ...]) -> bool:
         sizes = tuple(int(size) for size in sizes)
         if sizes not in self.checked:
-            length = sizes[self.length_index]
-            limit = mask_elements_limit()
-            if length * length > limit:
-                from memgraph.errors import MemgraphError
-
-                raise MemgraphError(
-                    f"the attention mask at length {length} has {length * length:,} elements, more than memgraph "
-                    f"can evaluate here to prove it is the pattern it fused ({limit:,}: lengths up to "
-                    f"{math.isqrt(limit):,}, from the host memory available); train shorter sequences or "
-                    "compile with rewrites that exclude 'attention'")
             try:
-                pattern = _allowed(_evaluate(self.build, list(sizes)), length)
-                self.checked[sizes] = _pattern_is(pattern, self.causal, self.window)
+                self.checked[sizes] = self._verify(sizes)
             except _Unsupported:
                 self.checked[sizes] = False
         return self.checked[sizes]
@@ -613,30 +606,54 @@ class MaskGuard:
         if not self.holds(sizes):
             from memgraph.errors import MemgraphError
 
-            pattern = ("causal" if self.causal else "full") + (f" window {self.window}" if self.window else "")
             raise MemgraphError(
-                f"the attention mask at sizes {sizes} is not the {pattern} pattern memgraph fused for this "
-                "dynamic-shape graph; compile with dynamic=False or with rewrites that exclude 'attention'")
+                f"the attention mask at sizes {sizes} is not {self._what()} memgraph fused for this dynamic-shape "
+                "graph; compile with dynamic=False or with rewrites that exclude 'attention'")
 
 
-class InputMaskGuard:
+class MaskGuard(_SizeGuard):
+    """The run-time half of the proof for a mask built from the graph's symbolic sizes.
+
+    The mask's subgraph reads nothing but those sizes (no tensor input, nothing random or mutated), so it is a
+    function of them alone: it is evaluated and compared with the fused pattern once per distinct size tuple.
+    """
+
+    def __init__(self, build: fx.GraphModule, positions: tuple[int, ...], length_index: int, causal: bool,
+                 window: Optional[int]):
+        super().__init__(positions, length_index)
+        self.build, self.causal, self.window = build, causal, window
+
+    def _verify(self, sizes: tuple[int, ...]) -> bool:
+        length = sizes[self.length_index]
+        limit = mask_elements_limit()
+        if length * length > limit:
+            from memgraph.errors import MemgraphError
+
+            raise MemgraphError(
+                f"the attention mask at length {length} has {length * length:,} elements, more than memgraph "
+                f"can evaluate here to prove it is the pattern it fused ({limit:,}: lengths up to "
+                f"{math.isqrt(limit):,}, from the host memory available); train shorter sequences or "
+                "compile with rewrites that exclude 'attention'")
+        return _pattern_is(_allowed(_evaluate(self.build, list(sizes)), length), self.causal, self.window)
+
+    def _what(self) -> str:
+        return f"the {_pattern_name(self.causal, self.window)} pattern"
+
+
+class InputMaskGuard(_SizeGuard):
     """The run-time half of the check of a dynamic-shape graph's padding or packed-sequence mask.
 
     The mask reads one [B, S] input and the graph's sizes; the kernel computes the segments from that input, so
-    what needs checking per size is only that the mask is still that form of the same pattern: at each distinct
-    size tuple (cached) the probes run again at that size. A mismatch raises instead of computing a different
-    attention."""
+    what needs checking per size is only that the mask is still that form of the same pattern: the probes run
+    again at each new size."""
 
     def __init__(self, build: fx.GraphModule, positions: tuple[int, ...], length_index: int,
                  batch_index: Optional[int], static_batch: Optional[int], build_order: tuple, dtype, device,
                  name: str):
-        self.build, self.positions, self.length_index = build, positions, length_index
-        self.batch_index, self.static_batch, self.build_order = batch_index, static_batch, build_order
-        self.dtype, self.device, self.name = dtype, device, name
-        self.causal: bool = True
-        self.window: Optional[int] = None
+        super().__init__(positions, length_index)
+        self.build, self.batch_index, self.static_batch = build, batch_index, static_batch
+        self.build_order, self.dtype, self.device, self.name = build_order, dtype, device, name
         self.form = None
-        self.checked: dict[tuple[int, ...], bool] = {}
 
     def _evaluator(self, sizes: list[int]):
         def evaluate(value: torch.Tensor) -> torch.Tensor:
@@ -649,24 +666,16 @@ class InputMaskGuard:
         return _segments_of_mask(self._evaluator(sizes), batch, sizes[self.length_index], self.dtype, self.device,
                                  self.name, forms=(self.form.__name__,) if self.form else FORMS)
 
-    def holds(self, sizes) -> bool:
-        sizes = tuple(int(size) for size in sizes)
-        if sizes not in self.checked:
-            try:
-                self.checked[sizes] = self.prove(list(sizes))[:2] == (self.causal, self.window)
-            except _Unsupported:
-                self.checked[sizes] = False
-        return self.checked[sizes]
+    def _verify(self, sizes: tuple[int, ...]) -> bool:
+        return self.prove(list(sizes))[:2] == (self.causal, self.window)
 
-    def check(self, args: Sequence[Any]) -> None:
-        sizes = tuple(args[position] for position in self.positions)
-        if not self.holds(sizes):
-            from memgraph.errors import MemgraphError
+    def _what(self) -> str:
+        return (f"the {self.form.__name__} form of the {_pattern_name(self.causal, self.window)} pattern (read "
+                f"from {self.name!r}; or it is too large to check)")
 
-            raise MemgraphError(
-                f"the attention mask built from {self.name!r} at sizes {sizes} is not the {self.form.__name__} "
-                "form memgraph fused for this dynamic-shape graph (or is too large to check); compile with "
-                "dynamic=False or with rewrites that exclude 'attention'")
+
+def _pattern_name(causal: bool, window: Optional[int]) -> str:
+    return ("causal" if causal else "full") + (f" window {window}" if window else "")
 
 
 def _lets_through(mask: torch.Tensor) -> torch.Tensor:
