@@ -137,10 +137,13 @@ def sweep_one(model_type: str, args) -> dict:
     try:
         with time_limit(args.timeout):
             for length, (loss_ref, grads_ref) in zip(args.lengths, references):
-                loss, grads = one_step(compiled, batch(vocab, length))
+                started = time.perf_counter()
+                loss, grads = one_step(compiled, batch(vocab, length))  # a compile (first length), a recompile
+                seconds = time.perf_counter() - started
                 loss_error = abs(loss - loss_ref) / max(abs(loss_ref), 1e-12)
                 grad_error, where = worst_error(grads_ref, grads)
-                row[f"seq{length}"] = {"loss_rel_err": loss_error, "grad_rel_err": grad_error, "worst": where}
+                row[f"seq{length}"] = {"loss_rel_err": loss_error, "grad_rel_err": grad_error, "worst": where,
+                                       "step_s": seconds}
                 if loss_error > args.tolerance or grad_error > args.tolerance:
                     return {**row, "verdict": "mismatch", "reason": f"seq {length}: loss {loss_error:.1e}, "
                                                                     f"grad {grad_error:.1e} ({where})"}

@@ -3,7 +3,8 @@
 A recipe is ``WEIGHTS/COMPILER[?option=value&...]``:
   WEIGHTS  bf16 (LoRA on bf16 weights) | bnb (QLoRA: bitsandbytes NF4 Linear4bit) | nf4 (memgraph.quantize_)
   COMPILER eager | inductor (torch.compile default) | memgraph (options after '?', e.g. solver=mincut&kv_bits=4;
-           a list option joins its items with '+': rewrites=attention+nf4) | eager-gc (HF gradient
+           a list option joins its items with '+': rewrites=attention+nf4; host_embedding=true first applies
+           memgraph.offload_embeddings_) | eager-gc (HF gradient
            checkpointing) | liger-gc (HF gradient checkpointing + Liger-Kernel's kernels, its fused linear
            cross-entropy included) | inductor (torch.compile; options activation_memory_budget=0.3) |
            unsloth (Unsloth's FastLanguageModel QLoRA with its "unsloth" gradient checkpointing; weights bnb
@@ -156,6 +157,12 @@ def compile_model(model, compiler: str, options: dict):
         if budget is not None:
             torch._functorch.config.activation_memory_budget = float(budget)
         return torch.compile(model)
+    if options.pop("host_embedding", False):  # the frozen input embedding in host memory (a model transform)
+        import memgraph
+
+        memgraph.offload_embeddings_(model)
+        gc.collect()
+        torch.cuda.empty_cache()
     return torch.compile(model, backend="memgraph", options=options)
 
 

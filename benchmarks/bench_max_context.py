@@ -33,6 +33,7 @@ def predicted_max_seq(args, weights: str, options: dict) -> dict:
                    "--json", out.name]
         if options.get("drop_logits"):
             command.append("--drop-logits")
+        command += ["--host-embedding", "on" if options.get("host_embedding") else "off"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             return {"fit_error": done.stderr.strip().splitlines()[-1][-300:]}
@@ -44,7 +45,8 @@ def predicted_max_seq(args, weights: str, options: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3-8b")
-    parser.add_argument("--recipe", default="bnb/memgraph?kv_bits=4&drop_logits=true&solver=offload-layers")
+    parser.add_argument("--recipe", default="bnb/memgraph?kv_bits=4&drop_logits=true&solver=offload-layers"
+                                            "&host_embedding=true")
     parser.add_argument("--cap-gib", type=float, default=24.0)
     parser.add_argument("--seqs", required=True, help="probed lengths, comma-separated")
     parser.add_argument("--steps", type=int, default=2)

@@ -7,7 +7,8 @@ a fresh compile cache, its own allocator), N at a time with their timed steps ta
 
   rivals    HF eager QLoRA + gradient checkpointing, the same + Liger-Kernel, Unsloth, Inductor default and with
             activation_memory_budget 0.3
-  memgraph  every feature on (NF4 matmuls, 4-bit K/V attention, chunked cross-entropy with dropped logits) with
+  memgraph  every feature on (NF4 matmuls, 4-bit K/V attention, fused LoRA sums, chunked cross-entropy with
+            dropped logits, the frozen input embedding in host memory where it is not tied) with
             the Unsloth-like ``offload-layers`` plan and the ``ilp`` planner at each ``--budgets`` size (offload on)
 
 A recipe that fails (out of memory, an import error, a time-out) gives a row with its ``error``; the run goes on.
@@ -31,7 +32,7 @@ from _common import results_dir, write_results  # noqa: E402
 MODELS = ("llama3-8b", "mistral-7b", "qwen2.5-7b", "gemma-7b")
 SEQS = (2048, 8192)
 RIVALS = ("bnb/eager-gc", "bnb/liger-gc", "bnb/unsloth", "bnb/inductor", "bnb/inductor?activation_memory_budget=0.3")
-MEMGRAPH = "bnb/memgraph?kv_bits=4&drop_logits=true"
+MEMGRAPH = "bnb/memgraph?kv_bits=4&drop_logits=true&host_embedding=true"
 RECIPE_NAMES = {  # how the table and the plot name a recipe
     "bnb/eager-gc": "HF + gradient checkpointing",
     "bnb/liger-gc": "HF + GC + Liger",

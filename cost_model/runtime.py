@@ -18,7 +18,7 @@ from torch.utils.flop_counter import flop_registry
 
 from memgraph import _compat
 from memgraph.cost_model.symbolic import as_size, evaluate
-from memgraph.cost_model.values import tensors_in
+from memgraph.cost_model.values import host_arguments, tensors_in
 
 aten = torch.ops.aten
 
@@ -161,7 +161,8 @@ def node_bytes_moved(node: fx.Node, hints=None) -> int:
     """Bytes read (inputs) and written (outputs) by one unfused execution of ``node``."""
     if is_view_like(node):
         return 0
-    read = sum(tensor_bytes(n.meta.get("val"), hints) for n in node.all_input_nodes)
+    on_host = host_arguments(node)  # a host table is read row by row over the host link, not streamed from HBM
+    read = sum(tensor_bytes(n.meta.get("val"), hints) for n in node.all_input_nodes if n not in on_host)
     return read + tensor_bytes(node.meta.get("val"), hints)
 
 

@@ -67,6 +67,36 @@ def register_host_output(op) -> None:
     _HOST_OUTPUTS.add(op)
 
 
+# op -> schema names of arguments that live in host memory (a table the op reads from the host): a graph input
+# used only there is not device memory
+_HOST_ARGUMENTS: dict[Any, tuple[str, ...]] = {}
+
+
+def register_host_argument(op, *names: str) -> None:
+    """Declare arguments of ``op`` that are host tensors (e.g. ``memgraph.host_embedding``'s table): a graph input
+    read only through them is counted as 0 device bytes."""
+    _HOST_ARGUMENTS[op] = names
+
+
+def host_arguments(node: fx.Node) -> set[fx.Node]:
+    """The argument nodes ``node`` reads from host memory (registered with ``register_host_argument``)."""
+    names = _HOST_ARGUMENTS.get(node.target)
+    if not names:
+        return set()
+    return {v for k, v in _bound_arguments(node).items() if k in names and isinstance(v, fx.Node)}
+
+
+def _lives_on_host(node: fx.Node) -> bool:
+    """A graph input that only host-reading ops read (as their host arguments)."""
+    if node.op != "placeholder" or not node.users:
+        return False
+    for user in node.users:
+        names = _HOST_ARGUMENTS.get(user.target)
+        if names is None or any(v is node for k, v in _bound_arguments(user).items() if k not in names):
+            return False
+    return True
+
+
 def _scratch_of(node: fx.Node) -> Size:
     formula = _SCRATCH.get(node.target)
     if formula is None:
@@ -159,7 +189,7 @@ def node_value(node: fx.Node) -> NodeValue:
         if isinstance(value, torch.Tensor):
             return NodeValue(node.name, (Output(alias=(node.args[0].name, int(node.args[1]))),), inputs)
         return NodeValue(node.name, tuple(None for _ in elements), inputs)
-    if node.target in _HOST_OUTPUTS:
+    if node.target in _HOST_OUTPUTS or _lives_on_host(node):
         return NodeValue(node.name, tuple(Output(nbytes=0) if isinstance(e, torch.Tensor) else None
                                           for e in elements), inputs)
     unknown = _unknown_reason(node)

@@ -12,11 +12,12 @@ from memgraph.api import partitioner, plan  # noqa: E402
 from memgraph.plan import Plan  # noqa: E402
 from memgraph.pipeline import compiled_graphs  # noqa: E402
 from memgraph.quantize import quantize_  # noqa: E402
+from memgraph.embeddings import offload_embeddings_  # noqa: E402
 from memgraph.compare import compare  # noqa: E402
 from memgraph.graph_io import load_graph, save_graph  # noqa: E402
 from memgraph.fit import fit  # noqa: E402
 
-__all__ += ["partitioner", "plan", "Plan", "compiled_graphs", "quantize_", "compare", "load_graph", "save_graph",
+__all__ += ["partitioner", "plan", "Plan", "compiled_graphs", "quantize_", "offload_embeddings_", "compare", "load_graph", "save_graph",
             "fit"]
 
 from memgraph.integrations import register_with_accelerate as _register_with_accelerate  # noqa: E402

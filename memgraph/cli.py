@@ -114,6 +114,7 @@ def fit_command(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     result = memgraph.fit(args.model, args.memory, batches=batches, weights=args.weights,
                           lora=None if args.full else args.lora, optimizer=args.optimizer, max_seq=args.max_seq,
+                          host_embedding={"auto": None, "on": True, "off": False}[args.host_embedding],
                           **training_options(args))
     print(result.table())
     print(f"\n({result.seconds:.0f} s; peak = the step's predicted peak + the optimizer's state; "
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--batches", default="1,2,4,8")
     fit_parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
     fit_parser.add_argument("--max-seq", type=int, default=None, help="cap (default: max_position_embeddings)")
+    fit_parser.add_argument("--host-embedding", choices=("auto", "on", "off"), default="auto",
+                            help="plan the frozen input embedding in host memory (memgraph.offload_embeddings_; "
+                                 "auto: whenever offload is not off)")
     fit_parser.add_argument("--json", default=None)
     fit_parser.add_argument("--png", default=None, help="draw predicted peak vs sequence length per plan")
     fit_parser.set_defaults(run=fit_command)

@@ -100,6 +100,10 @@ class FitResult:
                      gib(b.get("temporaries")), gib(b.get("cross_entropy")), gib(b.get("optimizer_state")),
                      f"{row.tok_s:,.0f}" if row.tok_s else "-", row.plan or "-"]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if self.setup.get("embedding_in_host_memory_bytes"):
+            lines += ["", f"The frozen input embedding ({gib(self.setup['embedding_in_host_memory_bytes'])}) is "
+                          "planned in host memory: apply memgraph.offload_embeddings_(model) before torch.compile "
+                          "(offload='off' plans it on the GPU)."]
         proven = _longest_proven_mask()
         if any(row.max_seq > proven for row in self.rows) and self.setup.get("rewrites") is not False:
             lines += ["", f"Note: the attention rewrite proves a mask equal to its fused pattern by evaluating it, "
@@ -149,11 +153,12 @@ def _longest_proven_mask() -> int:
 
 def fit(model: str, memory: Any = None, *, batches: Sequence[int] = (1, 2, 4, 8), weights: str = "nf4",
         lora: int | None = 16, optimizer: str = "adamw", max_seq: int | None = None, progress: bool = True,
-        **options: Any) -> FitResult:
+        host_embedding: bool | None = None, **options: Any) -> FitResult:
     """The longest sequence per batch size that trains ``model`` (a model source, see ``memgraph.sources``)
     within ``memory`` (bytes, a size string, a GPU preset name, or None for this machine's GPU). ``options``:
     backend options (kv_bits, rewrites, drop_logits, ...). ``max_seq`` caps the search (default: the model's
-    max_position_embeddings)."""
+    max_position_embeddings). ``host_embedding``: plan a frozen input embedding in host memory (what
+    ``memgraph.offload_embeddings_`` does to the real model); None: whenever offload is not "off"."""
     from memgraph.capture import capture
     from memgraph.cost_model import graph_costs, solvers
     from memgraph.options import resolve_options
@@ -168,6 +173,7 @@ def fit(model: str, memory: Any = None, *, batches: Sequence[int] = (1, 2, 4, 8)
     bar = progress_bar(3 + len(batches), progress)
     bar.set_description("building the model on the meta device")
     net = training_model(model, weights=weights, lora=lora)
+    host_table = _embedding_to_host(net, resolved.offload != "off" if host_embedding is None else host_embedding)
     limit = max_seq or int(getattr(net.config, "max_position_embeddings", 0) or 2**20)
     state_bytes = OPTIMIZERS[optimizer] * sum(p.numel() * p.element_size() for p in net.parameters()
                                               if p.requires_grad)
@@ -206,8 +212,19 @@ def fit(model: str, memory: Any = None, *, batches: Sequence[int] = (1, 2, 4, 8)
     curves = _curves(estimates, graph, costs, seq_symbol, batch_symbol, state_bytes,
                      max(rows[0].max_seq if rows else 1024, 1024))
     setup = {"weights": weights, "lora": lora, "optimizer": optimizer, "optimizer_state_bytes": state_bytes,
-             **resolved.to_dict()}
+             "embedding_in_host_memory_bytes": host_table, **resolved.to_dict()}
     return FitResult(model, budget, label, setup, rows, time.perf_counter() - started, curves)
+
+
+def _embedding_to_host(net, wanted: bool) -> int:
+    """Keep a frozen input embedding in host memory (``memgraph.offload_embeddings_``: the user applies it to the
+    real model); the bytes moved there, 0 when it stays."""
+    from memgraph.embeddings import offload_embeddings_
+
+    if not wanted:
+        return 0
+    host = offload_embeddings_(net)
+    return host.weight.numel() * host.weight.element_size() if host is not None else 0
 
 
 @dataclasses.dataclass

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Sequence
 
 import torch.fx as fx
 
 from memgraph import _compat
+
+log = logging.getLogger("memgraph")
 
 
 @dataclasses.dataclass
@@ -40,6 +43,7 @@ class TrainingGraph:
         # Every solver, and torch's partitioners run on copies, must see one graph: dead code removed and
         # common subexpressions merged, as torch's min-cut does before it partitions.
         self.joint = _compat.canonicalize_joint(self.joint)
+        _fuse_joint(self.joint)
 
     def private_copy(self) -> "TrainingGraph":
         """The graph on a copy of its joint module (nodes and their metadata copied, fake values shared)."""
@@ -98,3 +102,14 @@ class TrainingGraph:
             return self.nodes_by_name[name]
         except KeyError:
             raise KeyError(f"no node named {name!r} in the joint graph") from None
+
+
+def _fuse_joint(joint: fx.GraphModule) -> None:
+    """Joint-graph fusions every plan sees (today: LoRA's input-gradient sums). One that fails is logged and
+    skipped: it leaves the graph valid (it edits only once it has checked everything it needs)."""
+    from memgraph.passes.lora import accumulate_input_grads  # no-op without LoRA ops
+
+    try:
+        accumulate_input_grads(joint)
+    except Exception as error:  # noqa: BLE001 - a fusion must never break compilation
+        log.warning("memgraph: joint-graph fusion of LoRA gradient sums skipped (%s: %s)", type(error).__name__, error)

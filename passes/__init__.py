@@ -29,6 +29,7 @@ REWRITES: dict[str, str] = {
     "attention": "memgraph.passes.attention:rewrite_attention",
     "nf4": "memgraph.passes.nf4:rewrite_bnb_linears",
     "cross_entropy": "memgraph.passes.cross_entropy:rewrite_cross_entropy",
+    "lora": "memgraph.passes.lora:rewrite_lora",
 }
 
 

@@ -1,10 +1,16 @@
-"""What the rewrites share to read Dynamo's graph: a node's example value, a call's arguments by name, and the
-exception that says why a pattern is left alone."""
+"""What the rewrites share to read Dynamo's graph: a node's example value, a call's arguments by name, the
+exception that says why a pattern is left alone, and the example value of an op a rewrite inserts."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import logging
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import torch
 import torch.fx as fx
+
+from memgraph import _compat
+
+log = logging.getLogger("memgraph.passes")
 
 
 class Unsupported(Exception):
@@ -29,3 +35,39 @@ def call_arguments(node: fx.Node, parameters: Sequence[str], defaults: Mapping[s
         raise Unsupported(f"unknown keyword argument(s) {sorted(unknown)}")
     arguments.update(node.kwargs)
     return arguments
+
+
+def fake_run(op, arguments: tuple) -> Any:
+    """``op``'s outputs on the example (fake) values of ``arguments``, for later passes that read
+    ``node.meta["example_value"]``; None when there are none to run on (metadata only: never raises)."""
+    values = [example_value(a) if isinstance(a, fx.Node) else a for a in arguments]
+    fake_mode = _compat.fake_mode_of([v for v in values if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        return None
+    try:
+        with fake_mode:
+            return op(*values)
+    except Exception as error:  # noqa: BLE001 - metadata only
+        log.debug("memgraph: no example value for %s (%s)", op, error)
+        return None
+
+
+def each_match(gm: fx.GraphModule, is_candidate: Callable[[fx.Node], bool], match: Callable[[fx.Node], Any],
+               what: str, logger: logging.Logger) -> Iterator[Any]:
+    """``match(node)`` for every candidate node of the graph (a snapshot: a rewrite may edit as it goes); a
+    pattern that cannot be proven, or a graph the matcher does not understand, is logged and skipped; None
+    results (not the pattern at all) are skipped silently."""
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph or not is_candidate(node):
+            continue
+        try:
+            found = match(node)
+        except Unsupported as reason:
+            logger.info("memgraph: %s %s left unchanged: %s", what, node.name, reason)
+            continue
+        except Exception as error:  # noqa: BLE001 - an unexpected graph must never break compilation
+            logger.info("memgraph: %s %s left unchanged: could not analyse it (%s: %s)", what, node.name,
+                        type(error).__name__, error)
+            continue
+        if found is not None:
+            yield found

@@ -33,7 +33,8 @@ import torch.fx as fx
 
 from memgraph import _compat
 from memgraph.kernels import cross_entropy as kernel  # registers torch.ops.memgraph.linear_cross_entropy
-from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, example_value
+from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, each_match, example_value, \
+    fake_run
 from memgraph.passes import REWRITE_NOTES
 
 log = logging.getLogger("memgraph.passes.cross_entropy")
@@ -71,18 +72,8 @@ class _Match:
 def rewrite_cross_entropy(gm: fx.GraphModule, example_inputs: list, options: Any) -> fx.GraphModule:
     """Replace every provably equivalent lm_head + cross-entropy by ``memgraph.linear_cross_entropy``."""
     rewritten = 0
-    for node in list(gm.graph.nodes):
-        if not (node.op == "call_function" and node.target in CROSS_ENTROPY_TARGETS):
-            continue
-        try:
-            match = _match(node)
-        except _Unsupported as reason:
-            log.info("memgraph: cross-entropy %s left unchanged: %s", node.name, reason)
-            continue
-        except Exception as error:  # noqa: BLE001 - an unexpected graph must never break compilation
-            log.info("memgraph: cross-entropy %s left unchanged: could not analyse it (%s: %s)", node.name,
-                     type(error).__name__, error)
-            continue
+    is_loss = lambda node: node.op == "call_function" and node.target in CROSS_ENTROPY_TARGETS  # noqa: E731
+    for match in each_match(gm, is_loss, _match, "cross-entropy", log):
         note = _install(gm, match, options)
         gm.__dict__.setdefault(REWRITE_NOTES, []).append(note)
         log.info("memgraph: %s", note)
@@ -260,7 +251,7 @@ def _install(gm: fx.GraphModule, match: _Match, options: Any) -> str:
         if key in match.loss.meta:
             for new in (fused, loss, logits):
                 new.meta[key] = match.loss.meta[key]
-    values = _fake_run(op, arguments)
+    values = fake_run(op, arguments)
     if values is not None:
         fused.meta["example_value"] = values
         loss.meta["example_value"], logits.meta["example_value"] = values[0], values[1]
@@ -280,16 +271,3 @@ def _install(gm: fx.GraphModule, match: _Match, options: Any) -> str:
     return (f"cross_entropy: lm_head {match.chain[-1].name} ({vocab} x {features}){shaping} + {match.reduction} "
             f"cross-entropy -> memgraph.linear_cross_entropy in chunks of {chunk} tokens; logits {kept}")
 
-
-def _fake_run(op, arguments: tuple):
-    """The op's outputs on the example (fake) values, for later passes that read node.meta['example_value']."""
-    values = [example_value(a) if isinstance(a, fx.Node) else a for a in arguments]
-    fake_mode = _compat.fake_mode_of([v for v in values if isinstance(v, torch.Tensor)])
-    if fake_mode is None:
-        return None
-    try:
-        with fake_mode:
-            return op(*values)
-    except Exception as error:  # noqa: BLE001 - metadata only
-        log.debug("memgraph: no example value for memgraph.linear_cross_entropy (%s)", error)
-        return None

@@ -78,3 +78,51 @@ def test_trainer_padded_batches_with_gradient_accumulation_match_eager(tmp_path,
         assert abs(ours - eager) <= 1e-4 * abs(eager), histories
     assert len(records) == 1, [r.options for r in records]  # one graph for all 8 micro-batches
     assert "attention" in records[0].rewrites
+
+
+def _word_tokenizer():
+    """A word-level tokenizer with pad/eos tokens (the datasets below are already token ids)."""
+    from tokenizers import Tokenizer, models as token_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    backend = Tokenizer(token_models.WordLevel({t: i for i, t in enumerate(specials.values())}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+
+def _sft_losses(tmp_path, backend, packing: bool, loss_type: str, device: str) -> tuple[list[float], list]:
+    """Logged training losses of TRL's SFTTrainer on 24 token sequences of 5-16 tokens, and the memgraph
+    graphs compiled meanwhile."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    sequences = [_VariableLengthTokens()[i]["input_ids"].tolist() for i in range(24)]
+    torch._dynamo.reset()
+    before = len(memgraph.compiled_graphs())
+    model = models.build("llama", lora=True, seed=0).to(device)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / f"{backend}-{packing}-{loss_type}"), per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-3, max_length=32, packing=packing,
+        loss_type=loss_type, torch_compile=backend is not None, torch_compile_backend=backend, report_to=[],
+        save_strategy="no", logging_steps=1, seed=0, data_seed=0, use_cpu=device == "cpu", bf16=False)
+    trainer = trl.SFTTrainer(model=model, args=args, processing_class=_word_tokenizer(),
+                             train_dataset=datasets.Dataset.from_dict({"input_ids": sequences}))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, memgraph.compiled_graphs()[before:]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_trl_sft_trainer_matches_eager(tmp_path, monkeypatch, packing, loss_type):
+    """TRL's SFTTrainer with torch_compile_backend="memgraph", padded (no packing) or packed (padding-free
+    position_ids), with its default "nll" and its "dft" loss: the logged losses equal eager's. CUDA only: TRL 1.15
+    computes the loss with a Triton kernel of its own (its fused LM head), which Dynamo cannot trace under the
+    CPU's Triton interpreter."""
+    monkeypatch.setenv("MEMGRAPH_CODEGEN", "eager")
+    eager, _ = _sft_losses(tmp_path, None, packing, loss_type, "cuda")
+    ours, records = _sft_losses(tmp_path, "memgraph", packing, loss_type, "cuda")
+    assert len(eager) == 3 and records and all(r.plan is not None for r in records)
+    for reference, value in zip(eager, ours, strict=True):
+        assert abs(value - reference) <= 1e-3 * abs(reference), (eager, ours)

@@ -29,7 +29,7 @@ def test_defaults():
     ({"codegen": "cuda"}, r"codegen='cuda' is not supported; choose one of \['inductor', 'eager'\]"),
     ({"memory_budget": "8 parsecs"}, r"not a size; use bytes or a number with a unit"),
     ({"memory_budget": -5}, r"must be positive"),
-    ({"rewrites": "yes"}, r"unknown rewrites \['yes'\]; choose from \['attention', 'nf4', 'cross_entropy'\]"),
+    ({"rewrites": "yes"}, r"unknown rewrites \['yes'\]; choose from \['attention', 'nf4', 'cross_entropy', 'lora'\]"),
     ({"rewrites": 3}, r"rewrites must be True, False or rewrite names"),
 ])
 def test_bad_options_name_the_valid_choices(bad, message):

@@ -1,0 +1,134 @@
+"""memgraph.lora_linear: the Triton kernels (interpreter on CPU, the GPU when there is one) and the chunked
+plain-torch path against PEFT's own arithmetic (float32 adapters) and a float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memgraph.kernels import lora
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _inputs(lead, features, outputs, rank, dtype, *, seed, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, features, generator=generator).to(device, dtype).requires_grad_()
+    base = torch.randn(*lead, outputs, generator=generator).to(device, dtype).requires_grad_()
+    a = (torch.randn(rank, features, generator=generator) / features ** 0.5).to(device).requires_grad_()
+    b = (torch.randn(outputs, rank, generator=generator) / rank ** 0.5).to(device).requires_grad_()
+    return base, x, a, b
+
+
+def _check_against_references(base, x, a, b, scale, round_delta, *, out_ulps, grad_tol):
+    out = lora.lora_linear(base, x, a, b, scale, round_delta=round_delta)
+    peft = lora.reference_lora_linear(base, x, a, b, scale, round_delta=round_delta)
+    assert out.dtype == base.dtype and out.shape == base.shape
+    leaves64 = [t.detach().double().requires_grad_() for t in (base, x, a, b)]
+    exact = lora.reference_lora_linear(*leaves64, scale, round_delta=False)
+    if base.dtype == torch.float32:
+        assert rel(out, exact) < 1e-6
+    else:  # the same float32 arithmetic summed in another order: at most one rounding step from PEFT's
+        step = torch.finfo(base.dtype).eps * peft.detach().float().abs().clamp_min(1.0)
+        assert ((out.float() - peft.float()).abs() <= out_ulps * step).all()
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+    ours = torch.autograd.grad(out, (base, x, a, b), g)
+    expected = torch.autograd.grad(exact, leaves64, g.double())
+    assert torch.equal(ours[0], g)  # dL/dbase passes through exactly
+    for got, want, name in zip(ours[1:], expected[1:], ("x", "A", "B")):
+        assert got.dtype == {"x": x.dtype, "A": a.dtype, "B": b.dtype}[name]
+        assert rel(got, want) < grad_tol, name
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 40), features=st.integers(1, 70), outputs=st.integers(1, 70), rank=st.integers(1, 20),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), round_delta=st.booleans(),
+       scale=st.sampled_from([1.0, 2.0, 0.125]), seed=st.integers(0, 2**16))
+def test_kernels_match_peft_and_float64(rows, features, outputs, rank, dtype, round_delta, scale, seed):
+    base, x, a, b = _inputs((rows,), features, outputs, rank, dtype, seed=seed)
+    # x's 16-bit gradient is the float64 one rounded once; float32 gradients are near-exact
+    tolerance = 1e-5 if dtype == torch.float32 else 4e-3
+    _check_against_references(base, x, a, b, scale, round_delta, out_ulps=1, grad_tol=tolerance)
+
+
+@pytest.mark.parametrize("round_delta", [False, True])
+def test_plain_torch_chunks_equal_peft_bit_for_bit(monkeypatch, round_delta):
+    """The chunked plain-torch path (a CPU without the interpreter) runs PEFT's operations on row chunks: the
+    same numbers, here across three chunks."""
+    monkeypatch.setattr(lora, "use_triton", lambda tensor, log: False)
+    monkeypatch.setattr(lora, "TORCH_CHUNK_ROWS", 7)
+    base, x, a, b = _inputs((2, 10), 24, 40, 4, torch.bfloat16, seed=3)
+    out = lora.lora_linear(base, x, a, b, 2.0, round_delta=round_delta)
+    peft = lora.reference_lora_linear(base, x, a, b, 2.0, round_delta=round_delta)
+    assert torch.equal(out, peft)
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (base, x, a, b), g)
+    theirs = torch.autograd.grad(peft, (base, x, a, b), g)
+    for got, want in zip(ours, theirs):
+        assert rel(got, want) < 1e-6
+
+
+def test_only_requested_gradients_are_made():
+    base, x, a, b = _inputs((5,), 16, 24, 4, torch.float32, seed=1)
+    x.requires_grad_(False)
+    base.requires_grad_(False)
+    out = lora.lora_linear(base, x, a, b)
+    grad_a, grad_b = torch.autograd.grad(out.sum(), (a, b))
+    _, xa = torch.ops.memgraph.lora_linear(base, x, a, b, 1.0, False)
+    grad_x, *_ = torch.ops.memgraph.lora_linear_backward(torch.ones_like(out), x, xa, a, b, 1.0, False, True, True)
+    assert grad_x.numel() == 0 and grad_a.shape == a.shape and grad_b.shape == b.shape
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda base, x, a, b: (base, x, a.double(), b.double()), "A and B must share one dtype"),
+    (lambda base, x, a, b: (base, x, a, b[:, :1]), r"need A \[R, K\] and B \[N, R\]"),
+    (lambda base, x, a, b: (base[..., :5], x, a, b), r"need x \[..., K\] and base \[..., N\]"),
+    (lambda base, x, a, b: (base, x.to(torch.int32), a, b), "x and base must be one of"),
+])
+def test_bad_arguments_name_what_is_expected(bad, message):
+    arguments = bad(*(t.detach() for t in _inputs((3,), 8, 12, 2, torch.float32, seed=0)))
+    with pytest.raises(ValueError, match=message):
+        lora.lora_linear(*arguments)
+
+
+def test_rank_above_the_register_limit_is_refused():
+    base, x, a, b = (t.detach() for t in _inputs((2,), 600, 600, lora.MAX_RANK + 1, torch.float32, seed=0))
+    with pytest.raises(ValueError, match="MAX_RANK"):
+        lora.lora_linear(base, x, a, b)
+
+
+def test_opcheck():
+    base, x, a, b = _inputs((2, 3), 16, 20, 4, torch.bfloat16, seed=2)
+    torch.library.opcheck(torch.ops.memgraph.lora_linear.default, (base, x, a, b, 0.5, False))
+    _, xa = torch.ops.memgraph.lora_linear(base, x, a, b, 0.5, False)
+    torch.library.opcheck(torch.ops.memgraph.lora_linear_backward.default,
+                          (torch.randn_like(base), x.detach(), xa, a.detach(), b.detach(), 0.5, True, True, True))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("round_delta", [False, True])
+def test_gpu_kernels_match_peft_at_training_shapes(dtype, round_delta):
+    base, x, a, b = _inputs((1, 1000), 4096, 14336, 16, dtype, seed=5, device="cuda")
+    _check_against_references(base, x, a, b, 2.0, round_delta, out_ulps=1, grad_tol=4e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_adds_into_another_gradient_as_autograd_sums(dtype):
+    """``accumulate``: x's gradient from elsewhere; dx = accumulate + (the adapter's dx in x's dtype), the sum
+    autograd forms, without the adapter's part as a tensor of its own."""
+    base, x, a, b = (t.detach() for t in _inputs((3, 9), 20, 30, 4, dtype, seed=4))
+    _, xa = torch.ops.memgraph.lora_linear(base, x, a, b, 2.0, False)
+    grad = torch.randn_like(base)
+    other = torch.randn_like(x)
+    alone, grad_a, grad_b = torch.ops.memgraph.lora_linear_backward(grad, x, xa, a, b, 2.0, True, True, True)
+    summed, grad_a2, grad_b2 = torch.ops.memgraph.lora_linear_backward(grad, x, xa, a, b, 2.0, True, True, True,
+                                                                       accumulate=other)
+    assert torch.equal(summed, other + alone)
+    assert torch.equal(grad_a, grad_a2) and torch.equal(grad_b, grad_b2)
+    with pytest.raises(ValueError, match="accumulate must be x's gradient"):
+        torch.ops.memgraph.lora_linear_backward(grad, x, xa, a, b, 2.0, True, True, True, accumulate=other[:1])

@@ -1,0 +1,163 @@
+"""The LoRA rewrite: PEFT's adapter arithmetic becomes memgraph.lora_linear in Dynamo's graph, with eager's loss
+and gradients, for PEFT's plain and bitsandbytes LoRA layers; what it cannot prove stays as it was, logged."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch._dynamo.backends.debugging import aot_eager
+
+from memgraph.passes.lora import rewrite_lora
+from tests.helpers import relative_error, tiny_llama_with_biases
+
+LORA_LINEAR = torch.ops.memgraph.lora_linear.default
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LAYERS = 2
+
+
+def peft_model(dtype=torch.bfloat16, targets=PROJECTIONS, **lora_settings):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = tiny_llama_with_biases(LAYERS).to(dtype)
+    settings = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    settings.update(lora_settings)
+    autocast = settings.pop("autocast_adapter_dtype", True)
+    model = get_peft_model(model, LoraConfig(**settings), autocast_adapter_dtype=autocast)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: random B makes every gradient count
+            torch.nn.init.normal_(parameter, std=0.1)
+    return model
+
+
+def rewritten_step(model, ids):
+    """(loss, trainable grads, the rewritten Dynamo graphs) of one step through the rewrite and aot_eager."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        gm = rewrite_lora(gm, example_inputs, None)
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, graphs
+
+
+def eager_step(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def fused(graphs) -> int:
+    return sum(n.target is LORA_LINEAR for gm in graphs for n in gm.graph.nodes)
+
+
+def assert_matches_eager(model, ids, *, loss_rtol, grad_rtol):
+    eager_loss, eager_grads = eager_step(copy.deepcopy(model), ids)
+    loss, grads, graphs = rewritten_step(model, ids)
+    assert abs(float(loss) - float(eager_loss)) <= loss_rtol * abs(float(eager_loss))
+    assert grads.keys() == eager_grads.keys()
+    worst = max((relative_error(grads[n], g), n) for n, g in eager_grads.items())
+    assert worst[0] < grad_rtol, worst
+    return graphs
+
+
+def ids_for(model, rows=2, length=16):
+    return torch.randint(0, model.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_adapter_is_fused_with_eager_gradients(dtype):
+    model = peft_model(dtype)
+    # 16-bit: the float32 sums run in another order, then round to bfloat16 (at most one step apart)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    graphs = assert_matches_eager(model, ids_for(model), loss_rtol=tolerance / 10, grad_rtol=tolerance)
+    assert fused(graphs) == LAYERS * len(PROJECTIONS)
+    if dtype == torch.bfloat16:  # every float32 matmul (the adapters') now runs inside the op
+        linears = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)
+                   and n.target is not LORA_LINEAR]
+        assert linears and all(n.meta["example_value"].dtype == torch.bfloat16 for n in linears)
+
+def test_bitsandbytes_qlora_layers_are_fused():
+    """PEFT's bitsandbytes Linear4bit adds the delta after casting it to the base's dtype (round_delta)."""
+    from tests.passes.test_nf4_pass import qlora, to_bnb_4bit
+
+    torch.manual_seed(0)
+    base = to_bnb_4bit(tiny_llama_with_biases(LAYERS).to(torch.bfloat16), weight_dtype=torch.bfloat16,
+                       compute_dtype=torch.bfloat16)
+    base.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it: PEFT's bnb LoRA layers
+    model = qlora(base)
+    assert type(model.base_model.model.model.layers[0].mlp.down_proj).__module__ == "peft.tuners.lora.bnb"
+    ids = ids_for(model).to(next(model.parameters()).device)
+    graphs = assert_matches_eager(model, ids, loss_rtol=1e-3, grad_rtol=1e-2)
+    assert fused(graphs) == LAYERS * len(PROJECTIONS)
+    assert any(n.args[5] is True for gm in graphs for n in gm.graph.nodes if n.target is LORA_LINEAR)
+
+
+@pytest.mark.parametrize("settings, reason", [
+    ({"lora_dropout": 0.1}, "LoRA dropout"),
+    ({"autocast_adapter_dtype": False}, "adapters in torch.bfloat16"),
+])
+def test_unprovable_adapters_are_left_unchanged_and_logged(settings, reason, caplog):
+    model = peft_model(torch.bfloat16, **settings)
+    model.eval()  # dropout off in both runs: the graphs still hold it
+    with caplog.at_level(logging.INFO, logger="memgraph.passes.lora"):
+        graphs = assert_matches_eager(model, ids_for(model), loss_rtol=1e-6, grad_rtol=1e-6)
+    assert fused(graphs) == 0
+    assert reason in caplog.text
+
+
+def test_dora_trains_as_eager():
+    """DoRA scales the sum by a learned magnitude: not PEFT's plain sum, so whatever is left unfused must still
+    give eager's gradients."""
+    model = peft_model(torch.float32, targets=["q_proj", "v_proj"], use_dora=True)
+    assert_matches_eager(model, ids_for(model), loss_rtol=1e-6, grad_rtol=1e-5)
+
+
+def test_a_model_without_adapters_is_untouched():
+    torch.manual_seed(0)
+    model = tiny_llama_with_biases(LAYERS)
+    _, _, graphs = rewritten_step(model, ids_for(model))
+    assert fused(graphs) == 0
+
+
+def test_through_the_backend_with_every_rewrite(caplog):
+    """backend="memgraph" with its default rewrites: the note names the fused adapters; eager's gradients."""
+    from tests.helpers import compare_to_eager
+
+    model = peft_model(torch.float32)
+    with caplog.at_level(logging.INFO, logger="memgraph"):
+        compare_to_eager(model, ids_for(model), {"codegen": "eager"}, loss_rtol=1e-5, grad_rtol=1e-4)
+    assert f"lora: {LAYERS * len(PROJECTIONS)} LoRA adapter sums -> memgraph.lora_linear" in caplog.text
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_joint_graph_sums_x_gradients_inside_the_backward_op(dynamic):
+    """In the joint graph every adapter whose input needs a gradient adds the base layer's gradient into its own
+    (no separate [tokens, K] tensor for the sum); layer 0's q/k/v read the frozen embedding's output: no dx. Also
+    with symbolic batch and length (as memgraph fit captures)."""
+    from memgraph.capture import capture
+
+    model = peft_model(torch.bfloat16)
+    ids = ids_for(model)
+    dims = {"dynamic_dims": {"input_ids": [0, 1], "labels": [0, 1]}} if dynamic else {}
+    (captured,) = capture(model, options={"codegen": "eager"}, solvers=("checkpoint",), input_ids=ids, labels=ids,
+                          **dims)
+    backward = [n for n in captured.graph.joint.graph.nodes
+                if n.target is torch.ops.memgraph.lora_linear_backward.default]
+    assert len(backward) == LAYERS * len(PROJECTIONS)
+    assert sum("accumulate" in n.kwargs for n in backward) == LAYERS * len(PROJECTIONS) - 3
+
+
+def test_bfloat16_through_the_backend_matches_eager():
+    from tests.helpers import compare_to_eager
+
+    model = peft_model(torch.bfloat16)
+    compare_to_eager(model, ids_for(model), {"codegen": "eager", "rewrites": ["lora"]}, loss_rtol=1e-3,
+                     grad_rtol=1e-2)
