@@ -99,7 +99,7 @@ def saved_checkpoint(name: str, layers: int | None) -> Path:
     model and layer count; concurrent recipes wait on a lock instead of writing it twice."""
     import fcntl
 
-    root = Path(os.environ.get("MEMGRAPH_BENCH_CHECKPOINTS", tempfile.gettempdir())) / "memgraph-checkpoints"
+    root = Path(os.environ.get("BENCH_CHECKPOINTS_DIR", tempfile.gettempdir())) / "memgraph-checkpoints"
     path = root / f"{name}-{layers or 'all'}"
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{path.name}.lock", "w") as lock:

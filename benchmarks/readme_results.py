@@ -81,7 +81,10 @@ def e2e_section(folder: Path) -> Optional[str]:
     for model in MODELS:
         data = _load(folder, f"e2e_{model}.json")
         if data:
-            parts.append(f"**{model}** {_source(data, f'e2e_{model}.json')}\n\n{markdown_table(data['rows'])}")
+            notes = dict.fromkeys(f"- {label(r['recipe'])} at {r['seq']}: {r['note']}" for r in data["rows"]
+                                  if r.get("note"))
+            parts.append(f"**{model}** {_source(data, f'e2e_{model}.json')}\n\n{markdown_table(data['rows'])}"
+                         + ("\n\n" + "\n".join(notes) if notes else ""))
     return "### End to end against the rivals (QLoRA r=16, batch 1)\n\n" + "\n\n".join(parts) if parts else None
 
 
