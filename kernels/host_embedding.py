@@ -49,11 +49,14 @@ def _gather_rows_kernel(TABLE, stride_table, IDS, OUT, stride_out, dim, BLOCK_D:
     tl.store(OUT + token.to(tl.int64) * stride_out + cols, values, mask=cols < dim)
 
 
-def _gather_triton(ids: Tensor, table: Tensor, out: Tensor) -> None:
-    tokens, dim = out.shape
+def _gathered(ids: Tensor, table: Tensor) -> Tensor:
+    """table[ids] (ids flat and contiguous) into a new tensor on the ids' device, by the kernel."""
+    (tokens,), dim = ids.shape, table.shape[1]
+    out = torch.empty((tokens, dim), dtype=table.dtype, device=ids.device)
     with device_guard(ids):
         _gather_rows_kernel[(tokens, triton.cdiv(dim, BLOCK_D))](table, table.stride(0), ids, out, out.stride(0),
                                                                  dim, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    return out
 
 
 def _gather_on_host(ids: Tensor, table: Tensor) -> Tensor:
@@ -70,22 +73,17 @@ def _note_once(reason: str) -> None:
 def _host_embedding_op(ids: Tensor, table: Tensor) -> Tensor:
     """``table[ids]`` on the ids' device, for a ``table`` [V, D] in host memory."""
     _check(ids, table)
-    flat = ids.reshape(-1)
-    dim = table.shape[1]
+    flat = ids.reshape(-1).contiguous()
     if ids.is_cuda and table.is_pinned() and HAS_TRITON:
-        out = torch.empty((flat.numel(), dim), dtype=table.dtype, device=ids.device)
         try:
-            _gather_triton(flat.contiguous(), table, out)
-            return out.view(*ids.shape, dim)
+            return _gathered(flat, table).view(*ids.shape, table.shape[1])
         except (RuntimeError, ValueError) as error:  # e.g. a GPU without mapped host memory
             _note_once(f"the GPU could not read the pinned table ({type(error).__name__}: {error})")
     elif ids.is_cuda:
         _note_once("the table is not in pinned memory" if HAS_TRITON else "triton is not importable")
     elif INTERPRET and HAS_TRITON:  # CPU tests: the same kernel under the interpreter
-        out = torch.empty((flat.numel(), dim), dtype=table.dtype, device=ids.device)
-        _gather_triton(flat.contiguous(), table, out)
-        return out.view(*ids.shape, dim)
-    return _gather_on_host(flat, table).view(*ids.shape, dim)
+        return _gathered(flat, table).view(*ids.shape, table.shape[1])
+    return _gather_on_host(flat, table).view(*ids.shape, table.shape[1])
 
 
 @_host_embedding_op.register_fake

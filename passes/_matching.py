@@ -37,6 +37,18 @@ def call_arguments(node: fx.Node, parameters: Sequence[str], defaults: Mapping[s
     return arguments
 
 
+# What a node installed in place of another inherits from it: where it came from, for errors, profiles and AOT.
+TRACE_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr")
+
+
+def copy_trace_meta(source: fx.Node, *targets: fx.Node) -> None:
+    """Give the nodes a rewrite installs the provenance metadata of the node they replace."""
+    for key in TRACE_KEYS:
+        if key in source.meta:
+            for target in targets:
+                target.meta[key] = source.meta[key]
+
+
 def fake_run(op, arguments: tuple) -> Any:
     """``op``'s outputs on the example (fake) values of ``arguments``, for later passes that read
     ``node.meta["example_value"]``; None when there are none to run on (metadata only: never raises)."""

@@ -49,7 +49,7 @@ import torch.fx as fx
 
 from memgraph import _compat
 from memgraph.kernels import attention as attention_kernel
-from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, example_value
+from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, copy_trace_meta, example_value
 from memgraph.passes import RUNTIME_CHECKS
 
 log = logging.getLogger("memgraph.passes.attention")
@@ -760,10 +760,7 @@ def _install(gm: fx.GraphModule, node: fx.Node, match: _Match, kv_bits: int, seg
                                      "window": match.window, "softcap": None, "q_segments": q_segments,
                                      "k_segments": k_segments})
         out = graph.call_function(operator.getitem, (fused, 0))
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr"):
-        if key in node.meta:
-            fused.meta[key] = node.meta[key]
-            out.meta[key] = node.meta[key]
+    copy_trace_meta(node, fused, out)
     fused_value = _fake_run(op, match, kv_bits, q_segments, k_segments)
     if fused_value is not None:
         fused.meta["example_value"] = fused_value

@@ -33,8 +33,8 @@ import torch.fx as fx
 
 from memgraph import _compat
 from memgraph.kernels import cross_entropy as kernel  # registers torch.ops.memgraph.linear_cross_entropy
-from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, each_match, example_value, \
-    fake_run
+from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, copy_trace_meta, each_match, \
+    example_value, fake_run
 from memgraph.passes import REWRITE_NOTES
 
 log = logging.getLogger("memgraph.passes.cross_entropy")
@@ -247,10 +247,7 @@ def _install(gm: fx.GraphModule, match: _Match, options: Any) -> str:
         fused = graph.call_function(op, arguments)
         loss = graph.call_function(operator.getitem, (fused, 0))
         logits = graph.call_function(operator.getitem, (fused, 1))
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr"):
-        if key in match.loss.meta:
-            for new in (fused, loss, logits):
-                new.meta[key] = match.loss.meta[key]
+    copy_trace_meta(match.loss, fused, loss, logits)
     values = fake_run(op, arguments)
     if values is not None:
         fused.meta["example_value"] = values

@@ -33,7 +33,7 @@ import torch.fx as fx
 from memgraph import _compat
 from memgraph.kernels import lora as kernel  # registers torch.ops.memgraph.lora_linear
 from memgraph.passes import REWRITE_NOTES
-from memgraph.passes._matching import Unsupported, each_match, example_value, fake_run
+from memgraph.passes._matching import Unsupported, copy_trace_meta, each_match, example_value, fake_run
 
 log = logging.getLogger("memgraph.passes.lora")
 
@@ -201,9 +201,7 @@ def _install(gm: fx.GraphModule, match: _Match) -> str:
     with graph.inserting_before(match.out):
         fused = graph.call_function(op, arguments)
         out = graph.call_function(operator.getitem, (fused, 0))
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr"):
-        if key in match.out.meta:
-            fused.meta[key] = out.meta[key] = match.out.meta[key]
+    copy_trace_meta(match.out, fused, out)
     values = fake_run(op, arguments)
     if values is not None:
         fused.meta["example_value"], out.meta["example_value"] = values, values[0]
