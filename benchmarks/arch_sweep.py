@@ -40,21 +40,213 @@ TINY = {  # attribute -> tiny value, applied where the config has the attribute 
 }
 MAX_PARAMETERS = 20_000_000
 RANDOM_WORDS = ("dropout", "pdrop", "jitter", "drop_prob", "dropout_rate")
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers", "decoder_layers",
+                "encoder_layers", "num_blocks")
+MAX_LAYERS = 4  # per-layer lists (layer_types...) keep one layer of each kind, up to this many layers
+# Multi-head latent attention (DeepSeek-V2 style): consistent tiny ranks; head_dim follows the rotary part.
+MLA = {"qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 32,
+       "index_head_dim": 16, "index_n_heads": 2}
+# State-space (Mamba) dims: heads x head dim must equal expand x hidden, small states.
+SSM_HEAD_DIM = 16
+SSM = {"state_size": 16, "mamba_d_state": 16, "ssm_state_size": 16, "mamba_dt_rank": 8, "time_step_rank": 8,
+       "n_groups": 1, "mamba_n_groups": 1, "mamba_ngroups": 1, "chunk_size": 16, "mamba_chunk_size": 16}
+
+
+def _read(config, name: str, default=None):
+    """An attribute, also a per-layer one of a heterogeneous config (whose plain read raises)."""
+    try:
+        return getattr(config, name)
+    except AttributeError:
+        return default
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError
+        reader = getattr(config, "_getattr_without_heterogeneous_validation", None)
+        return reader(name, default) if reader else default
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shrunk_values(config, old: dict, vocab: int | None, outer_hidden: int | None = None) -> dict:
+    """The tiny values of ``config``'s own (non-sub-config) attributes, as constructor keywords.
+    ``outer_hidden``: the enclosing (text) model's original hidden size, which a sub-config's adapters match."""
+    new: dict = {}
+    for name, value in TINY.items():
+        if _is_int(old.get(name)):
+            new[name] = value
+        elif isinstance(old.get(name), (list, tuple)) and old[name] and all(_is_int(v) for v in old[name]):
+            new[name] = type(old[name])(value for _ in old[name])  # per layer (gemma3n's intermediate_size)
+    hidden = new.get("hidden_size", TINY["hidden_size"])
+    heads = new.get("num_attention_heads", TINY["num_attention_heads"])
+    old_hidden = next((old[n] for n in ("hidden_size", "n_embd", "d_model", "dim", "model_dim", "embed_dim")
+                       if _is_int(old.get(n))), None)
+    old_layers = next((old[n] for n in LAYER_COUNTS if _is_int(old.get(n))), None)
+    for name, value in old.items():  # aliases of the hidden size / layer count under other names
+        if name in new or not _is_int(value):
+            continue
+        if (value in (old_hidden, outer_hidden) and any(w in name for w in ("embed", "embd", "hidden", "_dim"))
+                or name.startswith("hidden_size") and value > hidden) and "layer" not in name:
+            new[name] = hidden
+        elif old_layers and value == old_layers and name in LAYER_COUNTS:
+            new[name] = TINY["num_hidden_layers"]
+    if _is_int(old.get("qk_rope_head_dim")):  # MLA
+        for name, value in MLA.items():
+            if _is_int(old.get(name)):
+                new[name] = value
+        if "head_dim" in old:
+            new["head_dim"] = MLA["qk_rope_head_dim"]
+        if "qk_head_dim" in old:
+            new["qk_head_dim"] = MLA["qk_rope_head_dim"] + MLA["qk_nope_head_dim"]
+        if _is_int(old.get("num_key_value_heads")):  # keys and values are per query head
+            new["num_key_value_heads"] = heads
+    elif "head_dim" in old and old["head_dim"] is None:
+        new["head_dim"] = hidden // heads
+    if "num_key_value_heads" in old and old["num_key_value_heads"] is None:
+        new["num_key_value_heads"] = heads
+    if old.get("num_experts_per_tok", 0) is None and any(_is_int(old.get(n)) for n in (
+            "num_experts", "num_local_experts", "n_routed_experts")):
+        new["num_experts_per_tok"] = TINY["num_experts_per_tok"]
+    for name, value in old.items():  # other vocabularies (hashed n-grams, per-layer inputs, a decoder's own)
+        if "vocab" in name and _is_int(value) and value > TINY["vocab_size"] and name not in new:
+            new[name] = TINY["vocab_size"]
+    for name in ("n_group", "num_expert_group", "n_groups_routed"):  # expert groups of the 4 tiny experts
+        if _is_int(old.get(name)) and old[name] > 2:
+            new[name] = 2
+    if _is_int(old.get("topk_group")) and old["topk_group"] > 1:
+        new["topk_group"] = 1
+    if old.get("default_language", 0) is None and old.get("languages"):
+        new["default_language"] = old["languages"][0]
+    if old.get("is_decoder") is False and "add_cross_attention" not in old:
+        new["is_decoder"] = True  # a causal LM's config that defaults to an encoder (reformer)
+    if _is_int(old.get("rotary_dim")) and old["rotary_dim"] > hidden // heads:
+        new["rotary_dim"] = hidden // heads // 2
+    for name, value in SSM.items():
+        if _is_int(old.get(name)):
+            new[name] = value
+    expand = next((old[n] for n in ("expand", "mamba_expand") if _is_int(old.get(n))), None)
+    if expand:  # SSM heads: (count, head dim) attribute pairs
+        for count, dim in (("mamba_n_heads", "mamba_d_head"), ("num_heads", "head_dim"),
+                           ("n_mamba_heads", "mamba_headdim"), ("mamba_num_heads", "mamba_head_dim")):
+            if _is_int(old.get(count)) and (_is_int(old.get(dim)) or old.get(dim) == "auto"):
+                new[count], new[dim] = expand * hidden // SSM_HEAD_DIM, SSM_HEAD_DIM
+                if _is_int(old.get("mamba_d_ssm")):  # their product, where stored
+                    new["mamba_d_ssm"] = expand * hidden
+    for name, value in old.items():
+        if isinstance(value, float) and any(word in name for word in RANDOM_WORDS):
+            new[name] = 0.0  # random masks and router jitter differ between two runs
+    if vocab:  # special tokens out of the shrunk vocabulary: ids the random batch never draws (it draws 3..)
+        for name, value in old.items():
+            if not (name.endswith(("_token_id", "_token_ids", "_token_index")) or name == "padding_idx"):
+                continue
+            spare = {"pad": 0, "bos": 1, "eos": 2}.get(name.split("_")[0], 0)
+            if _is_int(value) and value >= vocab:
+                new[name] = spare
+            elif isinstance(value, (list, tuple)) and any(_is_int(v) and v >= vocab for v in value):
+                new[name] = type(value)(v if not _is_int(v) or v < vocab else spare for v in value)
+    return new
+
+
+def _layers(old: dict) -> tuple[list[int] | None, int | None]:
+    """Which of the original layers to keep: one of each kind the per-layer lists (and per-layer overrides) name,
+    at least ``TINY["num_hidden_layers"]`` and at most ``MAX_LAYERS``; None without per-layer lists."""
+    count = next((old[n] for n in LAYER_COUNTS if _is_int(old.get(n))), None)
+    if not count or count <= TINY["num_hidden_layers"]:
+        return None, count
+    lists = [v for v in old.values() if isinstance(v, (list, tuple)) and len(v) == count
+             and not all(_is_int(x) for x in v)]  # kinds, not layer indices or per-layer sizes
+    overrides = old.get("_per_layer_overrides") or {}
+    if not lists and not overrides:
+        return None, count
+    kinds = [repr(([v[i] for v in lists], sorted(overrides.get(i, {}).items()))) for i in range(count)]
+    keep = sorted({kinds.index(k) for k in kinds})[:MAX_LAYERS]
+    for i in range(count):  # at least the tiny layer count
+        if len(keep) >= TINY["num_hidden_layers"]:
+            break
+        if i not in keep:
+            keep = sorted(keep + [i])
+    if _is_int(old.get("num_kv_shared_layers")) and 0 < old["num_kv_shared_layers"] < count:
+        keep = keep + keep  # the last layers reuse the K/V of earlier ones: one of each kind, then its sharer
+    return keep, count
+
+
+def _shrink(config, vocab: int | None = None, outer_hidden: int | None = None):
+    """A tiny config of ``config``'s class: constructed again with the shrunk values so that the attributes its
+    ``__post_init__`` derives (head dims, layer lists, per-layer overrides) are consistent with them."""
+    import dataclasses
+
+    from transformers import PretrainedConfig
+
+    cls = type(config)
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    names = set(vars(config)) | fields | set(cls.attribute_map)  # attribute_map: standard names of the fields
+    old = {name: _read(config, name) for name in names if not name.startswith("_")}
+    spec = vars(config).get("_heterogeneity_spec")
+    if spec is not None:
+        old["_per_layer_overrides"] = spec.per_layer_overrides
+    subs = {name: value for name, value in old.items() if isinstance(value, PretrainedConfig)}
+    text = subs.get("text_config") or subs.get("decoder")
+    own_vocab = TINY["vocab_size"] if _is_int(old.get("vocab_size")) else None
+    text_hidden = _read(text, "hidden_size") if text is not None else None
+    tiny_subs = {}
+    for name, value in subs.items():
+        tiny_subs[name] = _shrink(value, own_vocab or vocab, text_hidden if value is not text else None)
+    if own_vocab is None and text is not None:
+        vocab = getattr(tiny_subs.get("text_config") or tiny_subs.get("decoder"), "vocab_size", vocab)
+    new = _shrunk_values(config, old, own_vocab or vocab, outer_hidden)
+    keep, count = _layers(old)
+    if keep is not None:
+        for name, value in old.items():
+            indices = (isinstance(value, (list, tuple)) and any(w in name for w in ("layers", "idx", "_ids", "indices"))
+                       and all(_is_int(v) and 0 <= v < count for v in value))
+            if indices and len(value) == count:  # per layer, another layer's index (kv_source_layers)
+                new[name] = type(value)(keep.index(value[i]) if value[i] in keep else j for j, i in enumerate(keep))
+            elif indices:  # some layers' indices (index_layers, full_attn_idxs)
+                new[name] = type(value)(keep.index(v) for v in value if v in keep)
+            elif isinstance(value, (list, tuple)) and len(value) == count:
+                new[name] = type(value)((new.get(name) or value)[i] for i in keep)
+        for name in LAYER_COUNTS:
+            if name in new or _is_int(old.get(name)) and old.get(name) == count:
+                new[name] = len(keep)
+        if _is_int(old.get("num_kv_shared_layers")) and 0 < old["num_kv_shared_layers"] < count:
+            new["num_kv_shared_layers"] = len(keep) // 2
+        elif old.get("num_kv_shared_layers") == count:  # every layer reuses another model's K/V
+            new["num_kv_shared_layers"] = len(keep)
+        if spec is not None:
+            per_layer = {}
+            for j, i in enumerate(keep):
+                layer = spec.per_layer_overrides.get(i)
+                if layer:
+                    tiny_layer = _shrunk_values(config, dict(layer), None)
+                    per_layer[j] = {k: tiny_layer.get(k, v) for k, v in layer.items()}
+            new["per_layer_config"] = per_layer
+    elif spec is not None:
+        new["per_layer_config"] = {i: {k: _shrunk_values(config, dict(layer), None).get(k, v) for k, v in layer.items()}
+                                   for i, layer in spec.per_layer_overrides.items()}
+    keywords = {cls.attribute_map.get(name, name): value for name, value in new.items()  # aliases: their field
+                if name in fields or name in cls.attribute_map or name == "per_layer_config"}
+    keywords.update(tiny_subs)
+    keywords.update({name: value for name, value in old.items() if name not in keywords and name in fields
+                     and not isinstance(value, PretrainedConfig) and name not in ("transformers_version",)
+                     and _is_plain(value)})
+    try:
+        tiny = cls(**keywords)
+    except Exception:  # noqa: BLE001 - a class that rejects some keyword: shrink the defaults in place
+        tiny = cls(**{k: v for k, v in keywords.items() if k in tiny_subs})
+    for name, value in new.items():  # what the constructor did not take (or derived from larger values)
+        if name != "per_layer_config" and _read(tiny, name) != value and name in old:
+            with contextlib.suppress(Exception):
+                setattr(tiny, name, value)
+    return tiny
+
+
+def _is_plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, tuple, dict))
 
 
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_type)
-    for target in (config, getattr(config, "text_config", None), getattr(config, "decoder", None)):
-        if target is None:
-            continue
-        for name, value in TINY.items():
-            if isinstance(getattr(target, name, None), int) and not isinstance(getattr(target, name), bool):
-                setattr(target, name, value)
-        for name, value in vars(target).items():  # random masks and router jitter differ between two runs
-            if isinstance(value, float) and any(word in name for word in RANDOM_WORDS):
-                setattr(target, name, 0.0)
+    config = _shrink(AutoConfig.for_model(model_type))
     config.use_cache = False
     return config
 

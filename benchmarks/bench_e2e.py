@@ -12,9 +12,12 @@ A recipe is ``WEIGHTS/COMPILER[?option=value&...]``:
 Each recipe runs in its own process with its own empty compile cache (``--cache-dir`` shares one instead: a
 second run of the same recipe then measures a warm compile), so none inherits another's warm caches or allocator
 state. ``--parallel N`` runs N recipes at once: their untimed phases (model build, compile, first step) overlap,
-their timed steps take a machine-wide lock in turn. Measures compile time (first step minus a steady step),
+their timed steps take a machine-wide lock in turn, and only while no recipe builds or compiles (a 2048-token
+step is host-bound: on an H100 one recipe timed 1,898 and 5,400 tokens/s beside different concurrent compiles;
+``--noisy-timing`` allows the overlap). Measures compile time (first step minus a steady step),
 median step time of timed steps after a warm-up step, and peak memory (max_memory_allocated after reset
-following the warm-up step).
+following the warm-up step). ``--profile PATH`` adds one step under torch.profiler, alone on the GPU: GPU time by kind
+of kernel (matmul, nf4, lora, attention, copy, ...), the largest kernels, and the share of the step the GPU idles.
 
     python benchmarks/bench_e2e.py --name pipeline_overhead --recipes bf16/inductor,bf16/memgraph?solver=mincut
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import gc
 import json
 import linecache
@@ -36,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import exclusive_gpu_timing, print_table, write_results  # noqa: E402
+from _common import exclusive_gpu_timing, print_table, untimed_gpu_work, write_results  # noqa: E402
 
 WEIGHTS = ("bf16", "bnb", "nf4")
 COMPILERS = ("eager", "inductor", "memgraph", "eager-gc", "liger-gc", "unsloth")
@@ -139,6 +143,9 @@ def build_unsloth(name: str, layers: int | None, seq: int):
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                              target_modules=LORA_TARGETS, use_gradient_checkpointing="unsloth",
                                              random_state=0)
+    # from_pretrained returns an eval-mode model, and Unsloth's (like HF's) gradient checkpointing acts only in
+    # training mode: without this its step keeps every layer's activations.
+    FastLanguageModel.for_training(model)
     gc.collect()
     torch.cuda.empty_cache()
     return model
@@ -181,27 +188,36 @@ def run_recipe(args, recipe: str) -> dict:
 
 
 def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -> dict:
-    if compiler == "unsloth":
-        model = build_unsloth(args.model, args.layers, args.seq)
-    else:
-        model = build_model(args.model, weights, args.layers, compiler)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda",
-                        generator=torch.Generator("cuda").manual_seed(0))
-    step_model = compile_model(model, compiler, options)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    # Building, compiling and the first step hold the timing lock's shared side (unless --noisy-timing): another
+    # recipe's timed steps then never share the host's cores with this one's compile (a short step is host-bound).
+    untimed = contextlib.ExitStack()
+    if not getattr(args, "noisy_timing", False):
+        untimed.enter_context(untimed_gpu_work())
+    try:
+        if compiler == "unsloth":
+            model = build_unsloth(args.model, args.layers, args.seq)
+        else:
+            model = build_model(args.model, weights, args.layers, compiler)
+        model.train()  # every recipe trains in training mode (HF gradient checkpointing acts only there)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(0))
+        step_model = compile_model(model, compiler, options)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    def step():
-        loss = step_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        def step():
+            loss = step_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
 
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    first_loss = float(step())
-    torch.cuda.synchronize()
-    first_step_s = time.perf_counter() - started
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        first_loss = float(step())
+        torch.cuda.synchronize()
+        first_step_s = time.perf_counter() - started
+    finally:
+        untimed.close()
     with exclusive_gpu_timing():
         step()
         torch.cuda.synchronize()
@@ -210,13 +226,17 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
         for _ in range(args.steps):
             torch.cuda.synchronize()
             started = time.perf_counter()
-            step()
+            last_loss = step()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
+        peak_bytes = torch.cuda.max_memory_allocated()
+        if args.profile:  # one more step under the profiler (alone on the GPU): where its time goes, idle time
+            Path(args.profile).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **profile_step(step)},
+                                                     indent=1))
     step_s = statistics.median(times)
-    row = {"recipe": recipe, "seq": args.seq, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    row = {"recipe": recipe, "seq": args.seq, "peak_gib": peak_bytes / 2**30,
            "tok_s": ids.numel() / step_s, "step_ms": step_s * 1e3, "compile_s": first_step_s - step_s,
-           "first_loss": first_loss}
+           "first_loss": first_loss, "last_loss": float(last_loss)}
     if args.cap_gib:
         row.update(cap_gib=args.cap_gib, fits=True)
     if args.peak_report:  # one more step, allocations recorded: what is alive at its peak, and who made it
@@ -248,6 +268,56 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
                            host_gib=host_pool_bytes() / 2**30,  # pinned buffers held between steps
                            predicted_transfer_ms=sum(p.transfer_seconds or 0 for p in offloaded) * 1e3)
     return row
+
+
+KERNEL_KINDS = (  # first match wins: a GPU kernel's name → what it does
+    ("attention", ("attention", "attn", "flash", "_kv_kernel", "sum_partials")),
+    ("nf4", ("nf4", "dequant")),
+    ("lora", ("lora", "times_small", "times_cols", "cols_reduced")),
+    ("cross_entropy", ("cross_entropy", "logsumexp")),
+    ("embedding", ("gather_rows", "embedding")),
+    ("matmul", ("gemm", "cutlass", "sm90", "sm80", "nvjet", "cublas", "matmul", "xmma")),
+    ("copy", ("memcpy", "memset", "copy", "cat")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("fused elementwise", ("triton_",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
+
+
+def profile_step(step, top: int = 40) -> dict:
+    """One step under torch.profiler: the step's wall time, the GPU time per kind of kernel, the largest kernels,
+    and the share of the step the GPU spent in no kernel (time a faster host side or CUDA graphs could win)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        started = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall_s = time.perf_counter() - started
+    kernels: dict[str, list[float]] = {}
+    intervals = []
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.elapsed_us() > 0:
+            kernels.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e6)
+            intervals.append((event.time_range.start, event.time_range.end))
+    busy_us, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):  # union of kernel intervals: streams that overlap count once
+        if end > reach:
+            busy_us += end - max(start, reach)
+            reach = end
+    by_kind: dict[str, float] = {}
+    for name, times in kernels.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + sum(times)
+    largest = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:top]
+    return {"wall_s": wall_s, "gpu_busy_s": busy_us / 1e6, "gpu_idle_share": 1 - busy_us / 1e6 / wall_s,
+            "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+            "largest_kernels": [{"name": name[:160], "kind": kernel_kind(name), "calls": len(times),
+                                 "total_s": sum(times)} for name, times in largest]}
 
 
 def peak_allocations(snapshot: dict, before_bytes: int, top: int = 40) -> dict:
@@ -313,6 +383,10 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=None, help="cap GPU memory at this many GiB (a smaller "
                         "card): a step that does not fit gives a row with fits=false")
     parser.add_argument("--peak-report", default=None, help="JSON path: allocations alive at a recorded step's peak")
+    parser.add_argument("--profile", default=None, help="JSON path (RECIPE is replaced by the recipe): GPU time "
+                        "by kernel kind and the GPU's idle share over one profiled step")
+    parser.add_argument("--noisy-timing", action="store_true", help="let timed steps run while other recipes build "
+                        "and compile (faster runs; host-bound steps then time slower)")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -361,6 +435,10 @@ def run_in_process(args, recipe: str) -> dict:
             command += ["--cap-gib", str(args.cap_gib)]
         if getattr(args, "peak_report", None):
             command += ["--peak-report", args.peak_report.replace("RECIPE", _file_safe(recipe))]
+        if getattr(args, "noisy_timing", False):
+            command += ["--noisy-timing"]
+        if getattr(args, "profile", None):
+            command += ["--profile", args.profile.replace("RECIPE", _file_safe(f"{args.model}-{recipe}-{args.seq}"))]
         try:
             result = subprocess.run(command, env=environment, timeout=args.recipe_timeout, stdout=log,
                                     stderr=subprocess.STDOUT)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import operator
 from typing import Sequence
 
@@ -45,6 +46,8 @@ import torch.fx as fx
 from memgraph import _compat
 from memgraph.cost_model.symbolic import Size, as_size
 from memgraph.cost_model.values import NodeValue, Output
+
+log = logging.getLogger("memgraph.cost_model")
 
 aten = torch.ops.aten
 
@@ -446,14 +449,19 @@ def fuse_kernels(emitted: list[NodeValue], given: set[str]) -> list[NodeValue]:
             target = group[a]
             if (not fusible[a] or target == group[b] or extents[a] != extents[b]
                     or not (reads[b] & reads[a] or emitted[a].name in reads[b])
-                    or len(members[target]) >= MAX_FUSION_SIZE or _reaches_outside(b, members[target], producers)):
+                    or len(members[target]) >= MAX_FUSION_SIZE
+                    or _reaches_outside(b, target, members, group, producers)):
                 continue
             members[target].append(b)
             del members[group[b]]
             group[b] = target
             break  # one fused kernel per node (Inductor may merge more; this keeps the check pairwise)
     fused_id = {g: g for g, m in members.items() if len(m) > 1}
-    order = _schedule(members, group, producers)
+    try:
+        order = _schedule(members, group, producers)
+    except _KernelCycle as cycle:  # a fusion the check above missed: the graph's own order, unfused
+        log.warning("memgraph cost model: %s; predicting this graph's kernels unfused", cycle)
+        return emitted
     return [dataclasses.replace(emitted[i], fused=fused_id.get(group[i])) if group[i] in fused_id else emitted[i]
             for i in order]
 
@@ -483,26 +491,36 @@ def _loop_extent(value: NodeValue, emitted: list[NodeValue], position: dict[str,
     return best
 
 
-def _reaches_outside(b: int, group_members: list[int], producers: list[tuple[int, ...]]) -> bool:
-    """Whether ``b`` depends on a member of the group through a node outside it (fusing would be a cycle)."""
-    inside = set(group_members)
+def _reaches_outside(b: int, target: int, members: dict[int, list[int]], group: list[int],
+                     producers: list[tuple[int, ...]]) -> bool:
+    """Whether ``b`` depends on a member of group ``target`` through a kernel outside it (fusing would be a
+    cycle). A node already fused elsewhere runs with its whole kernel, so what any member of that kernel reads
+    counts too: two kernels must never need each other."""
+    inside = set(members[target])
     earliest = min(inside)
+    latest = {g: max(m) for g, m in members.items()}  # a kernel wholly before the group cannot need it
     stack = [p for p in producers[b] if p not in inside]
     seen: set[int] = set()
     while stack:
         node = stack.pop()
-        if node < earliest or node in seen:
+        kernel = group[node]
+        if kernel in seen or (node not in inside and latest[kernel] < earliest):
             continue
-        seen.add(node)
         if node in inside:
             return True
-        stack.extend(producers[node])
+        seen.add(kernel)
+        stack.extend(p for m in members[kernel] for p in producers[m])
     return False
+
+
+class _KernelCycle(Exception):
+    """Two fused kernels each read what the other writes."""
 
 
 def _schedule(members: dict[int, list[int]], group: list[int], producers: list[tuple[int, ...]]) -> list[int]:
     """Kernels in their earliest member's order, each after everything its members read (depth first)."""
     done: set[int] = set()
+    open_units: set[int] = set()  # expanded, waiting for what they read: meeting one again is a cycle
     order: list[int] = []
     for root in sorted(members):
         stack = [(root, False)]
@@ -511,9 +529,13 @@ def _schedule(members: dict[int, list[int]], group: list[int], producers: list[t
             if unit in done:
                 continue
             if expanded:
+                open_units.discard(unit)
                 done.add(unit)
                 order.extend(sorted(members[unit]))
                 continue
+            if unit in open_units:
+                raise _KernelCycle(f"the kernels at nodes {min(members[unit])} and after need each other")
+            open_units.add(unit)
             stack.append((unit, True))
             needed = sorted({group[p] for m in members[unit] for p in producers[m]} - {unit} - done, reverse=True)
             stack.extend((dep, False) for dep in needed)

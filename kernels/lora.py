@@ -21,12 +21,18 @@ holds several at once: the largest temporaries of a QLoRA step. Here:
   x's dtype (``_small_times_cols_kernel``); ``dL/dbase = g`` (exact: the float32 round trip of a 16-bit value).
   Saved for backward: x (its 16-bit self, not PEFT's float32 copy) and ``xa``.
 
-Every product is a float32 ``ieee`` dot (no TF32), as cuBLAS's float32 matmul is by default; only the summation
-order differs from eager. Without Triton (a CPU without ``TRITON_INTERPRET=1``) the same math runs in plain torch
+Every product is exact in float32, as in cuBLAS's float32 matmul (no TF32); only the summation order differs from
+eager. The two long reductions read a bfloat16 operand (x, or the gradient g) against a float32 one (A, B, xa,
+gxa): they split the float32 operand into three bfloat16 parts whose sum is exactly it (8 + 8 + 8 significant
+bits; bfloat16 has float32's exponent range) and run three bfloat16 tensor-core dots accumulating in float32:
+each bfloat16 x bfloat16 product is exact in float32, so the result is a float32 dot's at tensor-core speed (an
+``ieee`` float32 dot runs on the CUDA cores: 7 TFLOP/s measured on an H100). float16 and float32 operands keep
+the ``ieee`` dot. Without Triton (a CPU without ``TRITON_INTERPRET=1``) the same math runs in plain torch
 over chunks of ``TORCH_CHUNK_ROWS`` rows, so its float32 temporaries stay bounded too.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import types
@@ -58,10 +64,21 @@ BLOCK_M = 16 if INTERPRET else 64
 BLOCK_N = 32 if INTERPRET else 128
 BLOCK_K = 32 if INTERPRET else 64
 NUM_WARPS = 4
+# The two reductions (over K for xa and gxa, over the rows for dA and dB) split their long dimension so that a
+# short other dimension still fills the GPU: 2048 rows are 32 row blocks, a quarter of an H100's 132
+# multiprocessors. Splits add up float32 partials in a fixed order.
+PROGRAMS_PER_MULTIPROCESSOR = 4
+# Block steps per split at least: fewer, and summing the partials outweighs the work (1 in the interpreter, and
+# 2 multiprocessors: its small test shapes split too).
+MIN_STEPS_PER_SPLIT = 1 if INTERPRET else 4
+INTERPRETER_MULTIPROCESSORS = 2
+PLANNED_MULTIPROCESSORS = 148  # planning on meta: the most of current data-center GPUs (H100: 132, B200: 148)
 # Rows per chunk of the plain-torch path: its float32 temporaries are TORCH_CHUNK_ROWS x max(N, K).
 TORCH_CHUNK_ROWS = 1024
 # The triton 3.9 interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even: round by hand.
 ROUND_BY_HAND = tl.constexpr(INTERPRET)
+# ... and its tl.dot of bfloat16 operands returns garbage (triton 3.9): there the parts meet in float32 dots.
+BF16_DOT_BY_HAND = tl.constexpr(INTERPRET)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -79,22 +96,46 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rows_times_small_kernel(X, stride_xm, stride_xk, W, stride_wk, stride_wr, OUT, stride_om, stride_or,
-                             M, K, R, alpha,
-                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
-    """OUT[M, R] = (alpha * float32(X[M, K])) @ W[K, R]: a long reduction into a few columns (xa, gxa)."""
+def _exact_dot(x, w, acc, BF16_PARTS: tl.constexpr):
+    """acc + x @ w with float32 products: x bfloat16 against w float32 split into three exact bfloat16 parts
+    (BF16_PARTS, tensor cores), else float32 ``ieee`` dots of x cast to float32."""
+    if BF16_PARTS:
+        high = w.to(tl.bfloat16)
+        rest = w - high.to(tl.float32)  # exact: the bits below high's last one
+        middle = rest.to(tl.bfloat16)
+        low = (rest - middle.to(tl.float32)).to(tl.bfloat16)  # the last 8 bits: exact in bfloat16
+        if BF16_DOT_BY_HAND:  # the same exact products, in float32
+            x = x.to(tl.float32)
+            acc = tl.dot(x, low.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(x, middle.to(tl.float32), acc, input_precision="ieee")
+            return tl.dot(x, high.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(x, low, acc)  # smallest first
+        acc = tl.dot(x, middle, acc)
+        return tl.dot(x, high, acc)
+    return tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+
+
+@triton.jit
+def _rows_times_small_kernel(X, stride_xm, stride_xk, W, stride_wk, stride_wr, OUT, stride_os, stride_om, stride_or,
+                             M, K, R, alpha, k_per_split,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                             BF16_PARTS: tl.constexpr):
+    """OUT[s, M, R] = (alpha * float32(X[M, K_s])) @ W[K_s, R] over split s of the long dimension K (xa, gxa): a
+    long reduction into a few columns, split so that short M still fills the GPU; the launcher sums the splits."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     ranks = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
+    for step in range(0, k_per_split, BLOCK_K):  # k_per_split is a multiple of BLOCK_K: splits never overlap
+        cols = split * k_per_split + step + tl.arange(0, BLOCK_K)
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32) * alpha
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         w = tl.load(W + cols[:, None] * stride_wk + ranks[None, :] * stride_wr,
                     mask=(cols[:, None] < K) & (ranks[None, :] < R), other=0.0).to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision="ieee")
-    tl.store(OUT + rows[:, None] * stride_om + ranks[None, :] * stride_or, acc.to(OUT.dtype.element_ty),
-             mask=(rows[:, None] < M) & (ranks[None, :] < R))
+        acc = _exact_dot(x, w, acc, BF16_PARTS)
+    acc = acc * alpha  # after the sum: x stays exactly bfloat16 for the tensor cores
+    tl.store(OUT + split * stride_os + rows[:, None] * stride_om + ranks[None, :] * stride_or,
+             acc.to(OUT.dtype.element_ty), mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
 
 @triton.jit
@@ -124,22 +165,26 @@ def _small_times_cols_kernel(P, stride_pm, stride_pr, W, stride_wr, stride_wn, B
 
 
 @triton.jit
-def _cols_reduced_kernel(X, stride_xm, stride_xn, P, stride_pm, stride_pr, OUT, stride_on, stride_or,
-                         M, N, R, alpha,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
-    """OUT[N, R] = (alpha * float32(X[M, N])).T @ P[M, R]: a reduction over the rows (dB, and dA transposed)."""
+def _cols_reduced_kernel(X, stride_xm, stride_xn, P, stride_pm, stride_pr, OUT, stride_os, stride_on, stride_or,
+                         M, N, R, alpha, m_per_split,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                         BF16_PARTS: tl.constexpr):
+    """OUT[s, N, R] = (alpha * float32(X[M_s, N])).T @ P[M_s, R] over split s of the rows (dB, and dA transposed):
+    a reduction over the rows, split so that narrow N still fills the GPU; the launcher sums the splits."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     ranks = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    for start in range(0, M, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
+    for step in range(0, m_per_split, BLOCK_M):  # m_per_split is a multiple of BLOCK_M
+        rows = split * m_per_split + step + tl.arange(0, BLOCK_M)
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn,
-                    mask=(rows[:, None] < M) & (cols[None, :] < N), other=0.0).to(tl.float32) * alpha
+                    mask=(rows[:, None] < M) & (cols[None, :] < N), other=0.0)
         p = tl.load(P + rows[:, None] * stride_pm + ranks[None, :] * stride_pr,
                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(tl.float32)
-        acc = tl.dot(tl.trans(x), p, acc, input_precision="ieee")
-    tl.store(OUT + cols[:, None] * stride_on + ranks[None, :] * stride_or, acc.to(OUT.dtype.element_ty),
-             mask=(cols[:, None] < N) & (ranks[None, :] < R))
+        acc = _exact_dot(tl.trans(x), p, acc, BF16_PARTS)
+    acc = acc * alpha
+    tl.store(OUT + split * stride_os + cols[:, None] * stride_on + ranks[None, :] * stride_or,
+             acc.to(OUT.dtype.element_ty), mask=(cols[:, None] < N) & (ranks[None, :] < R))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -149,12 +194,54 @@ def _rank_pad(rank: int) -> int:
     return max(MIN_DOT, 1 << (rank - 1).bit_length())
 
 
-def _rows_times_small(x: Tensor, w: Tensor, out: Tensor, alpha: float) -> None:
-    (m, k), r = x.shape, w.shape[1]
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_MULTIPROCESSORS
+
+
+def _splits(blocks: int, length: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(splits, length per split) for a reduction over ``length`` whose other dimension gives ``blocks``
+    programs: enough splits for PROGRAMS_PER_MULTIPROCESSOR programs per multiprocessor, each split a whole
+    number of ``block`` steps and at least MIN_STEPS_PER_SPLIT of them."""
+    wanted = PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device) // blocks
+    splits = max(1, min(wanted, triton.cdiv(length, block * MIN_STEPS_PER_SPLIT)))
+    per_split = triton.cdiv(triton.cdiv(length, splits), block) * block
+    return triton.cdiv(length, per_split), per_split
+
+
+def _summed_splits(out: Tensor, splits: int, launch) -> None:
+    """``launch(target, split_stride)`` into ``out`` itself (one split), or into float32 partials summed in a
+    fixed order into ``out`` (the same result on every run)."""
+    if splits == 1:
+        launch(out, 0)
+        return
+    parts = out.new_empty((splits, *out.shape), dtype=torch.float32)
+    launch(parts[0], parts.stride(0))  # split 0's view: the kernel takes its row and column strides
+    out.copy_(parts.sum(0))
+
+
+def _split_reduction(kernel, x: Tensor, w: Tensor, out: Tensor, alpha: float, blocks: int, length: int, step: int,
+                     **tiles: int) -> None:
+    """Launch one of the two reductions of ``x`` [rows, columns] against a small float32 ``w`` into ``out``
+    [.., rank]: ``blocks`` programs along the kept dimension, ``length`` reduced in ``step``-sized steps."""
+    rank = out.shape[1]
+    splits, per_split = _splits(blocks, length, step, x.device)
+
+    def launch(target: Tensor, split_stride: int) -> None:
+        kernel[(blocks, splits)](
+            x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1), target, split_stride, target.stride(0),
+            target.stride(1), x.shape[0], x.shape[1], rank, alpha, per_split, R_PAD=_rank_pad(rank),
+            BF16_PARTS=x.dtype == torch.bfloat16, num_warps=NUM_WARPS, **tiles)
+
     with device_guard(x):
-        _rows_times_small_kernel[(triton.cdiv(m, BLOCK_M),)](
-            x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1), out, out.stride(0), out.stride(1),
-            m, k, r, alpha, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, R_PAD=_rank_pad(r), num_warps=NUM_WARPS)
+        _summed_splits(out, splits, launch)
+
+
+def _rows_times_small(x: Tensor, w: Tensor, out: Tensor, alpha: float) -> None:
+    _split_reduction(_rows_times_small_kernel, x, w, out, alpha, triton.cdiv(x.shape[0], BLOCK_M), x.shape[1],
+                     BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
 
 
 def _small_times_cols(p: Tensor, w: Tensor, base: Optional[Tensor], out: Tensor, alpha: float,
@@ -169,11 +256,8 @@ def _small_times_cols(p: Tensor, w: Tensor, base: Optional[Tensor], out: Tensor,
 
 
 def _cols_reduced(x: Tensor, p: Tensor, out: Tensor, alpha: float) -> None:
-    (m, n), r = x.shape, p.shape[1]
-    with device_guard(x):
-        _cols_reduced_kernel[(triton.cdiv(n, BLOCK_N),)](
-            x, x.stride(0), x.stride(1), p, p.stride(0), p.stride(1), out, out.stride(0), out.stride(1),
-            m, n, r, alpha, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, R_PAD=_rank_pad(r), num_warps=NUM_WARPS)
+    _split_reduction(_cols_reduced_kernel, x, p, out, alpha, triton.cdiv(x.shape[1], BLOCK_N), x.shape[0], BLOCK_M,
+                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 def _forward_triton(base: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float, round_delta: bool,
@@ -296,6 +380,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, _grad_xa):
     if grad is None:
         return (None,) * 6
+    if torch.is_grad_enabled():  # create_graph=True: the gradients would silently lack their own derivative
+        raise NotImplementedError("memgraph.lora_linear: double backward is not supported (its backward op has "
+                                  "no derivative)")
     x, xa, lora_a, lora_b = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_x, grad_a, grad_b = torch.ops.memgraph.lora_linear_backward(grad, x, xa, lora_a, lora_b, ctx.scale,
@@ -358,20 +445,25 @@ def _runs_triton(tensor: Tensor) -> bool:
 
 
 def _register_scratch_formulas() -> None:
-    """Bytes each op allocates and frees inside its call: the backward's gxa [M, R] in float32 under Triton;
-    the plain-torch path's float32 chunks (rows x N and rows x K, each live at most twice)."""
+    """Bytes each op allocates and frees inside its call: under Triton the backward's gxa [M, R] in float32 and
+    the split reductions' partials (a bound: about 2 MiB at rank 16); the plain-torch path's float32 chunks
+    (rows x N and rows x K, each live at most twice)."""
     from memgraph.cost_model.values import register_scratch
 
     def chunk_bytes(x, outputs: int):
         rows = torch.sym_min(math.prod(x.shape[:-1]), TORCH_CHUNK_ROWS)
         return 2 * rows * (outputs + x.shape[-1]) * 4
 
+    def partials_bytes(x, rank: int) -> int:  # a split reduction's float32 partials and their sum, at most
+        processors = _multiprocessors(x.device) if x.is_cuda else PLANNED_MULTIPROCESSORS
+        return 2 * PROGRAMS_PER_MULTIPROCESSOR * processors * max(BLOCK_M, BLOCK_N) * rank * 4
+
     def forward(base, x, lora_a, lora_b, **_):
-        return 0 if _runs_triton(x) else chunk_bytes(x, lora_b.shape[0])
+        return partials_bytes(x, lora_a.shape[0]) if _runs_triton(x) else chunk_bytes(x, lora_b.shape[0])
 
     def backward(grad, x, lora_a, lora_b, **_):
         if _runs_triton(x):
-            return math.prod(x.shape[:-1]) * lora_a.shape[0] * 4
+            return math.prod(x.shape[:-1]) * lora_a.shape[0] * 4 + partials_bytes(x, lora_a.shape[0])
         return chunk_bytes(x, lora_b.shape[0])
 
     register_scratch(torch.ops.memgraph.lora_linear.default, forward)

@@ -496,6 +496,20 @@ def nf4_linear_workspace_bytes(out_features: int, in_features: int, dtype: torch
     return out_features * in_features * dtype.itemsize
 
 
+def _register_scratch_formulas() -> None:
+    """The cost model counts each matmul's dequantized weight while the op runs (112 MiB for Llama-3-8B's MLP
+    projections: the largest transient of a short step's backward)."""
+    from memgraph.cost_model.values import register_scratch
+
+    register_scratch(_NF4_LINEAR, lambda x, out_features, in_features, **_: nf4_linear_workspace_bytes(
+        out_features, in_features, x.dtype))
+    register_scratch(_NF4_LINEAR_GRAD_INPUT, lambda grad_output, out_features, in_features, **_:
+                     nf4_linear_workspace_bytes(out_features, in_features, grad_output.dtype))
+
+
+_register_scratch_formulas()
+
+
 def nf4_storage_bytes(out_features: int, in_features: int, blocksize: int = NF4_BLOCKSIZE,
                       double_quant: bool = True, nested_blocksize: int = NESTED_BLOCKSIZE) -> int:
     """Resident bytes of one NF4 weight (packed nibbles + absmax, + nested state when double-quantized)."""

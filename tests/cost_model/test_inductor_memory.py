@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from memgraph import cost_model, models
+from memgraph.cost_model import inductor
 from memgraph.cost_model.inductor import EXTERN, POINTWISE, inductor_kernels, with_kernel
 from memgraph.cost_model.values import node_value
 
@@ -210,3 +211,22 @@ def test_a_graph_input_is_never_overwritten():
 def test_codegen_is_validated():
     with pytest.raises(ValueError, match="codegen"):
         cost_model.StepSemantics(codegen="triton")
+
+
+def test_fusion_check_sees_kernels_not_nodes():
+    """Node 6 reads 4 only, but 4 is fused with 3, which reads 1: fusing 6 into 1's kernel would make the two
+    kernels need each other (tiny bailing_hybrid under Inductor built such a pair, and scheduling never ended)."""
+    members = {0: [0], 1: [1], 2: [2], 3: [3, 4], 5: [5], 6: [6]}
+    group = [0, 1, 2, 3, 3, 5, 6]
+    producers = [(), (0,), (), (1,), (0,), (), (4,)]
+    assert inductor._reaches_outside(6, 1, members, group, producers)
+    assert not inductor._reaches_outside(6, 5, members, group, producers)  # 5's kernel: no path back
+
+
+def test_a_kernel_cycle_is_reported_not_scheduled_forever():
+    members = {0: [0, 3], 1: [1, 2]}
+    group = [0, 1, 1, 0]
+    producers = [(), (0,), (), (2,)]  # kernel 1 reads node 0 (kernel 0); kernel 0's node 3 reads node 2 (kernel 1)
+    with pytest.raises(inductor._KernelCycle):
+        inductor._schedule(members, group, producers)
+    assert inductor._schedule({0: [0], 1: [1, 2]}, [0, 1, 1], [(), (0,), (0,)]) == [0, 1, 2]

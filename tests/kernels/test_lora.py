@@ -32,8 +32,12 @@ def _check_against_references(base, x, a, b, scale, round_delta, *, out_ulps, gr
     exact = lora.reference_lora_linear(*leaves64, scale, round_delta=False)
     if base.dtype == torch.float32:
         assert rel(out, exact) < 1e-6
-    else:  # the same float32 arithmetic summed in another order: at most one rounding step from PEFT's
-        step = torch.finfo(base.dtype).eps * peft.detach().float().abs().clamp_min(1.0)
+    else:  # the same float32 arithmetic summed in another order: one rounding step from PEFT's per rounding, a
+        # step of the delta's size where the delta is rounded by itself (round_delta) and the sum cancels it
+        size = peft.detach().float().abs()
+        if round_delta:
+            size = torch.maximum(size, (exact - base.double()).detach().float().abs())
+        step = torch.finfo(base.dtype).eps * size.clamp_min(1.0)
         assert ((out.float() - peft.float()).abs() <= out_ulps * step).all()
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
     ours = torch.autograd.grad(out, (base, x, a, b), g)
@@ -71,6 +75,55 @@ def test_plain_torch_chunks_equal_peft_bit_for_bit(monkeypatch, round_delta):
     theirs = torch.autograd.grad(peft, (base, x, a, b), g)
     for got, want in zip(ours, theirs):
         assert rel(got, want) < 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(blocks=st.integers(1, 600), length=st.integers(1, 20000), block=st.sampled_from([16, 32, 64, 128]))
+def test_split_reductions_cover_the_length_once(blocks, length, block):
+    splits, per_split = lora._splits(blocks, length, block, torch.device("cpu"))
+    assert per_split % block == 0 and splits >= 1
+    assert (splits - 1) * per_split < length <= splits * per_split  # every index in exactly one split
+    assert splits == 1 or blocks * splits <= lora.PROGRAMS_PER_MULTIPROCESSOR * lora.INTERPRETER_MULTIPROCESSORS
+
+
+@pytest.mark.parametrize("processors", [1, 64])
+def test_split_reductions_sum_to_the_unsplit_result(monkeypatch, processors):
+    """Long reductions (xa, gxa over K; dA, dB over the rows) split across programs add up in float32 partials:
+    the same numbers as one program per output block (up to float32 summation order)."""
+    monkeypatch.setattr(lora, "INTERPRETER_MULTIPROCESSORS", processors)
+    base, x, a, b = _inputs((70,), 150, 40, 4, torch.float32, seed=11)
+    out = lora.lora_linear(base, x, a, b, 2.0)
+    grads = torch.autograd.grad(out, (x, a, b), torch.ones_like(out))
+    monkeypatch.setattr(lora, "INTERPRETER_MULTIPROCESSORS", 1)
+    monkeypatch.setattr(lora, "PROGRAMS_PER_MULTIPROCESSOR", 1)  # one split
+    base1, x1, a1, b1 = (t.detach().requires_grad_() for t in (base, x, a, b))
+    out1 = lora.lora_linear(base1, x1, a1, b1, 2.0)
+    grads1 = torch.autograd.grad(out1, (x1, a1, b1), torch.ones_like(out1))
+    assert rel(out, out1) < 1e-6
+    for got, want in zip(grads, grads1):
+        assert rel(got, want) < 1e-6
+
+
+def test_bfloat16_activations_give_float32_exact_reductions():
+    """With bfloat16 x (and gradient), xa = x @ A.T, dA and dB are float32 dots of the bfloat16 values: the three
+    bfloat16 parts of each float32 operand must add up to it exactly (a lost part costs 2**-9 or 2**-17)."""
+    base, x, a, b = _inputs((3, 50), 300, 90, 8, torch.bfloat16, seed=21)
+    out, xa = torch.ops.memgraph.lora_linear(base, x, a, b, 2.0, False)
+    want = x.detach().double() @ a.detach().double().T
+    assert rel(xa, want) < 1e-6
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+    _, grad_a, grad_b = torch.ops.memgraph.lora_linear_backward(grad, x.detach(), xa, a.detach(), b.detach(), 2.0,
+                                                                 True, True, True)
+    g64, x64, xa64 = 2.0 * grad.double().flatten(0, 1), x.detach().double().flatten(0, 1), xa.double().flatten(0, 1)
+    assert rel(grad_b, g64.T @ xa64) < 1e-6
+    assert rel(grad_a, (g64 @ b.detach().double()).T @ x64) < 1e-6
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    base, x, a, b = _inputs((5,), 16, 24, 4, torch.float32, seed=1)
+    out = lora.lora_linear(base, x, a, b)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(out.sum(), (x, a), create_graph=True)
 
 
 def test_only_requested_gradients_are_made():
