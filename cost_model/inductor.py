@@ -442,6 +442,7 @@ def fuse_kernels(emitted: list[NodeValue], given: set[str]) -> list[NodeValue]:
     reads = [set(v.inputs) for v in emitted]
     group = list(range(len(emitted)))  # each node's group: the index of its earliest member
     members: dict[int, list[int]] = {i: [i] for i in range(len(emitted))}
+    latest = list(range(len(emitted)))  # each group's last member (valid at the group's index)
     for b in range(len(emitted)):
         if not fusible[b]:
             continue
@@ -450,11 +451,12 @@ def fuse_kernels(emitted: list[NodeValue], given: set[str]) -> list[NodeValue]:
             if (not fusible[a] or target == group[b] or extents[a] != extents[b]
                     or not (reads[b] & reads[a] or emitted[a].name in reads[b])
                     or len(members[target]) >= MAX_FUSION_SIZE
-                    or _reaches_outside(b, target, members, group, producers)):
+                    or _reaches_outside(b, target, members, group, latest, producers)):
                 continue
             members[target].append(b)
             del members[group[b]]
             group[b] = target
+            latest[target] = b
             break  # one fused kernel per node (Inductor may merge more; this keeps the check pairwise)
     fused_id = {g: g for g, m in members.items() if len(m) > 1}
     try:
@@ -491,20 +493,19 @@ def _loop_extent(value: NodeValue, emitted: list[NodeValue], position: dict[str,
     return best
 
 
-def _reaches_outside(b: int, target: int, members: dict[int, list[int]], group: list[int],
+def _reaches_outside(b: int, target: int, members: dict[int, list[int]], group: list[int], latest: list[int],
                      producers: list[tuple[int, ...]]) -> bool:
     """Whether ``b`` depends on a member of group ``target`` through a kernel outside it (fusing would be a
     cycle). A node already fused elsewhere runs with its whole kernel, so what any member of that kernel reads
     counts too: two kernels must never need each other."""
     inside = set(members[target])
     earliest = min(inside)
-    latest = {g: max(m) for g, m in members.items()}  # a kernel wholly before the group cannot need it
     stack = [p for p in producers[b] if p not in inside]
     seen: set[int] = set()
     while stack:
         node = stack.pop()
         kernel = group[node]
-        if kernel in seen or (node not in inside and latest[kernel] < earliest):
+        if kernel in seen or (node not in inside and latest[kernel] < earliest):  # wholly before: cannot need it
             continue
         if node in inside:
             return True

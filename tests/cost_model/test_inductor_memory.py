@@ -219,8 +219,9 @@ def test_fusion_check_sees_kernels_not_nodes():
     members = {0: [0], 1: [1], 2: [2], 3: [3, 4], 5: [5], 6: [6]}
     group = [0, 1, 2, 3, 3, 5, 6]
     producers = [(), (0,), (), (1,), (0,), (), (4,)]
-    assert inductor._reaches_outside(6, 1, members, group, producers)
-    assert not inductor._reaches_outside(6, 5, members, group, producers)  # 5's kernel: no path back
+    latest = [0, 1, 2, 4, 4, 5, 6]
+    assert inductor._reaches_outside(6, 1, members, group, latest, producers)
+    assert not inductor._reaches_outside(6, 5, members, group, latest, producers)  # 5's kernel: no path back
 
 
 def test_a_kernel_cycle_is_reported_not_scheduled_forever():
