@@ -120,7 +120,7 @@ def _rows_times_small_kernel(X, stride_xm, stride_xk, W, stride_wk, stride_wr, O
                              M, K, R, alpha, k_per_split,
                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
                              BF16_PARTS: tl.constexpr):
-    """OUT[s, M, R] = (alpha * float32(X[M, K_s])) @ W[K_s, R] over split s of the long dimension K (xa, gxa): a
+    """OUT[s, M, R] = alpha * (float32(X[M, K_s]) @ W[K_s, R]) over split s of the long dimension K (xa, gxa): a
     long reduction into a few columns, split so that short M still fills the GPU; the launcher sums the splits."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
@@ -169,7 +169,7 @@ def _cols_reduced_kernel(X, stride_xm, stride_xn, P, stride_pm, stride_pr, OUT, 
                          M, N, R, alpha, m_per_split,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
                          BF16_PARTS: tl.constexpr):
-    """OUT[s, N, R] = (alpha * float32(X[M_s, N])).T @ P[M_s, R] over split s of the rows (dB, and dA transposed):
+    """OUT[s, N, R] = alpha * (float32(X[M_s, N]).T @ P[M_s, R]) over split s of the rows (dB, and dA transposed):
     a reduction over the rows, split so that narrow N still fills the GPU; the launcher sums the splits."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
@@ -219,7 +219,7 @@ def _summed_splits(out: Tensor, splits: int, launch) -> None:
         return
     parts = out.new_empty((splits, *out.shape), dtype=torch.float32)
     launch(parts[0], parts.stride(0))  # split 0's view: the kernel takes its row and column strides
-    out.copy_(parts.sum(0))
+    torch.sum(parts, 0, out=out)  # straight into out (also a transposed view): no third buffer
 
 
 def _split_reduction(kernel, x: Tensor, w: Tensor, out: Tensor, alpha: float, blocks: int, length: int, step: int,
@@ -446,7 +446,7 @@ def _runs_triton(tensor: Tensor) -> bool:
 
 def _register_scratch_formulas() -> None:
     """Bytes each op allocates and frees inside its call: under Triton the backward's gxa [M, R] in float32 and
-    the split reductions' partials (a bound: about 2 MiB at rank 16); the plain-torch path's float32 chunks
+    the split reductions' partials (a bound: under 5 MiB at rank 16); the plain-torch path's float32 chunks
     (rows x N and rows x K, each live at most twice)."""
     from memgraph.cost_model.values import register_scratch
 
@@ -454,9 +454,9 @@ def _register_scratch_formulas() -> None:
         rows = torch.sym_min(math.prod(x.shape[:-1]), TORCH_CHUNK_ROWS)
         return 2 * rows * (outputs + x.shape[-1]) * 4
 
-    def partials_bytes(x, rank: int) -> int:  # a split reduction's float32 partials and their sum, at most
+    def partials_bytes(x, rank: int) -> int:  # a split reduction's float32 partials, at most
         processors = _multiprocessors(x.device) if x.is_cuda else PLANNED_MULTIPROCESSORS
-        return 2 * PROGRAMS_PER_MULTIPROCESSOR * processors * max(BLOCK_M, BLOCK_N) * rank * 4
+        return PROGRAMS_PER_MULTIPROCESSOR * processors * max(BLOCK_M, BLOCK_N) * rank * 4
 
     def forward(base, x, lora_a, lora_b, **_):
         return partials_bytes(x, lora_a.shape[0]) if _runs_triton(x) else chunk_bytes(x, lora_b.shape[0])
