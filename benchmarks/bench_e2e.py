@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -183,8 +184,14 @@ def run_recipe(args, recipe: str) -> dict:
     except torch.OutOfMemoryError as error:
         if not args.cap_gib:
             raise
+        # Where it ran out and how full the cap was: an allocation the cost model never predicted shows here.
+        frames = traceback.extract_tb(error.__traceback__)[-8:]
         return {"recipe": recipe, "seq": args.seq, "cap_gib": args.cap_gib, "fits": False,
-                "error": f"out of memory under the {args.cap_gib} GiB cap: {str(error).splitlines()[0][:200]}"}
+                "error": f"out of memory under the {args.cap_gib} GiB cap: {str(error).splitlines()[0][:200]}",
+                "allocator": os.environ.get("PYTORCH_ALLOC_CONF"),
+                "allocated_gib_at_error": torch.cuda.memory_allocated() / 2**30,
+                "max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "where": [f"{Path(f.filename).name}:{f.lineno} {f.name}: {(f.line or '').strip()[:160]}" for f in frames]}
 
 
 def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -> dict:
@@ -236,7 +243,7 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
     step_s = statistics.median(times)
     row = {"recipe": recipe, "seq": args.seq, "peak_gib": peak_bytes / 2**30,
            "tok_s": ids.numel() / step_s, "step_ms": step_s * 1e3, "compile_s": first_step_s - step_s,
-           "first_loss": first_loss, "last_loss": float(last_loss)}
+           "first_loss": first_loss, "last_loss": float(last_loss), "allocator": os.environ.get("PYTORCH_ALLOC_CONF")}
     if args.cap_gib:
         row.update(cap_gib=args.cap_gib, fits=True)
     if args.peak_report:  # one more step, allocations recorded: what is alive at its peak, and who made it
@@ -418,12 +425,18 @@ def _file_safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:120]
 
 
+ALLOCATOR_CONF = "expandable_segments:True"
+
+
 def run_in_process(args, recipe: str) -> dict:
     """One recipe in a fresh process: its row, or its error (exit code and the last lines it printed)."""
     # A fresh, empty compile cache per recipe unless one is shared: every recipe compiles cold (fair compile
     # times) while identical kernels within one compile are still shared, as in a user's first run.
     cache = args.cache_dir or tempfile.mkdtemp(prefix="memgraph-bench-cache-")
     environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+    # Every recipe gets the allocator Unsloth sets for itself on import: without expandable segments, a step that
+    # fits a memory cap by its allocated bytes can still fail on the caching allocator's fragments.
+    environment.setdefault("PYTORCH_ALLOC_CONF", ALLOCATOR_CONF)
     if parse_recipe(recipe)[1] == "unsloth":  # nothing outside the machine is reachable: no Hub, no statistics
         environment.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
     with tempfile.NamedTemporaryFile(suffix=".json") as row_file, tempfile.TemporaryFile("w+") as log:

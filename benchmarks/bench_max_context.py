@@ -70,7 +70,8 @@ def main() -> None:
         rows = [probes[seq].result() for seq in seqs]
     print_table(rows)
     fitting = [r["seq"] for r in rows if r.get("fits")]
-    failing = [r["seq"] for r in rows if not r.get("fits") and r["seq"] > max(fitting, default=0)]
+    # Only an out-of-memory under the cap is "does not fit"; a probe that timed out or crashed says nothing.
+    failing = [r["seq"] for r in rows if r.get("fits") is False and r["seq"] > max(fitting, default=0)]
     summary = {"recipe": args.recipe, "cap_gib": args.cap_gib, "max_seq": max(fitting, default=None),
                "min_failed_seq": min(failing, default=None), "probes": rows}
     if prediction is not None:

@@ -50,10 +50,11 @@ def memgraph_recipes(budgets_gib: list[float]) -> list[str]:
 def label(recipe: str) -> str:
     if recipe in RECIPE_NAMES:
         return RECIPE_NAMES[recipe]
-    if recipe.startswith(MEMGRAPH):
+    if recipe.startswith("bnb/memgraph"):
         options = dict(pair.partition("=")[::2] for pair in recipe.partition("?")[2].split("&"))
         budget = options.get("memory_budget")
-        return f"memgraph {options.get('solver', '')}" + (f" @ {budget}" if budget else "")
+        return (f"memgraph {options.get('solver', '')}" + (f" @ {budget}" if budget else "")
+                + ("" if options.get("host_embedding") == "true" else ", embedding on the GPU"))
     return recipe
 
 
@@ -92,13 +93,17 @@ def _order(row: dict) -> tuple:
 
 # --- report: table and plot from the results ---
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| seq | recipe | peak GiB | tokens/s | compile s | first loss |", "|---|---|---|---|---|---|"]
+    """One line per row; a 'measured' column where the rows come from more than one run (merged files)."""
+    runs = len({row.get("measured") for row in rows}) > 1
+    lines = ["| seq | recipe | peak GiB | tokens/s | compile s | first loss |" + (" measured (UTC) |" if runs else ""),
+             "|---|---|---|---|---|---|" + ("---|" if runs else "")]
     for row in sorted(rows, key=_order):
+        when = f" {str(row.get('measured', ''))[:16].replace('T', ' ')} |" if runs else ""
         if "peak_gib" in row:
             lines.append(f"| {row['seq']} | {label(row['recipe'])} | {row['peak_gib']:.2f} | {row['tok_s']:,.0f} | "
-                         f"{row['compile_s']:.0f} | {row['first_loss']:.4f} |")
+                         f"{row['compile_s']:.0f} | {row['first_loss']:.4f} |{when}")
         else:
-            lines.append(f"| {row['seq']} | {label(row['recipe'])} | failed: {row.get('error', '?')[:80]} | | | |")
+            lines.append(f"| {row['seq']} | {label(row['recipe'])} | failed: {row.get('error', '?')[:80]} | | | |{when}")
     return "\n".join(lines)
 
 

@@ -252,15 +252,24 @@ def plot(rows: list[dict], path: Path) -> None:
 
     panels = [("pretrained", None), ("lora_b0", "fresh"), ("lora_b0", "repeated")]
     panels = [(case, variant) for case, variant in panels if any(r["case"] == case for r in rows)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for axis, (case, variant) in zip(axes[0], panels):
-        for row in rows:
-            if row["case"] == case and row.get("variant") == variant and "pre-training" not in row["recipe"]:
-                axis.plot(row["losses"], label=row["recipe"], linewidth=0.9)
-        axis.set(title=f"{case}" + (f", {variant} batches" if variant else ": QLoRA fine-tuning"), xlabel="step",
-                 ylabel="training loss")
-        axis.legend(fontsize=8)
-        axis.grid(alpha=0.3)
+    # Top: the curves. Bottom: each recipe's loss minus the reference's (eager), where the curves overlap.
+    figure, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 7.5), squeeze=False)
+    for column, (case, variant) in enumerate(panels):
+        runs = [row for row in rows if row["case"] == case and row.get("variant") == variant
+                and "pre-training" not in row["recipe"]]
+        reference = next((row for row in runs if row["recipe"] in ("eager", "eager+bnb")), None)
+        title = f"{case}" + (f", {variant} batches" if variant else ": QLoRA fine-tuning")
+        for index, row in enumerate(runs):
+            style = dict(label=row["recipe"], linewidth=0.9, color=f"C{index}")  # one colour per recipe, both rows
+            axes[0, column].plot(row["losses"], **style)
+            if reference is not None and row is not reference:
+                axes[1, column].plot([a - b for a, b in zip(row["losses"], reference["losses"])], **style)
+        axes[0, column].set(title=title, xlabel="step", ylabel="training loss")
+        axes[1, column].set(title=f"{title}: minus {reference['recipe'] if reference else 'eager'}", xlabel="step",
+                            ylabel="loss difference")
+        for axis in axes[:, column]:
+            axis.legend(fontsize=8)
+            axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

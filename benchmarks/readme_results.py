@@ -137,10 +137,41 @@ def max_context_section(folder: Path) -> Optional[str]:
     data = _load(folder, "max_context.json")
     if not data:
         return None
-    rows = [[r["recipe"], r["cap_gib"], r.get("max_seq") or r.get("status", ""), r.get("predicted_max_seq")]
-            for r in data["rows"]]
+    rows = [[r["recipe"], r["cap_gib"], r.get("max_seq") or r.get("status", ""), r.get("min_failed_seq") or "-",
+             r.get("predicted_max_seq") or "-"] for r in data["rows"]]
+    notes = [f"- {r['recipe']}: {r['status']}" for r in data["rows"] if r.get("status") and r.get("max_seq")]
     return ("### Longest sequence under a memory cap\n\n" + _source(data, "max_context.json") + "\n\n"
-            + _table(["recipe", "cap GiB", "measured max seq", "predicted (memgraph fit)"], rows))
+            + _table(["recipe", "cap GiB", "longest probed that fit", "shortest probed that did not",
+                      "predicted (memgraph fit)"], rows) + ("\n\n" + "\n".join(notes) if notes else ""))
+
+
+def fidelity_section(folder: Path) -> Optional[str]:
+    data = _load(folder, "fidelity.json")
+    if not data:
+        return None
+    def loss(value) -> str:
+        return f"{value:.5f}" if isinstance(value, float) else "-"
+
+    def relative(value) -> str:
+        return f"{value * 100:+.4f}%" if isinstance(value, float) else "-"
+
+    pretrained = [[r["recipe"], r["steps"], loss(r.get("last100_mean_loss")), loss(r.get("heldout_loss")),
+                   relative(r.get("last100_vs_eager")), relative(r.get("heldout_vs_eager"))]
+                  for r in data["rows"] if r["case"] == "pretrained"]
+    b0 = [[r["variant"], r["recipe"], r["steps"], loss(r["final_loss"]), f"{r['final_loss_minus_eager']:+.5f}",
+           f"{r['max_abs_gap_to_eager']:.5f}", "yes" if r["first_step_lora_a_grads_zero"] else "no"]
+          for r in data["rows"] if r["case"] == "lora_b0"]
+    parts = ["### Training fidelity (`benchmarks/fidelity.py`, curves in `fidelity.png`)", _source(data, "fidelity.json")]
+    if pretrained:
+        parts.append("QLoRA fine-tuning of a pre-trained ~85M Llama-style model on the standard library's source "
+                     "(byte-level, held-out files); relative differences to eager + bitsandbytes:\n\n"
+                     + _table(["recipe", "steps", "last-100 mean loss", "held-out loss", "last-100 vs eager",
+                               "held-out vs eager"], pretrained))
+    if b0:
+        parts.append("HF Llama (4 layers, hidden 2048) + PEFT LoRA, B = 0 at init, AdamW 1e-4, bf16, batch 2 x 1024:\n\n"
+                     + _table(["batches", "recipe", "steps", "final loss", "minus eager", "largest gap to eager",
+                               "step-0 lora_A grads exactly 0"], b0))
+    return "\n\n".join(parts)
 
 
 def arch_sweep_section(folder: Path) -> Optional[str]:
@@ -188,7 +219,7 @@ def files_section(folder: Path) -> Optional[str]:
 
 
 SECTIONS: list[Callable[[Path], Optional[str]]] = [
-    e2e_section, steps_section, max_context_section, cross_entropy_section, attention_section,
+    e2e_section, steps_section, max_context_section, fidelity_section, cross_entropy_section, attention_section,
     arch_sweep_section, options_guide_section, files_section]
 
 

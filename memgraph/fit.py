@@ -106,9 +106,10 @@ class FitResult:
                           "(offload='off' plans it on the GPU)."]
         proven = _longest_proven_mask()
         if any(row.max_seq > proven for row in self.rows) and self.setup.get("rewrites") is not False:
-            lines += ["", f"Note: the attention rewrite proves a mask equal to its fused pattern by evaluating it, "
-                          f"up to length {proven:,} with this machine's free host memory; on a machine where a "
-                          "step is longer than that, it falls back to SDPA with its mask (more memory than "
+            lines += ["", f"Note: the attention rewrite proves a mask equal to its fused pattern by evaluating it: "
+                          "HF's masks (built from broadcast index vectors) block by block of query rows at any "
+                          f"length, any other mask whole, up to length {proven:,} with this machine's free host "
+                          "memory. Beyond that such a mask falls back to SDPA with its mask (more memory than "
                           "predicted here) or, compiled with dynamic shapes, stops with an error."]
         return "\n".join(lines)
 

@@ -368,7 +368,11 @@ def _prove_mask(gm: fx.GraphModule, mask: Any,
         if not isinstance(seq_len, int):
             raise _Unsupported("the mask's shape is symbolic or unknown")
         limit = mask_elements_limit()
-        if mask_example.numel() > limit or seq_len * seq_len > limit:
+        too_large = mask_example.numel() > limit or seq_len * seq_len > limit
+        if too_large and not inputs:
+            causal, window = _mask_pattern_by_rows(build, [], seq_len)
+            return causal, window, nodes, None
+        if too_large:
             raise _Unsupported(f"the mask has too many elements to check ({mask_example.numel()})")
         if inputs:
             batch, dtype, device = _source_layout(inputs[0], seq_len)
@@ -548,7 +552,7 @@ def _mask_guard(gm: fx.GraphModule, build: fx.GraphModule, symbols: list[fx.Node
     constants = [abs(value) for node in nodes for value in _int_constants((node.args, node.kwargs))]
     probe_length = max(hints[symbols.index(length)], min(2 * max(constants, default=0) + 2, MAX_PROBE_LENGTH))
     probe = [probe_length if node is length else hint for node, hint in zip(symbols, hints)]
-    causal, window = _mask_pattern(_evaluate(build, probe), probe_length)
+    causal, window = _mask_pattern_anywhere(build, probe, probe_length)
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     guard = MaskGuard(build, tuple(placeholders.index(node) for node in symbols), symbols.index(length), causal,
                       window)
@@ -625,16 +629,20 @@ class MaskGuard(_SizeGuard):
 
     def _verify(self, sizes: tuple[int, ...]) -> bool:
         length = sizes[self.length_index]
-        limit = mask_elements_limit()
-        if length * length > limit:
+        try:
+            return _mask_is(self.build, list(sizes), length, self.causal, self.window)
+        except _Unsupported as reason:
+            limit = mask_elements_limit()
+            if length * length <= limit:
+                raise
             from memgraph.errors import MemgraphError
 
             raise MemgraphError(
                 f"the attention mask at length {length} has {length * length:,} elements, more than memgraph "
-                f"can evaluate here to prove it is the pattern it fused ({limit:,}: lengths up to "
-                f"{math.isqrt(limit):,}, from the host memory available); train shorter sequences or "
-                "compile with rewrites that exclude 'attention'")
-        return _pattern_is(_allowed(_evaluate(self.build, list(sizes)), length), self.causal, self.window)
+                f"can evaluate whole here to prove it is the pattern it fused ({limit:,}: lengths up to "
+                f"{math.isqrt(limit):,}, from the host memory available), and it cannot be checked block by block "
+                f"of query rows ({reason}); train shorter sequences or compile with rewrites that exclude "
+                "'attention'") from None
 
     def _what(self) -> str:
         return f"the {_pattern_name(self.causal, self.window)} pattern"
@@ -690,11 +698,13 @@ def _lets_through(mask: torch.Tensor) -> torch.Tensor:
     raise _Unsupported(f"mask dtype {mask.dtype}")
 
 
-def _allowed(mask: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """[seq_len, seq_len] bool: which (query, key) pairs the mask lets through (identical over batch/heads)."""
-    if mask.dim() < 2 or mask.shape[-1] != seq_len or mask.shape[-2] not in (1, seq_len):
-        raise _Unsupported(f"mask shape {tuple(mask.shape)} is not [..., {seq_len}, {seq_len}]")
-    allowed = _lets_through(mask.expand(*mask.shape[:-2], seq_len, seq_len).reshape(-1, seq_len, seq_len))
+def _allowed(mask: torch.Tensor, seq_len: int, rows: Optional[int] = None) -> torch.Tensor:
+    """[rows, seq_len] bool: which (query, key) pairs the mask (or a block of its query rows: ``rows`` of them)
+    lets through, identical over batch/heads."""
+    rows = seq_len if rows is None else rows
+    if mask.dim() < 2 or mask.shape[-1] != seq_len or mask.shape[-2] not in (1, rows):
+        raise _Unsupported(f"mask shape {tuple(mask.shape)} is not [..., {rows}, {seq_len}]")
+    allowed = _lets_through(mask.expand(*mask.shape[:-2], rows, seq_len).reshape(-1, rows, seq_len))
     pattern = allowed[0]
     if not bool((allowed == pattern).all()):
         raise _Unsupported("the mask differs across batch/heads")
@@ -707,21 +717,82 @@ def _pattern_is(pattern: torch.Tensor, causal: bool, window: Optional[int]) -> b
     return torch.equal(pattern, attention_kernel.visible_mask(positions, positions, causal, window))
 
 
+def _candidates(first_row: torch.Tensor, last_row: torch.Tensor) -> list[tuple[bool, Optional[int]]]:
+    """The patterns a mask may be, in the order they are tried, from its first and last rows."""
+    candidates = [(False, None), (True, None),
+                  (True, int(last_row.sum())),  # last row of a causal window sees `window` keys
+                  (False, int(first_row.sum()))]  # first row of a two-sided window sees `window` keys
+    return [(causal, window) for causal, window in candidates if window is None or window >= 1]
+
+
+def _named_pattern(causal: bool, window: Optional[int], seq_len: int) -> tuple[bool, Optional[int]]:
+    return causal, None if window is not None and window >= seq_len else window  # a window that masks nothing
+
+
 def _mask_pattern(mask: torch.Tensor, seq_len: int) -> tuple[bool, Optional[int]]:
     """Which attention pattern a constant mask encodes; raises _Unsupported for anything else."""
     pattern = _allowed(mask, seq_len)
-    candidates = [(False, None), (True, None)]
     if seq_len > 0:
-        candidates.append((True, int(pattern[-1].sum())))  # last row of a causal window sees `window` keys
-        candidates.append((False, int(pattern[0].sum())))  # first row of a two-sided window sees `window` keys
-    for causal, window in candidates:
-        if window is not None and window < 1:
-            continue
-        if _pattern_is(pattern, causal, window):
-            if window is not None and window >= seq_len:
-                window = None  # a window as long as the sequence masks nothing
-            return causal, window
+        for causal, window in _candidates(pattern[0], pattern[-1]):
+            if _pattern_is(pattern, causal, window):
+                return _named_pattern(causal, window, seq_len)
     raise _Unsupported("the mask is not a causal, sliding-window or full pattern")
+
+
+MASK_BLOCK_ELEMENTS = 1 << 26  # elements of one block of query rows when a mask is checked block by block
+
+
+class _NotThePattern(_Unsupported):
+    """The mask was evaluated and is none of the patterns asked about."""
+
+
+def _mask_pattern_by_rows(build: fx.GraphModule, sizes: list[int], seq_len: int,
+                          candidates: Optional[list] = None) -> tuple[bool, Optional[int]]:
+    """``_mask_pattern`` of ``build(*sizes)`` without ever holding the whole mask: its subgraph evaluated one
+    block of query rows at a time (``_mask_rows``), every block compared with each candidate pattern's rows
+    (``candidates``: (causal, window) pairs, the first that holds is returned; default: read from the mask)."""
+    from memgraph.passes._mask_rows import RowBlocks
+
+    blocks = RowBlocks(build, sizes, seq_len, max_full_elements=MASK_BLOCK_ELEMENTS)
+    rows = blocks.block_rows(MASK_BLOCK_ELEMENTS)
+    starts = range(0, seq_len, rows)
+    log.info("checking the attention mask at length %d in %d blocks of %d query rows", seq_len, len(starts), rows)
+
+    def pattern_rows(start: int) -> torch.Tensor:
+        stop = min(start + rows, seq_len)
+        return _allowed(blocks.rows(start, stop), seq_len, stop - start)
+
+    surviving = candidates or _candidates(pattern_rows(0)[0], pattern_rows(starts[-1])[-1])
+    positions = None
+    for start in starts:
+        pattern = pattern_rows(start)
+        if positions is None:
+            positions = torch.arange(seq_len, device=pattern.device)
+        queries = positions[start:start + pattern.shape[0]]
+        surviving = [(causal, window) for causal, window in surviving
+                     if torch.equal(pattern, attention_kernel.visible_mask(queries, positions, causal, window))]
+        if not surviving:
+            raise _NotThePattern("the mask is not a causal, sliding-window or full pattern")
+    return surviving[0] if candidates else _named_pattern(*surviving[0], seq_len)
+
+
+def _mask_pattern_anywhere(build: fx.GraphModule, sizes: list[int], seq_len: int) -> tuple[bool, Optional[int]]:
+    """The pattern of the mask ``build(*sizes)``: evaluated whole where it is small enough, else block by block."""
+    if seq_len * seq_len <= mask_elements_limit():
+        return _mask_pattern(_evaluate(build, sizes), seq_len)
+    return _mask_pattern_by_rows(build, sizes, seq_len)
+
+
+def _mask_is(build: fx.GraphModule, sizes: list[int], seq_len: int, causal: bool, window: Optional[int]) -> bool:
+    """Whether the mask ``build(*sizes)`` is exactly the (causal, window) pattern (whole or block by block);
+    raises _Unsupported where it cannot be evaluated."""
+    if seq_len * seq_len <= mask_elements_limit():
+        return _pattern_is(_allowed(_evaluate(build, sizes), seq_len), causal, window)
+    try:
+        _mask_pattern_by_rows(build, sizes, seq_len, candidates=[(causal, window)])
+    except _NotThePattern:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -511,7 +511,8 @@ def test_memgraph_backend_end_to_end(monkeypatch, family, kv_bits):
 
 
 def test_mask_guard_names_the_length_it_cannot_prove(monkeypatch):
-    """A dynamic-shape mask too large to evaluate at run time is an error that says so, not a wrong pattern."""
+    """A dynamic-shape mask too large to evaluate at run time, whole or by blocks of query rows (its S x S
+    ones() is built from the length alone), is an error that says so, not a wrong pattern."""
     import torch.fx as fx
 
     from memgraph.errors import MemgraphError
@@ -525,5 +526,8 @@ def test_mask_guard_names_the_length_it_cannot_prove(monkeypatch):
     assert guard.holds([8])
     assert attention_pass.mask_elements_limit() >= attention_pass.MAX_MASK_ELEMENTS
     monkeypatch.setattr(attention_pass, "mask_elements_limit", lambda: 100)
-    with pytest.raises(MemgraphError, match="length 16 has 256 elements"):
+    monkeypatch.setattr(attention_pass, "MASK_BLOCK_ELEMENTS", 5 * 16)
+    with pytest.raises(MemgraphError, match="length 16 has 256 elements.*cannot be checked block by block"):
         guard.holds([16])
+    monkeypatch.setattr(attention_pass, "MASK_BLOCK_ELEMENTS", 16 * 16)  # ones() may be built whole: by rows
+    assert attention_pass.MaskGuard(guard.build, (0,), 0, causal=True, window=None).holds([16])
