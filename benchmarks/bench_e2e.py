@@ -265,7 +265,14 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
                        cache=[r.cache for r in records], notes=[n for r in records for n in r.notes])
             peaks = [r.plan.peak_bytes for r in records]
             if None not in peaks:
-                row["predicted_peak_gib"] = max(peaks) / 2**30
+                # The plan predicts the step's graph; the optimizer's state lives beside it (counted as memgraph
+                # fit counts it: state tensors per trainable parameter, in the parameter's dtype).
+                from memgraph.fit import OPTIMIZERS
+
+                state = OPTIMIZERS["adamw"] * sum(p.numel() * p.element_size() for p in model.parameters()
+                                                  if p.requires_grad)
+                row.update(predicted_graph_peak_gib=max(peaks) / 2**30, predicted_optimizer_state_gib=state / 2**30,
+                           predicted_peak_gib=(max(peaks) + state) / 2**30)
             offloaded = [r.plan for r in records if r.plan.offloaded]
             if offloaded:
                 from memgraph.kernels.offload import host_pool_bytes

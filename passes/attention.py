@@ -119,6 +119,7 @@ def rewrite_attention(gm: fx.GraphModule, example_inputs: list, options: Any) ->
             continue
         _install(gm, node, match, kv_bits, segment_nodes)
         rewritten += 1
+    gm.__dict__.pop(MASK_PROOFS, None)
     if rewritten:
         gm.graph.lint()
         gm.recompile()
@@ -315,8 +316,28 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
     return list(seen)
 
 
-def _prove_mask(gm: fx.GraphModule, mask: Any,
-                q) -> tuple[bool, Optional[int], list[fx.Node], Optional[tuple]]:
+def _prove_mask(gm: fx.GraphModule, mask: Any, q) -> tuple[bool, Optional[int], list[fx.Node], Optional[tuple]]:
+    """``_prove_mask_once``, once per mask and length: every layer of a model passes the same mask, and its proof
+    (an evaluation of S x S elements) is the slow part of the rewrite at long lengths."""
+    if not isinstance(mask, fx.Node):
+        return _prove_mask_once(gm, mask, q)
+    proofs = gm.__dict__.setdefault(MASK_PROOFS, {})
+    key = (mask, str(q.shape[2]))
+    if key not in proofs:
+        try:
+            proofs[key] = _prove_mask_once(gm, mask, q)
+        except _Unsupported as reason:
+            proofs[key] = reason
+    if isinstance(proofs[key], _Unsupported):
+        raise proofs[key]
+    return proofs[key]
+
+
+MASK_PROOFS = "_memgraph_mask_proofs"  # per graph, while the rewrite runs: (mask node, length) -> proof or reason
+
+
+def _prove_mask_once(gm: fx.GraphModule, mask: Any,
+                     q) -> tuple[bool, Optional[int], list[fx.Node], Optional[tuple]]:
     """(causal, window, nodes of the mask's subgraph, segments) if the mask is a causal/window/full pattern
     computed from constants, or from the symbolic sizes of a dynamic-shape graph (then checked again at run time,
     per length: see ``MaskGuard``), or that pattern restricted by the segments of one [B, S] graph input (padding
@@ -706,7 +727,7 @@ def _allowed(mask: torch.Tensor, seq_len: int, rows: Optional[int] = None) -> to
         raise _Unsupported(f"mask shape {tuple(mask.shape)} is not [..., {rows}, {seq_len}]")
     allowed = _lets_through(mask.expand(*mask.shape[:-2], rows, seq_len).reshape(-1, rows, seq_len))
     pattern = allowed[0]
-    if not bool((allowed == pattern).all()):
+    if allowed.shape[0] > 1 and not bool((allowed == pattern).all()):  # one batch/head: nothing to compare
         raise _Unsupported("the mask differs across batch/heads")
     return pattern
 

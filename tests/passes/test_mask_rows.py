@@ -164,12 +164,16 @@ def test_backend_fuses_a_mask_too_large_to_evaluate_whole(monkeypatch, caplog, f
     calls = []
     forward = attention_op.fwd_triton if use_triton(torch.empty(0), attention_op.log) else attention_op.torch_forward
     monkeypatch.setattr(attention_op, forward.__name__, lambda *a, **k: calls.append(1) or forward(*a, **k))
+    proofs = []
+    prove_once = attention_pass._prove_mask_once
+    monkeypatch.setattr(attention_pass, "_prove_mask_once", lambda *a: proofs.append(1) or prove_once(*a))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="memgraph", options={"codegen": "eager", "solver": "none"})
     with caplog.at_level(logging.INFO, logger="memgraph.passes.attention"):
         loss, grads = _loss_and_grads(model, ids, run=compiled)
     assert "checking the attention mask at length 48 in 5 blocks of 10 query rows" in caplog.text
     assert len(calls) == model.config.num_hidden_layers
+    assert len(proofs) == 1  # every layer passes the same mask: proven once
     assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
     for name, expected in eager_grads.items():
         assert float((grads[name] - expected).norm() / expected.norm().clamp_min(1e-30)) < 1e-4, name
