@@ -46,6 +46,8 @@ def _name(node: fx.Node) -> str:
 
 
 def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):  # a graph input (a padding mask, position ids): its shape, no values
+        return value.to("meta")
     if isinstance(value, torch.device):
         return torch.device("meta")
     if isinstance(value, (tuple, list)):
@@ -69,8 +71,8 @@ def _is_view_index(index: Any) -> bool:
 
 
 class RowBlocks:
-    """``build`` (a graph from integer sizes to a [..., S, S] mask) at ``sizes``, one block of query rows at a
-    time: ``rows(start, stop)`` equals ``build(*sizes)[..., start:stop, :]`` (or a [..., 1, S] value that is the
+    """``build`` (a graph from integer sizes, and maybe one [B, S] input, to a [..., S, S] mask) at ``sizes``
+    (its placeholders' values), one block of query rows at a time: ``rows(start, stop)`` equals ``build(*sizes)[..., start:stop, :]`` (or a [..., 1, S] value that is the
     same for every row). ``max_full_elements`` bounds any intermediate computed whole."""
 
     def __init__(self, build: fx.GraphModule, sizes: list[int], seq_len: int, max_full_elements: int):

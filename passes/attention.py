@@ -393,11 +393,10 @@ def _prove_mask_once(gm: fx.GraphModule, mask: Any,
         if too_large and not inputs:
             causal, window = _mask_pattern_by_rows(build, [], seq_len)
             return causal, window, nodes, None
-        if too_large:
-            raise _Unsupported(f"the mask has too many elements to check ({mask_example.numel()})")
         if inputs:
             batch, dtype, device = _source_layout(inputs[0], seq_len)
-            causal, window, segments = _segments_of_mask(build, batch, seq_len, dtype, device, inputs[0].target)
+            causal, window, segments = _segments_of_mask(_MaskOfInput(build), batch, seq_len, dtype, device,
+                                                          inputs[0].target)
             return causal, window, nodes, (segments, inputs[0])
         causal, window = _mask_pattern(_evaluate(build, []), seq_len)
         return causal, window, nodes, None
@@ -425,6 +424,21 @@ def _source_layout(source: fx.Node, seq_len) -> tuple:
 FORMS = ("padding_segments", "packed_segments")  # kernel functions, tried in this order
 
 
+@dataclasses.dataclass(frozen=True)
+class _MaskOfInput:
+    """A mask subgraph as a function of its one [B, S] input: ``order`` gives each placeholder of ``build`` as
+    None (the input) or an index into ``sizes`` (a dynamic graph's sizes)."""
+    build: fx.GraphModule
+    order: tuple = (None,)
+    sizes: tuple = ()
+
+    def arguments(self, value: torch.Tensor) -> list:
+        return [value if index is None else self.sizes[index] for index in self.order]
+
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        return self.build(*self.arguments(value))
+
+
 def _segments_of_mask(evaluate, batch: int, seq_len: int, dtype, device, name, forms=FORMS):
     """(causal, window, segments function) if the mask ``evaluate(x)`` equals the (causal, window) pattern
     restricted by ``padding_segments(x)`` or ``packed_segments(x)`` on every probe value x ([batch, seq_len]);
@@ -436,15 +450,19 @@ def _segments_of_mask(evaluate, batch: int, seq_len: int, dtype, device, name, f
         generator = torch.Generator().manual_seed(PROBE_SEED)
         values = [x.to(device=device, dtype=dtype) for x in probes(batch, seq_len, generator)]
         try:
-            causal, window = _mask_pattern(_evaluate_with(evaluate, values[0]), seq_len)  # all valid: the pattern
+            whole = batch * seq_len * seq_len <= mask_elements_limit()
+            if whole:  # all valid: the pattern
+                causal, window = _mask_pattern(_evaluate_with(evaluate, values[0]), seq_len)
+            else:
+                causal, window = _mask_pattern_by_rows(evaluate.build, evaluate.arguments(values[0]), seq_len)
             positions = torch.arange(seq_len, device=device)
-            base = attention_kernel.visible_mask(positions, positions, causal, window)
             for value in values:
-                allowed = _allowed_per_row(_evaluate_with(evaluate, value), seq_len)
                 q_segments, k_segments = form(value)
-                expected = base & (q_segments[:, :, None] == k_segments[:, None, :])
-                if allowed.shape[0] != expected.shape[0] or not torch.equal(allowed, expected):
-                    raise _Unsupported(f"differs from the {form_name} form on a probe")
+                for start, stop, allowed in _mask_rows_of(evaluate, value, seq_len, whole):
+                    expected = attention_kernel.visible_mask(positions[start:stop], positions, causal, window) & (
+                        q_segments[:, start:stop, None] == k_segments[:, None, :])
+                    if allowed.shape[0] != expected.shape[0] or not torch.equal(allowed, expected):
+                        raise _Unsupported(f"differs from the {form_name} form on a probe")
             return causal, window, form
         except _Unsupported as reason:
             reasons.append(str(reason))
@@ -517,6 +535,21 @@ def _packed_probes(batch: int, seq_len: int, generator: torch.Generator) -> list
     return probes
 
 
+def _mask_rows_of(evaluate: _MaskOfInput, value: torch.Tensor, seq_len: int, whole: bool):
+    """(start, stop, [B, stop - start, S] allowed pairs) of the mask at input ``value``: one block holding every
+    row where the mask may be evaluated whole, else blocks of query rows (``_mask_rows``)."""
+    if whole:
+        yield 0, seq_len, _allowed_per_row(_evaluate_with(evaluate, value), seq_len)
+        return
+    from memgraph.passes._mask_rows import RowBlocks
+
+    blocks = RowBlocks(evaluate.build, evaluate.arguments(value), seq_len, max_full_elements=MASK_BLOCK_ELEMENTS)
+    rows = blocks.block_rows(MASK_BLOCK_ELEMENTS // max(value.shape[0], 1))
+    for start in range(0, seq_len, rows):
+        stop = min(start + rows, seq_len)
+        yield start, stop, _allowed_per_row(blocks.rows(start, stop), seq_len, stop - start)
+
+
 def _evaluate_with(evaluate, value: torch.Tensor) -> torch.Tensor:
     limit = mask_elements_limit()
     if value.shape[0] * value.shape[1] ** 2 > limit:
@@ -527,11 +560,13 @@ def _evaluate_with(evaluate, value: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _allowed_per_row(mask: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """[B, seq_len, seq_len] bool from a [B, (H or 1), S, S] mask, identical over heads."""
-    if mask.dim() != 4 or mask.shape[-1] != seq_len or mask.shape[-2] != seq_len:
-        raise _Unsupported(f"mask shape {tuple(mask.shape)} is not [B, H, {seq_len}, {seq_len}]")
-    allowed = _lets_through(mask)
+def _allowed_per_row(mask: torch.Tensor, seq_len: int, rows: Optional[int] = None) -> torch.Tensor:
+    """[B, rows, seq_len] bool from a [B, (H or 1), rows (or 1), S] mask (``rows``: a block of query rows; default
+    all of them), identical over heads."""
+    rows = seq_len if rows is None else rows
+    if mask.dim() != 4 or mask.shape[-1] != seq_len or mask.shape[-2] not in (1, rows):
+        raise _Unsupported(f"mask shape {tuple(mask.shape)} is not [B, H, {rows}, {seq_len}]")
+    allowed = _lets_through(mask.expand(*mask.shape[:-2], rows, seq_len))
     if not bool((allowed == allowed[:, :1]).all()):
         raise _Unsupported("the mask differs across heads")
     return allowed[:, 0]
@@ -684,11 +719,8 @@ class InputMaskGuard(_SizeGuard):
         self.build_order, self.dtype, self.device, self.name = build_order, dtype, device, name
         self.form = None
 
-    def _evaluator(self, sizes: list[int]):
-        def evaluate(value: torch.Tensor) -> torch.Tensor:
-            return self.build(*(value if index is None else sizes[index] for index in self.build_order))
-
-        return evaluate
+    def _evaluator(self, sizes: list[int]) -> _MaskOfInput:
+        return _MaskOfInput(self.build, self.build_order, tuple(sizes))
 
     def prove(self, sizes: list[int]) -> tuple:
         batch = self.static_batch if self.batch_index is None else sizes[self.batch_index]

@@ -177,3 +177,53 @@ def test_backend_fuses_a_mask_too_large_to_evaluate_whole(monkeypatch, caplog, f
     assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
     for name, expected in eager_grads.items():
         assert float((grads[name] - expected).norm() / expected.norm().clamp_min(1e-30)) < 1e-4, name
+
+
+def _padded_or_packed(model, layout, batch=2, seq=24):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator)
+    if layout == "packed":  # two sequences per row, positions restarting: HF reads the packing from position_ids
+        positions = torch.cat([torch.arange(10), torch.arange(seq - 10)]).expand(batch, seq)
+        return {"input_ids": ids, "position_ids": positions.clone()}, ids
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if layout == "right":
+        mask[1, -6:] = 0
+    else:
+        mask[1, :6] = 0
+    return {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100)
+
+
+@pytest.mark.parametrize("family, layout", [("llama", "right"), ("mistral", "left"), ("qwen2", "packed")])
+def test_backend_fuses_padded_and_packed_masks_too_large_to_evaluate_whole(monkeypatch, caplog, family, layout):
+    """A mask read from attention_mask / position_ids, past what can be evaluated whole: its probes are checked
+    block by block of query rows, every layer runs memgraph.attention, and loss and gradients equal eager's."""
+    pytest.importorskip("memgraph.backend")
+    from memgraph.kernels._dispatch import use_triton
+    from memgraph.kernels.attention import op as attention_op
+
+    overrides = {"sliding_window": 5} if family == "mistral" else {}
+    model = models.build(family, use_cache=False, **overrides)
+    inputs, labels = _padded_or_packed(model, layout)
+
+    def step(run):
+        loss = run(**inputs, labels=labels).loss
+        loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return float(loss.detach()), grads
+
+    eager_loss, eager_grads = step(model)
+    monkeypatch.setattr(attention_pass, "mask_elements_limit", lambda: 24 * 24 - 1)
+    monkeypatch.setattr(attention_pass, "MASK_BLOCK_ELEMENTS", 2 * 5 * 24)
+    calls = []
+    forward = attention_op.fwd_triton if use_triton(torch.empty(0), attention_op.log) else attention_op.torch_forward
+    monkeypatch.setattr(attention_op, forward.__name__, lambda *a, **k: calls.append(1) or forward(*a, **k))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memgraph", options={"codegen": "eager", "solver": "none"})
+    with caplog.at_level(logging.INFO, logger="memgraph.passes.attention"):
+        loss, grads = step(compiled)
+    assert "checking the attention mask at length 24 in" in caplog.text
+    assert len(calls) == model.config.num_hidden_layers
+    assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
+    for name, expected in eager_grads.items():
+        assert float((grads[name] - expected).norm() / expected.norm().clamp_min(1e-30)) < 1e-4, name
