@@ -363,9 +363,22 @@ def peak_allocations(snapshot: dict, before_bytes: int, top: int = 40) -> dict:
         return [f"{Path(f['filename']).name}:{f['line']} {f['name']}: "
                 f"{linecache.getline(f['filename'], f['line']).strip()[:160]}" for f in useful[:5]]
 
+    def generated_code_around(event: dict, lines: int = 40) -> list[str]:
+        """The compiled graph's code around the allocation that made the peak (Inductor's buffer names and
+        ``del`` lines: what was freed just before, what is still held)."""
+        code = next((f for f in event.get("frames", []) if "output_code" in f["filename"]
+                     or f["filename"].startswith("/tmp/torchinductor")), None)
+        if code is None:
+            return []
+        first = max(1, code["line"] - lines)
+        return [f"{n}: {linecache.getline(code['filename'], n).rstrip()[:200]}" for n in range(first, code["line"] + 8)]
+
     largest = sorted(at_peak.values(), key=lambda e: -e["size"])[:top]
+    peak_event = events[highest] if highest >= 0 else {}
     return {"before_bytes": before_bytes, "peak_in_step_bytes": peak, "peak_bytes": before_bytes + peak,
-            "alive_at_peak": len(at_peak),
+            "alive_at_peak": len(at_peak), "peak_allocation": {"bytes": peak_event.get("size"),
+                                                               "frames": frames(peak_event) if peak_event else []},
+            "code_at_peak": generated_code_around(peak_event) if peak_event else [],
             "largest": [{"bytes": e["size"], "frames": frames(e)} for e in largest]}
 
 

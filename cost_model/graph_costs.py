@@ -312,7 +312,7 @@ class GraphCosts:
         members, tangents = set(backward), set(self.tangents)
         first = next((i for i in backward if any(j in tangents for j in self.inputs[i])), None)
         if first is None:
-            return backward
+            return self._items_after_tuples(backward)
         done: set[int] = set()
         order: list[int] = []
 
@@ -334,7 +334,25 @@ class GraphCosts:
         for i in backward:
             if i >= first:
                 insert(i)
-        return order
+        return self._items_after_tuples(order)
+
+    def _items_after_tuples(self, order: list[int]) -> list[int]:
+        """``order`` with each multi-output op's getitems right after it (the partition pass does the same): a
+        late getitem would otherwise hold every output of its tuple alive until then."""
+        tuples = {i for i in order if is_multi_output(self.nodes[i])}
+        items: dict[int, list[int]] = {}
+        for i in order:
+            if self.nodes[i].target is operator.getitem and self.inputs[i] and self.inputs[i][0] in tuples:
+                items.setdefault(self.inputs[i][0], []).append(i)
+        if not items:
+            return order
+        moved = {i for group in items.values() for i in group}
+        result: list[int] = []
+        for i in order:
+            if i not in moved:
+                result.append(i)
+                result.extend(items.get(i, ()))
+        return result
 
     def _extract(self, sources: set[int], targets: Sequence[int], subgraph: str) -> list[int]:
         computable: set[int] = set()

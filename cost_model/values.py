@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.fx as fx
@@ -55,6 +55,17 @@ def register_scratch(op, formula: Callable[..., Any]) -> None:
     """Declare the workspace an op allocates and frees within one call (e.g. a chunked kernel's buffer): the
     cost model counts it while the op runs. ``formula`` gets the op's arguments by schema name."""
     _SCRATCH[op] = formula
+
+
+# op -> function(node) -> {output index: input node} for outputs the compiled graph writes into that input
+_IN_PLACE: dict[Any, Callable[[fx.Node], Mapping[int, fx.Node]]] = {}
+
+
+def register_in_place_outputs(op, written_into: Callable[[fx.Node], Mapping[int, fx.Node]]) -> None:
+    """Declare a functional op whose outputs the partition pass has written into an input's storage (an input
+    nothing else reads): ``written_into(node)`` maps output indices to those inputs. The cost model counts no
+    new storage for them; the input's storage lives as long as they do."""
+    _IN_PLACE[op] = written_into
 
 
 # ops whose outputs live in host memory (offload's copies): not device memory, counted as 0 bytes
@@ -194,6 +205,7 @@ def node_value(node: fx.Node) -> NodeValue:
                                           for e in elements), inputs)
     unknown = _unknown_reason(node)
     schema_sources = _schema_aliases(node) if node.op == "call_function" else None
+    in_place = _IN_PLACE[node.target](node) if node.target in _IN_PLACE else {}
     outputs: list[Output | None] = []
     for index, element in enumerate(elements):
         if isinstance(element, (list, tuple)):
@@ -205,8 +217,8 @@ def node_value(node: fx.Node) -> NodeValue:
         if not isinstance(element, torch.Tensor):
             outputs.append(None)
             continue
-        source = None
-        if schema_sources is not None:
+        source = (in_place[index].name, 0) if index in in_place else None
+        if source is None and schema_sources is not None:
             source_node = schema_sources[min(index, len(schema_sources) - 1)] if schema_sources else None
             if source_node is not None:
                 source = (source_node.name, 0)

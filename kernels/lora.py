@@ -369,6 +369,36 @@ def _(grad, x, xa, lora_a, lora_b, scale, x_grad, a_grad, b_grad, accumulate=Non
             torch.empty_like(lora_b) if b_grad else empty)
 
 
+@torch.library.custom_op("memgraph::lora_linear_backward_into", mutates_args=("accumulate",))
+def _lora_linear_backward_into_op(grad: Tensor, x: Tensor, xa: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
+                                  a_grad: bool, b_grad: bool, accumulate: Tensor) -> tuple[Tensor, Tensor]:
+    """``lora_linear_backward(..., x_grad=True, accumulate=accumulate)`` whose dx is written into ``accumulate``
+    (x's gradient from elsewhere, read by nothing else): (dA, dB). The same sum, rounded the same way, without a
+    second tensor of x's size. Only compiled backward graphs call it (``passes.lora.sum_input_grads_in_place``)."""
+    if accumulate.shape != x.shape or accumulate.dtype != x.dtype:
+        raise ValueError(f"lora_linear_backward_into: accumulate must be x's gradient ({tuple(x.shape)} {x.dtype}); "
+                         f"got {tuple(accumulate.shape)} {accumulate.dtype}")
+    flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    flat_xa = xa.reshape(-1, xa.shape[-1])
+    # a strided gradient is summed in a contiguous copy, then copied back: correct, just not in place
+    target = (accumulate if accumulate.is_contiguous() else accumulate.contiguous()).view(-1, x.shape[-1])
+    grad_a = torch.zeros_like(lora_a) if a_grad else None
+    grad_b = torch.zeros_like(lora_b) if b_grad else None
+    run = _backward_triton if use_triton(x, log) else _backward_torch
+    # dx's rows are read from and written to the same place, one tile (or chunk of rows) at a time
+    run(flat_grad, flat_x, flat_xa, lora_a, lora_b, float(scale), target, grad_a, grad_b, target)
+    if target.data_ptr() != accumulate.data_ptr():
+        accumulate.copy_(target.view(accumulate.shape))
+    empty = x.new_empty((0,))
+    return grad_a if grad_a is not None else empty, grad_b if grad_b is not None else empty
+
+
+@_lora_linear_backward_into_op.register_fake
+def _(grad, x, xa, lora_a, lora_b, scale, a_grad, b_grad, accumulate):
+    empty = x.new_empty((0,))
+    return torch.empty_like(lora_a) if a_grad else empty, torch.empty_like(lora_b) if b_grad else empty
+
+
 def _setup_context(ctx, inputs, output):
     _, x, lora_a, lora_b, scale, _ = inputs
     ctx.save_for_backward(x, output[1], lora_a, lora_b)
@@ -433,8 +463,12 @@ def _register_flop_formulas() -> None:
         through = x_grad or a_grad  # gxa = g @ B is needed for either
         return 2 * rows * rank * (outputs * (int(b_grad) + int(through)) + features * (int(a_grad) + int(x_grad)))
 
+    def backward_into_flops(grad, x, xa, lora_a, lora_b, scale, a_grad, b_grad, accumulate, **kwargs) -> int:
+        return backward_flops(grad, x, xa, lora_a, lora_b, scale, True, a_grad, b_grad, accumulate, **kwargs)
+
     for packet, formula in ((torch.ops.memgraph.lora_linear, forward_flops),
-                            (torch.ops.memgraph.lora_linear_backward, backward_flops)):
+                            (torch.ops.memgraph.lora_linear_backward, backward_flops),
+                            (torch.ops.memgraph.lora_linear_backward_into, backward_into_flops)):
         if packet not in flop_registry:
             register_flop_formula(packet)(formula)
 
@@ -468,6 +502,7 @@ def _register_scratch_formulas() -> None:
 
     register_scratch(torch.ops.memgraph.lora_linear.default, forward)
     register_scratch(torch.ops.memgraph.lora_linear_backward.default, backward)
+    register_scratch(torch.ops.memgraph.lora_linear_backward_into.default, backward)
 
 
 _register_flop_formulas()

@@ -35,10 +35,19 @@ DEFAULT_SOLVERS = ("none", "checkpoint", "greedy", "ilp", "torch-budget")
 
 
 # --- planning -----------------------------------------------------------------------------------------------------
-def _costs(graphs: Sequence[TrainingGraph]) -> list[Any]:
+def _costs(graphs: Sequence[TrainingGraph], options: Mapping[str, Any] | None = None) -> list[Any]:
+    """Each graph's cost model as the backend builds it under ``options``: its codegen, and offload where the
+    options allow it (``pipeline.offload_setting``), so budget-aware solvers weigh offload here too."""
     from memgraph.cost_model import graph_costs
+    from memgraph.options import resolve_options
+    from memgraph.pipeline import offload_setting
 
-    return [graph_costs(g) for g in graphs]
+    resolved = resolve_options(options)
+    costs = []
+    for graph in graphs:
+        offload_budget, device = offload_setting(graph, resolved)
+        costs.append(graph_costs(graph, codegen=resolved.codegen, offload_budget=offload_budget, device=device))
+    return costs
 
 
 def auto_budgets(graphs: Sequence[TrainingGraph], count: int = 5, costs: Sequence[Any] | None = None) -> list[int]:
@@ -185,7 +194,7 @@ def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None 
         graphs = [record.graph for record in captured]
     if save_graph_path:
         _save_graphs(graphs, save_graph_path)
-    costs = _costs(graphs)
+    costs = _costs(graphs, options)
     budget_list = _resolve_budgets(budgets, graphs, costs)
     if measure is None:
         measure = not given and _on_cuda(model_or_fn)

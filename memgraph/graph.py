@@ -39,16 +39,19 @@ class TrainingGraph:
         return cls(joint, _compat.tree_leaves(list(joint_inputs)), num_fwd_outputs,
                    tuple(static_lifetime_input_indices or ()))
 
-    def __post_init__(self) -> None:
+    canonical: dataclasses.InitVar[bool] = False  # the joint is a copy of one already canonicalized
+
+    def __post_init__(self, canonical: bool) -> None:
         # Every solver, and torch's partitioners run on copies, must see one graph: dead code removed and
         # common subexpressions merged, as torch's min-cut does before it partitions.
-        self.joint = _compat.canonicalize_joint(self.joint)
-        _fuse_joint(self.joint)
+        if not canonical:
+            self.joint = _compat.canonicalize_joint(self.joint)
+            _fuse_joint(self.joint)
 
     def private_copy(self) -> "TrainingGraph":
         """The graph on a copy of its joint module (nodes and their metadata copied, fake values shared)."""
         return TrainingGraph(_compat.copy_graph_module(self.joint), self.example_inputs, self.num_fwd_outputs,
-                             self.static_input_indices)
+                             self.static_input_indices, canonical=True)
 
     @functools.cached_property
     def nodes_by_name(self) -> dict[str, fx.Node]:
@@ -73,7 +76,7 @@ class TrainingGraph:
     @functools.cached_property
     def forward_nodes(self) -> list[fx.Node]:
         """Nodes the forward outputs need (primals included), in graph order."""
-        required = self._node_info.required_fw_nodes
+        required = set(self._node_info.required_fw_nodes)  # torch's is a sorted list: O(n) per lookup
         return [n for n in self.joint.graph.nodes if n in required]
 
     @functools.cached_property

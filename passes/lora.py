@@ -37,7 +37,7 @@ from memgraph.passes._matching import Unsupported, copy_trace_meta, each_match, 
 
 log = logging.getLogger("memgraph.passes.lora")
 
-__all__ = ["rewrite_lora", "accumulate_input_grads"]
+__all__ = ["rewrite_lora", "accumulate_input_grads", "sum_input_grads_in_place", "written_into"]
 
 LINEAR_TARGETS = (_compat.LINEAR_FUNCTION, torch.nn.functional.linear)
 MUL_TARGETS = (operator.mul, torch.mul)
@@ -270,3 +270,84 @@ def _input_grad_sum(node: fx.Node, order: dict) -> Optional[tuple[fx.Node, fx.No
     if any(order[user] < order[total] for output in outputs for user in output.users):
         return None  # dA or dB is read before the sum: the op cannot move there
     return grad_x, total, other
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In the partitioned backward graph: that sum written into the base layer's gradient
+# ------------------------------------------------------------------------------------------------------------
+def written_into(node: fx.Node) -> dict[int, fx.Node]:
+    """{0: the base layer's gradient} when ``lora_linear_backward``'s dx (the sum) may be written into it: an op's
+    fresh output that nothing else reads. The summed gradient and the base layer's then share one tensor of x's
+    size where the MLP's backward peaks (Llama-3-8B at 100k tokens: 2.7 GiB)."""
+    other = node.kwargs.get("accumulate")
+    if len(node.args) != 9 or not isinstance(other, fx.Node) or not _read_only_through(other):
+        return {}
+    return {0: other}
+
+
+def _read_only_through(node: fx.Node) -> bool:
+    """Whether ``node``'s storage is read by nothing but ``node``'s one user: a fresh output of an op, or a chain of
+    views of one (``mm`` then ``view`` for nn.Linear's input gradient), each read by the next alone."""
+    from memgraph.cost_model.policies import is_multi_output
+    from memgraph.cost_model.values import node_value
+
+    while True:
+        if node.op != "call_function" or len(node.users) != 1:
+            return False
+        outputs = node_value(node).outputs
+        if len(outputs) != 1 or outputs[0] is None:
+            return False
+        if outputs[0].alias is None:
+            return True
+        source_name, index = outputs[0].alias
+        source = next((n for n in node.all_input_nodes if n.name == source_name), None)
+        if source is None:
+            return False
+        if is_multi_output(source):  # a tuple's item: no other reader of that item
+            return node.target is operator.getitem and \
+                sum(u.target is operator.getitem and u.args[1] == index for u in source.users) == 1 and \
+                node_value(source).outputs[index] is not None and node_value(source).outputs[index].alias is None
+        node = source
+
+
+def sum_input_grads_in_place(gm: fx.GraphModule) -> int:
+    """Replace each ``lora_linear_backward(..., accumulate=g)`` whose dx may be written into ``g``
+    (``written_into``) by ``lora_linear_backward_into``, which sums into ``g`` in place; dx's readers read ``g``.
+    Run on a backward graph in its final order (the cost model counts dx on g's storage the same way). Returns how
+    many sums now happen in place."""
+    backward_op = torch.ops.memgraph.lora_linear_backward.default
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not backward_op or not written_into(node):
+            continue
+        items = {user.args[1]: user for user in node.users if user.target is operator.getitem}
+        if len(items) != len(node.users):
+            continue  # the tuple itself is read: leave the functional op
+        # The node itself becomes the in-place op (its name stays: the cost model names the step alike).
+        grad, x, xa, lora_a, lora_b, scale, _, a_grad, b_grad = node.args
+        other = node.kwargs["accumulate"]
+        node.target = torch.ops.memgraph.lora_linear_backward_into.default
+        node.args, node.kwargs = (grad, x, xa, lora_a, lora_b, scale, a_grad, b_grad, other), {}
+        value = node.meta.get("val")
+        if isinstance(value, (tuple, list)) and len(value) == 3:
+            node.meta["val"] = (value[1], value[2])
+        if 0 in items:
+            items[0].replace_all_uses_with(other)
+            gm.graph.erase_node(items[0])
+        for index in (1, 2):
+            if index in items:
+                items[index].args = (node, index - 1)
+        changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _register_in_place_outputs() -> None:
+    from memgraph.cost_model.values import register_in_place_outputs
+
+    register_in_place_outputs(torch.ops.memgraph.lora_linear_backward.default, written_into)
+
+
+_register_in_place_outputs()

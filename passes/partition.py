@@ -2,10 +2,14 @@
 recomputes everything else it needs from them; offloaded values go to host memory and back (``offload.py``)."""
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
 from memgraph import _compat
+from memgraph.cost_model.policies import is_multi_output
 from memgraph.graph import TrainingGraph
+from memgraph.passes.lora import sum_input_grads_in_place
 from memgraph.plan import Plan
 
 
@@ -25,11 +29,32 @@ def partition(graph: TrainingGraph, plan: Plan) -> tuple[fx.GraphModule, fx.Grap
         raise InvalidPlanError(
             f"plan of solver {plan.solver!r} cannot be applied: {type(error).__name__}: {error}") from error
     bw = _compat.reorder_backward_like_autograd(bw)
+    _items_after_tuples(bw)
+    sum_input_grads_in_place(bw)  # as the cost model counts it (``passes.lora.written_into``)
     if plan.offloaded:
         from memgraph.passes.offload import apply_transfers
 
         apply_transfers(fw, bw, plan, graph.num_fwd_outputs)
     return fw, bw
+
+
+def _items_after_tuples(gm: fx.GraphModule) -> None:
+    """Move each multi-output op's getitems right after it. The autograd-like order puts a recomputed getitem
+    just before its first use, and until then the tuple, so every output of the op, stays referenced (eager
+    codegen holds them all; Inductor unpacks a tuple at once). The cost model orders backward the same way."""
+    moved = False
+    position = {node: index for index, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not is_multi_output(node):
+            continue
+        anchor = node
+        for item in sorted((u for u in node.users if u.target is operator.getitem), key=position.__getitem__):
+            if item.prev is not anchor:
+                anchor.append(item)
+                moved = True
+            anchor = item
+    if moved:
+        gm.recompile()
 
 
 def recomputed_nodes(graph: TrainingGraph, bw: fx.GraphModule) -> list[str]:

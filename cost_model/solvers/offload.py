@@ -137,9 +137,67 @@ def with_offload(solve: Callable[..., Plan]) -> Callable[..., Plan]:
                                         **details))
         if not plans:  # name the lowest peak offload reached
             raise costs.infeasible(getattr(solve, "__name__", "solver"), budget, best=lowest)
-        return min(plans, key=added_seconds)
+        best = min(plans, key=added_seconds)
+        if not best.offloaded:
+            return best
+        offloaded = costs.indices(best.offloaded)
+        saved, estimate = keep_what_fits(costs, costs.indices(best.saved), offloaded, budget)
+        if len(saved) == len(best.saved):
+            return best
+        details = {k: v for k, v in best.details.items() if k != "transfers"}
+        return costs.plan(best.solver, saved, budget, estimate=estimate, offloaded=offloaded, **details)
 
     return solver
+
+
+def keep_what_fits(costs: GraphCosts, saved: set[int], offloaded: set[int], budget: int, *,
+                   max_simulations: int = 16) -> tuple[set[int], MemoryEstimate]:
+    """``saved`` plus values backward would recompute that are worth keeping, while the predicted peak stays
+    within ``budget``; and the estimate of the result.
+
+    An offload plan starts from the leanest keep/recompute set and may leave memory unused. Recomputed values
+    are weighed by recompute time saved per byte kept (a LoRA adapter's [tokens, rank] product spares backward
+    the whole base matmul that made it), one decision per place in the repeated block (every layer alike), the
+    best first; each is kept only if the simulated peak still fits."""
+    estimate = costs.simulate(saved, offloaded=offloaded)
+    recomputed = costs.recomputed(saved)
+    seconds = costs.seconds
+    candidates = [i for i in recomputed if i not in costs.unsaveable and i not in costs.views
+                  and i in costs.forward_set and costs.recomputable(i) and costs.weight[i] > 0]
+    scored = []
+    for group in _by_block_position(costs, candidates):
+        spared = recomputed - costs.recomputed(saved | {group[0]})
+        gain = float(sum(seconds[i] for i in spared))
+        if gain > 0:
+            scored.append((gain / int(costs.weight[group[0]]), group))
+    scored.sort(key=lambda item: -item[0])
+    simulations = 0
+    for _, group in scored:
+        if simulations >= max_simulations:
+            break
+        if all(i in saved or i not in costs.recomputed(saved) for i in group):
+            continue  # an earlier keep already spared these
+        simulations += 1
+        trial = saved | set(group)
+        trial_estimate = costs.simulate(trial, offloaded=offloaded)
+        if trial_estimate.peak_bytes_hint <= budget:
+            saved, estimate = trial, trial_estimate
+    return saved, estimate
+
+
+def _by_block_position(costs: GraphCosts, values: list[int]) -> list[list[int]]:
+    """``values`` grouped by their place in the repeated block (the same op of every layer together); values
+    outside the repeated run each on their own."""
+    blocks = costs.blocks()
+    place: dict[int, int] = {}
+    if blocks is not None:
+        for lo, hi in zip(blocks.bounds, blocks.bounds[1:]):
+            for position in range(lo, hi):
+                place[blocks.ops[position]] = position - lo
+    groups: dict[Any, list[int]] = {}
+    for i in sorted(values):
+        groups.setdefault(("block", place[i]) if i in place else ("alone", i), []).append(i)
+    return list(groups.values())
 
 
 @register("offload-layers", uses_budget=True)

@@ -101,6 +101,28 @@ def test_offload_is_chosen_where_recompute_cannot_reach(captured):
         assert_transfers_are_ordered(plan, fw, bw, captured.graph.num_fwd_outputs)
 
 
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(room=st.floats(min_value=0.0, max_value=0.5))
+def test_offload_plans_keep_what_the_budget_has_room_for(captured, room):
+    """From an offload plan, recomputed values are kept while the peak stays within the budget: never more recompute
+    time, never above the budget, the offloaded values unchanged; with room, some recompute time is spared."""
+    from memgraph.cost_model.solvers.offload import keep_what_fits
+
+    costs = cost_model.graph_costs(captured.graph, offload_budget=1 << 30)
+    start = captured.partitions["offload-layers"].plan
+    saved, offloaded = costs.indices(start.saved), costs.indices(start.offloaded)
+    budget = int(start.peak_bytes * (1 + room))
+    kept, estimate = keep_what_fits(costs, saved, offloaded, budget)
+    assert kept >= saved and costs.is_valid(kept)
+    assert estimate.peak_bytes_hint == costs.simulate(kept, offloaded=offloaded).peak_bytes_hint <= budget
+    assert costs.recompute_seconds(kept) <= costs.recompute_seconds(saved)
+    if room >= 0.25:
+        assert costs.recompute_seconds(kept) < costs.recompute_seconds(saved)
+    plan = costs.plan("ilp", kept, budget, estimate=estimate, offloaded=offloaded)
+    fw, bw = partition(captured.graph.private_copy(), plan)
+    assert_transfers_are_ordered(plan, fw, bw, captured.graph.num_fwd_outputs)
+
+
 def test_host_budget_bounds_what_is_offloaded(captured):
     one_value = captured.partitions["offload-layers"].plan.details["transfers"][0]["nbytes"]
     costs = cost_model.graph_costs(captured.graph, offload_budget=one_value)

@@ -74,3 +74,24 @@ def test_meta_capture_has_no_real_storage():
     (captured,) = capture(model, input_ids=ids, labels=ids, use_cache=False, backward=False)
     graph = captured.graph
     assert graph.num_fwd_outputs >= 1 and graph.backward_nodes
+
+
+def test_offload_option_reaches_the_budget_aware_solvers():
+    """With offload="on" compare plans as the backend does: greedy may offload, so it reaches offload-layers' peak,
+    below its leanest keep/recompute plan (where it fails without offload)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)).train()
+    ids = torch.randint(0, 96, (1, 512), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "labels": ids}
+    settings = {"example_kwargs": kwargs, "progress": False, "print_table": False, "solvers": ["greedy"]}
+    offload = {"offload": "on", "codegen": "eager", "rewrites": False}
+    lean = compare(model, example_kwargs=kwargs, budgets=[None], solvers=["offload-layers"], progress=False,
+                   print_table=False, options=offload)
+    budget = lean[0]["predicted_peak_bytes"]
+    (without,) = compare(model, budgets=[budget], options={"codegen": "eager", "rewrites": False}, **settings)
+    (with_offload,) = compare(model, budgets=[budget], options=offload, **settings)
+    assert not without["feasible"]  # keep/recompute alone cannot get there
+    assert with_offload["feasible"] and with_offload["predicted_peak_bytes"] <= budget

@@ -161,3 +161,52 @@ def test_bfloat16_through_the_backend_matches_eager():
     model = peft_model(torch.bfloat16)
     compare_to_eager(model, ids_for(model), {"codegen": "eager", "rewrites": ["lora"]}, loss_rtol=1e-3,
                      grad_rtol=1e-2)
+
+
+@pytest.mark.parametrize("solver", ["none", "checkpoint"])
+def test_backward_writes_x_gradient_sums_in_place(solver):
+    """Where nothing else reads the base layer's gradient, the partitioned backward sums the adapter's part into it
+    (``lora_linear_backward_into``): no tensor of x's size for the sum. The cost model's simulation of the joint
+    graph and its estimate of the partitioned graphs agree, and the in-place sums give eager's gradients (eager
+    and Inductor codegen)."""
+    from memgraph import cost_model
+    from memgraph.capture import capture
+    from tests.helpers import compare_to_eager
+
+    model = peft_model(torch.float32)
+    ids = ids_for(model)
+    (captured,) = capture(model, options={"codegen": "eager", "rewrites": ["lora"]}, solvers=(solver,),
+                          input_ids=ids, labels=ids)
+    part = captured.partitions[solver]
+    nodes = list(part.bw.graph.nodes)
+    into = [n for n in nodes if n.target is torch.ops.memgraph.lora_linear_backward_into.default]
+    summed = [n for n in nodes if n.target is torch.ops.memgraph.lora_linear_backward.default and n.kwargs]
+    assert len(into) >= LAYERS * 3  # o_proj, down_proj and one of gate/up per layer at least
+    assert len(into) + len(summed) == LAYERS * len(PROJECTIONS) - 3
+    simulated = captured.costs.estimate(part.plan)
+    partitioned = cost_model.estimate_partitioned(part.graph, part.fw, part.bw, codegen="eager")
+    assert simulated.peak_bytes_hint == partitioned.peak_bytes_hint
+    # the same timeline, but for dx's getitems, which the partitioned graph no longer has (they read g)
+    by_name = dict(zip(partitioned.names, partitioned.during))
+    assert {n: d for n, d in zip(simulated.names, simulated.during) if n in by_name} == by_name
+    model.zero_grad(set_to_none=True)  # capture ran a backward
+    for codegen in ("eager", "inductor"):
+        compare_to_eager(model, ids, {"codegen": codegen, "rewrites": ["lora"], "solver": solver},
+                         loss_rtol=1e-5, grad_rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weights", ["bf16", "nf4"])
+def test_in_place_sums_on_cuda_match_eager(weights):
+    """On the GPU (Triton kernels, Inductor's CUDA codegen, the in-place sums into nf4/mm input gradients) the
+    adapters' gradients equal eager's; bfloat16 model, float32 adapters as PEFT keeps them."""
+    import memgraph
+    from tests.helpers import compare_to_eager
+
+    model = peft_model(torch.bfloat16).cuda()
+    if weights == "nf4":
+        memgraph.quantize_(model, "nf4")
+    ids = ids_for(model).cuda()
+    compiled = compare_to_eager(model, ids, {"rewrites": ["lora", "nf4"], "solver": "checkpoint"}, loss_rtol=1e-3,
+                                grad_rtol=2e-2)
+    assert compiled is not None
