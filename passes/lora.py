@@ -304,9 +304,9 @@ def _read_only_through(node: fx.Node) -> bool:
         if source is None:
             return False
         if is_multi_output(source):  # a tuple's item: no other reader of that item
-            return node.target is operator.getitem and \
-                sum(u.target is operator.getitem and u.args[1] == index for u in source.users) == 1 and \
-                node_value(source).outputs[index] is not None and node_value(source).outputs[index].alias is None
+            item = node_value(source).outputs[index]
+            return node.target is operator.getitem and item is not None and item.alias is None and \
+                sum(u.target is operator.getitem and u.args[1] == index for u in source.users) == 1
         node = source
 
 

@@ -175,13 +175,14 @@ def keep_what_fits(costs: GraphCosts, saved: set[int], offloaded: set[int], budg
     for _, group in scored:
         if simulations >= max_simulations:
             break
-        if all(i in saved or i not in costs.recomputed(saved) for i in group):
+        if not recomputed.intersection(group):
             continue  # an earlier keep already spared these
         simulations += 1
         trial = saved | set(group)
         trial_estimate = costs.simulate(trial, offloaded=offloaded)
         if trial_estimate.peak_bytes_hint <= budget:
             saved, estimate = trial, trial_estimate
+            recomputed = costs.recomputed(saved)
     return saved, estimate
 
 
