@@ -36,18 +36,13 @@ DEFAULT_SOLVERS = ("none", "checkpoint", "greedy", "ilp", "torch-budget")
 
 # --- planning -----------------------------------------------------------------------------------------------------
 def _costs(graphs: Sequence[TrainingGraph], options: Mapping[str, Any] | None = None) -> list[Any]:
-    """Each graph's cost model as the backend builds it under ``options``: its codegen, and offload where the
-    options allow it (``pipeline.offload_setting``), so budget-aware solvers weigh offload here too."""
-    from memgraph.cost_model import graph_costs
+    """Each graph's cost model as the backend builds it under ``options`` (``pipeline.costs_under``), so
+    budget-aware solvers weigh offload here too."""
     from memgraph.options import resolve_options
-    from memgraph.pipeline import offload_setting
+    from memgraph.pipeline import costs_under
 
     resolved = resolve_options(options)
-    costs = []
-    for graph in graphs:
-        offload_budget, device = offload_setting(graph, resolved)
-        costs.append(graph_costs(graph, codegen=resolved.codegen, offload_budget=offload_budget, device=device))
-    return costs
+    return [costs_under(graph, resolved) for graph in graphs]
 
 
 def auto_budgets(graphs: Sequence[TrainingGraph], count: int = 5, costs: Sequence[Any] | None = None) -> list[int]:

@@ -71,16 +71,23 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, options: Options) -> tuple
 def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Plan, Any]:
     """The plan of ``options.solver`` under ``options.memory_budget`` and its predicted memory (the one
     estimate behind ``plan.peak_bytes``)."""
-    from memgraph.cost_model import graph_costs, solvers
+    from memgraph.cost_model import solvers
 
-    offload_budget, device = offload_setting(graph, options)
-    costs = graph_costs(graph, codegen=options.codegen, offload_budget=offload_budget, device=device)
+    costs = costs_under(graph, options)
     entry = solvers.get(options.solver)
     started = time.perf_counter()
     plan = entry.function(graph, costs, options.memory_budget)
     plan.solve_seconds = time.perf_counter() - started
     plan.budget_bytes = options.memory_budget
     return plan, costs.estimate(plan)
+
+
+def costs_under(graph: TrainingGraph, options: Options):
+    """The graph's cost model as ``options`` set it up: their codegen, and offload where they allow it."""
+    from memgraph.cost_model import graph_costs
+
+    offload_budget, device = offload_setting(graph, options)
+    return graph_costs(graph, codegen=options.codegen, offload_budget=offload_budget, device=device)
 
 
 def offload_setting(graph: TrainingGraph, options: Options):

@@ -282,6 +282,8 @@ def written_into(node: fx.Node) -> dict[int, fx.Node]:
     other = node.kwargs.get("accumulate")
     if len(node.args) != 9 or not isinstance(other, fx.Node) or not _read_only_through(other):
         return {}
+    if any(user.target is not operator.getitem for user in node.users):
+        return {}  # the tuple itself is read: the op stays functional
     return {0: other}
 
 
@@ -320,9 +322,7 @@ def sum_input_grads_in_place(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.target is not backward_op or not written_into(node):
             continue
-        items = {user.args[1]: user for user in node.users if user.target is operator.getitem}
-        if len(items) != len(node.users):
-            continue  # the tuple itself is read: leave the functional op
+        items = {user.args[1]: user for user in node.users}
         # The node itself becomes the in-place op (its name stays: the cost model names the step alike).
         grad, x, xa, lora_a, lora_b, scale, _, a_grad, b_grad = node.args
         other = node.kwargs["accumulate"]
