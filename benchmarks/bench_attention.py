@@ -312,6 +312,74 @@ def time_masked(name: str, head_dim: int = 128) -> list[dict]:
     return rows
 
 
+# --- soft-capped scores (Gemma 2): HF runs its eager attention for them; FlexAttention is the compiled rival ---
+SOFTCAP = 50.0  # Gemma 2's attn_logit_softcapping
+SOFTCAP_CASES = ((2048, 256), (8192, 256))  # (seq, head_dim): Gemma 2's head dim
+
+
+def _eager_softcap(q, k, v):
+    """HF's eager_attention_forward for Gemma 2 (repeat_kv, bf16 scores, float32 softmax, causal float mask)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    x = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    x = torch.tanh(x / SOFTCAP) * SOFTCAP
+    positions = torch.arange(q.shape[2], device=q.device)
+    x = x + torch.where(positions[None, :] <= positions[:, None], 0.0, torch.finfo(torch.float32).min)
+    p = F.softmax(x, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def _flex_softcap(seq):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return SOFTCAP * torch.tanh(score / SOFTCAP)
+
+    block_mask = create_block_mask(causal, None, None, seq, seq, device=DEVICE)
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, score_mod=softcap, block_mask=block_mask, enable_gqa=True)
+
+
+def time_softcap(seq: int, head_dim: int) -> list[dict]:
+    """fwd+bwd of memgraph's soft-capped attention (kv 16 and 4) against HF's eager path and FlexAttention."""
+    q, k, v, grad_out = _inputs(seq, head_dim, seed=seq + head_dim)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    impls = [("hf_eager", 16, lambda: _eager_softcap)]
+    if DEVICE == "cuda":
+        impls.append(("flex_attention", 16, lambda: _flex_softcap(seq)))
+    impls += [("memgraph", bits, lambda bits=bits: _ours(bits, softcap=SOFTCAP)) for bits in (16, 4)]
+    rows, flops = [], forward_flops(seq, head_dim)
+    for impl, kv_bits, build in impls:
+        row = {"impl": impl, "kv_bits": kv_bits, "softcap": SOFTCAP, "seq": seq, "head_dim": head_dim}
+        try:
+            fn = build()
+            fn(*leaves).backward(grad_out)  # compile / autotune outside the timing
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            with exclusive_gpu_timing():
+                ms = _median_ms(lambda: fn(*leaves).backward(grad_out), grad_to_none=leaves)
+            row.update(fwd_bwd_ms=ms, fwd_bwd_tflops=3.5 * flops / ms / 1e9)
+            if DEVICE == "cuda":
+                row["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        except Exception as error:  # noqa: BLE001 - a baseline that cannot run is recorded, not fatal
+            row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+        rows.append(row)
+    eager = rows[0].get("fwd_bwd_ms")
+    for row in rows:
+        if eager and "fwd_bwd_ms" in row:
+            row["speedup_vs_hf_eager"] = eager / row["fwd_bwd_ms"]
+    reference = _grads(lambda *x: _eager_softcap(*(t.float() for t in x)), q, k, v, grad_out)
+    ours = _grads(_ours(16, softcap=SOFTCAP), q, k, v, grad_out)
+    rows[-2]["check_max_rel_error_vs_float32"] = max(_rel(a, b) for a, b in zip(ours, reference))
+    bf16 = _grads(_eager_softcap, q, k, v, grad_out)
+    rows[0]["check_max_rel_error_vs_float32"] = max(_rel(a, b) for a, b in zip(bf16, reference))
+    return rows
+
+
 def profile_host(seq, head_dim, calls: int = 50) -> None:
     """cProfile of memgraph's kv_bits=16 fwd+bwd (after a warm-up that autotunes): the host-side cost per call."""
     import cProfile
@@ -620,6 +688,9 @@ def main(argv=None) -> int:
                         help="CPU dry run of the whole script on tiny shapes (Triton's interpreter); writes no results")
     parser.add_argument("--masked", action="store_true",
                         help="packed and padded batches against SDPA with the same masks; writes attention_masked.json")
+    parser.add_argument("--softcap", action="store_true",
+                        help="soft-capped scores (Gemma 2) against HF's eager path and FlexAttention; writes "
+                             "attention_softcap.json")
     parser.add_argument("--tune", action="store_true",
                         help="time every CONFIGS entry of every kernel alone; writes attention_tuning.json")
     parser.add_argument("--tune-budget", type=float, default=TUNE_BUDGET_S,
@@ -645,6 +716,13 @@ def main(argv=None) -> int:
         if not args.smoke:
             write_results("attention_masked", rows, heads=HEADS, kv_heads=KV_HEADS, dtype="bfloat16",
                           packed_sequences=PACKED_SEQUENCES, padding_fraction=PADDING_FRACTION)
+        return 0
+    if args.softcap:
+        cases = [(96, 64)] if args.smoke else SOFTCAP_CASES
+        rows = [row for seq, head_dim in cases for row in time_softcap(seq, head_dim)]
+        print_table(rows)
+        if not args.smoke:
+            write_results("attention_softcap", rows, heads=HEADS, kv_heads=KV_HEADS, dtype="bfloat16", causal=True)
         return 0
     if args.no_autotune:
         from memgraph.kernels.attention import launch as module

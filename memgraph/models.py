@@ -16,6 +16,11 @@ TINY: dict[str, dict[str, Any]] = {
     "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=128,
                   max_position_embeddings=128),
+    # Eager attention with soft-capped scores (SDPA has no cap), alternating sliding-window layers, capped logits.
+    "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                   max_position_embeddings=128, sliding_window=8, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=3.0, attn_implementation="eager"),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128,
                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                  bos_token_id=0, eos_token_id=0),

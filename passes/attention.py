@@ -1,4 +1,5 @@
-"""Rewrite ``scaled_dot_product_attention`` in Dynamo's FX graph into ``torch.ops.memgraph.attention``.
+"""Rewrite attention in Dynamo's FX graph into ``torch.ops.memgraph.attention``: ``scaled_dot_product_attention``
+calls, and the eager form HF writes where SDPA cannot serve (Gemma 2's soft-capped scores; models without SDPA).
 
 What HF's sdpa path emits (transformers 5.x, seen by compiling tiny llama/mistral/qwen2/gemma models):
 
@@ -7,6 +8,12 @@ What HF's sdpa path emits (transformers 5.x, seen by compiling tiny llama/mistra
 * with a mask (a padding mask from ``attention_mask``, or a sliding window): the mask is built in the graph
   (``arange`` indices compared, ``&``-ed, ``expand``-ed), ``is_causal=False``, and K/V are expanded by
   ``repeat_kv``: ``x[:, :, None, :, :].expand(B, Hkv, n_rep, S, D).reshape(B, Hkv * n_rep, S, D)``.
+
+What HF's eager path emits (``eager_attention_forward``): ``matmul(q, repeat_kv(k).transpose(2, 3)) * scaling``,
+for Gemma 2 ``tanh(x / c) * c``, ``+ mask`` (an additive float mask built in the graph), ``softmax(dim=-1,
+dtype=float32)``, ``.to(q.dtype)``, ``dropout(p=0)``, ``matmul(P, repeat_kv(v))``. Matched from the last matmul
+back: every node between the two matmuls must feed only the next one (a returned ``attn_weights`` keeps the eager
+form), the scale and cap must be constants, the dropout the identity; the mask and K/V are then handled as SDPA's.
 
 What is rewritten, and how it is proven equivalent:
 
@@ -49,7 +56,8 @@ import torch.fx as fx
 
 from memgraph import _compat
 from memgraph.kernels import attention as attention_kernel
-from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, copy_trace_meta, example_value
+from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, copy_trace_meta, example_value, \
+    only_user, record_example_values, through_scale, through_softcap
 from memgraph.passes import RUNTIME_CHECKS
 
 log = logging.getLogger("memgraph.passes.attention")
@@ -98,6 +106,11 @@ class _Match:
     scale: Optional[float]
     dead_candidates: list  # nodes that may become unused once the SDPA call is replaced
     segments: Optional[tuple] = None  # (segments function, the [B, S] graph input it reads) for masked batches
+    softcap: Optional[float] = None  # Gemma 2's tanh cap on the scaled scores (eager attention only)
+    # A float mask's fully masked row (a left-padded row before its first token) is a softmax over scores that all
+    # round to the mask's large negative: uniform weights, the mean of V over every key. The kernel gives such a
+    # row 0 (a boolean mask's answer in SDPA), so the rewrite puts the mean there.
+    mean_where_empty: bool = False
 
 
 def rewrite_attention(gm: fx.GraphModule, example_inputs: list, options: Any) -> fx.GraphModule:
@@ -106,10 +119,18 @@ def rewrite_attention(gm: fx.GraphModule, example_inputs: list, options: Any) ->
     rewritten = 0
     segment_nodes: dict = {}  # one segments computation per (function, input), shared by every layer
     for node in list(gm.graph.nodes):
-        if not (node.op == "call_function" and node.target in SDPA_TARGETS):
+        if node.graph is not gm.graph:  # erased with an attention rewritten before it
+            continue
+        if node.op == "call_function" and node.target in SDPA_TARGETS:
+            matcher = _match
+        elif _is_eager_candidate(node):
+            matcher = _match_eager
+        else:
             continue
         try:
-            match = _match(gm, node)
+            match = matcher(gm, node)
+        except _NotEagerAttention:
+            continue
         except _Unsupported as reason:
             log.info("memgraph: attention %s left unchanged: %s", node.name, reason)
             continue
@@ -143,6 +164,7 @@ def _same_size(a, b) -> bool:
 
 
 def _match(gm: fx.GraphModule, node: fx.Node) -> _Match:
+    """An SDPA call: its constant flags, then what every attention shares (``_match_attention``)."""
     arguments = call_arguments(node, SDPA_PARAMETERS, SDPA_DEFAULTS)
     dropout_p, is_causal, scale, enable_gqa = (arguments[name] for name in ("dropout_p", "is_causal", "scale",
                                                                            "enable_gqa"))
@@ -152,8 +174,14 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match:
         raise _Unsupported(f"is_causal={is_causal!r} / enable_gqa={enable_gqa!r} are not constants")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise _Unsupported(f"scale={scale!r} is not a constant")
+    return _match_attention(gm, [node], arguments["query"], arguments["key"], arguments["value"],
+                            arguments["attn_mask"], is_causal, None if scale is None else float(scale), enable_gqa)
 
-    query, key, value = arguments["query"], arguments["key"], arguments["value"]
+
+def _match_attention(gm: fx.GraphModule, dead: list, query, key, value, mask, is_causal: bool,
+                     scale: Optional[float], enable_gqa: bool, softcap: Optional[float] = None) -> _Match:
+    """Shapes, dtypes and heads checked, the repeat_kv copies bypassed, the mask proven; ``dead``: the nodes that
+    computed the attention (the call first), dropped once it is replaced."""
     q, k, v = (example_value(x) for x in (query, key, value))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         raise _Unsupported("query/key/value have no example values to check shapes on")
@@ -182,7 +210,7 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match:
     if not enable_gqa and kv_heads not in (1, heads):  # SDPA broadcasts a single KV head; anything else errors
         raise _Unsupported(f"Hq={heads}, Hkv={kv_heads} without enable_gqa")
 
-    dead = [node]
+    dead = list(dead)
     expanded_key, expanded_value = _repeat_kv_source(key), _repeat_kv_source(value)
     # Reading the un-expanded K/V at the SDPA call is only the same if nothing mutates them (or the copies).
     bypass = (expanded_key is not None and expanded_value is not None and expanded_key[1] == expanded_value[1]
@@ -192,7 +220,6 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match:
         value, _, value_chain = expanded_value
         dead += key_chain + value_chain
 
-    mask = arguments["attn_mask"]
     segments = None
     if mask is None:
         causal, window = is_causal, None
@@ -201,7 +228,172 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match:
     else:
         causal, window, mask_nodes, segments = _prove_mask(gm, mask, q)
         dead += mask_nodes
-    return _Match(query, key, value, causal, window, None if scale is None else float(scale), dead, segments)
+    mean_where_empty = segments is not None and example_value(mask).is_floating_point()
+    return _Match(query, key, value, causal, window, scale, dead, segments, softcap, mean_where_empty)
+
+
+# --- eager attention, as HF's ``eager_attention_forward`` writes it ---
+# matmul(dropout_0(cast(softmax(softcap(matmul(q, k.transpose(2, 3)) * s) + mask, -1))), v); every step but the
+# two matmuls and the softmax optional. Gemma 2 takes this path (SDPA has no soft-cap), as do models without SDPA.
+MATMUL_TARGETS = (torch.matmul, operator.matmul)
+SOFTMAX_TARGETS = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
+DROPOUT_TARGETS = (torch.nn.functional.dropout,)
+ADD_TARGETS = (operator.add, torch.add)
+FLOAT_CASTS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+SOFTMAX_DTYPES = (None, torch.float32)  # the kernel's softmax runs in float32
+
+
+class _NotEagerAttention(Exception):
+    """A matmul that is not the last one of an eager attention (skipped without a log line)."""
+
+
+def _is_matmul(node: Any) -> bool:
+    return isinstance(node, fx.Node) and (node.op == "call_function" and node.target in MATMUL_TARGETS
+                                          or node.op == "call_method" and node.target == "matmul")
+
+
+def _is_eager_candidate(node: fx.Node) -> bool:
+    return _is_matmul(node) and len(node.args) == 2 and not node.kwargs
+
+
+def _link(chain: list[fx.Node], node: fx.Node) -> None:
+    """Append node to the chain a rewrite replaces, after checking it feeds nothing but the chain's last node."""
+    only_user(node, chain[-1])
+    chain.append(node)
+
+
+def _through_dropout(node: fx.Node, chain: list[fx.Node]) -> fx.Node:
+    """Dropout with a constant p = 0 (or constant training=False) is the identity."""
+    if not (node.op == "call_function" and node.target in DROPOUT_TARGETS):
+        return node
+    arguments = call_arguments(node, ("input", "p", "training", "inplace"),
+                               {"p": 0.5, "training": True, "inplace": False})
+    p, training = arguments["p"], arguments["training"]
+    if arguments["inplace"] is not False or not (p == 0 and isinstance(p, (int, float)) or training is False):
+        raise _Unsupported(f"attention dropout p={p!r}, training={training!r} (only the identity is equivalent)")
+    _link(chain, node)
+    return arguments["input"]
+
+
+def _through_dtype_casts(node: fx.Node, chain: list[fx.Node]) -> fx.Node:
+    """``.to(dtype)``, ``.type_as(x)``, ``.float()``...: the kernel rounds P to V's dtype for P @ V itself."""
+    while isinstance(node, fx.Node) and node.op == "call_method":
+        if node.target in FLOAT_CASTS and len(node.args) == 1 and not node.kwargs:
+            pass
+        elif node.target == "to":
+            dtype = node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
+            others = list(node.args[2:]) + [v for k, v in node.kwargs.items() if k != "dtype"]
+            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point) or others:
+                raise _Unsupported(f"{node.name}: .to({node.args[1:]}, {node.kwargs}) is not a dtype cast")
+        elif node.target == "type_as" and len(node.args) == 2:
+            pass
+        else:
+            break
+        _link(chain, node)
+        node = node.args[0]
+    return node
+
+
+def _softmax_input(node: Any) -> fx.Node:
+    """The input of a softmax over the last dim in float32 (or the input's dtype); _NotEagerAttention if node is
+    no softmax."""
+    if not isinstance(node, fx.Node):
+        raise _NotEagerAttention
+    if node.op == "call_method" and node.target == "softmax":
+        arguments = call_arguments(node, ("input", "dim", "dtype"), {"dtype": None})
+    elif node.op == "call_function" and node.target in SOFTMAX_TARGETS:
+        arguments = call_arguments(node, ("input", "dim", "_stacklevel", "dtype"),
+                                   {"dim": None, "_stacklevel": 3, "dtype": None})
+    else:
+        raise _NotEagerAttention
+    scores = example_value(arguments["input"])
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 4 or arguments["dim"] not in (-1, 3):
+        raise _Unsupported(f"softmax over dim {arguments['dim']!r} of a non-4-d score tensor")
+    if arguments["dtype"] not in SOFTMAX_DTYPES or scores.dtype == torch.float64:
+        raise _Unsupported(f"softmax of {scores.dtype} in dtype {arguments['dtype']} (the kernel's is float32)")
+    return arguments["input"]
+
+
+def _transposed_key(node: Any) -> fx.Node:
+    """k from ``k.transpose(2, 3)`` (or -2/-1 in either order) of a 4-d k."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "transpose"
+            and len(node.args) == 3 and not node.kwargs):
+        raise _Unsupported("the scores are not q @ k.transpose(2, 3)")
+    if {a % 4 if isinstance(a, int) else a for a in node.args[1:]} != {2, 3}:
+        raise _Unsupported(f"the key is transposed over dims {node.args[1:]}, not the last two")
+    return node.args[0]
+
+
+def _scores_side(node: fx.Node, chain: list[fx.Node]) -> tuple[fx.Node, fx.Node, float, Optional[float]]:
+    """(query, key, scale, softcap) of ``softcap(q @ k.transpose(2, 3) * scale)``, the nodes appended to chain."""
+    node, softcap = through_softcap(node, chain)
+    node, scale = through_scale(node, chain)
+    if not (_is_eager_candidate(node) and isinstance(node.args[0], fx.Node)):
+        raise _Unsupported(f"the softmax's scores do not come from q @ k^T (from {node.op} {node.target})")
+    chain.append(node)
+    transposed = node.args[1]
+    key = _transposed_key(transposed)
+    only_user(transposed, node)
+    chain.append(transposed)
+    return node.args[0], key, scale, softcap
+
+
+def _match_eager(gm: fx.GraphModule, node: fx.Node) -> _Match:
+    """The last matmul of an eager attention, matched back to q, k, v, the scale, soft-cap and mask."""
+    probabilities, value = node.args
+    if not isinstance(probabilities, fx.Node):
+        raise _NotEagerAttention
+    if not _reaches_softmax(probabilities):
+        raise _NotEagerAttention
+    chain = [node]
+    softmax = _through_dtype_casts(_through_dropout(probabilities, chain), chain)
+    logits = _softmax_input(softmax)
+    _link(chain, softmax)
+    scores, mask = logits, None
+    if logits.op == "call_function" and logits.target in ADD_TARGETS and len(logits.args) == 2 and not logits.kwargs:
+        _link(chain, logits)
+        scores, mask = _split_mask_add(logits)
+    else:
+        only_user(logits, softmax)
+    query, key, scale, softcap = _scores_side(scores, chain)
+    q, out = example_value(query), example_value(node)
+    if not (isinstance(q, torch.Tensor) and isinstance(out, torch.Tensor) and out.dtype == q.dtype
+            and out.shape == q.shape):
+        raise _Unsupported("P @ V's output is not the query's shape and dtype")
+    return _match_attention(gm, chain, query, key, value, mask, False, scale, False, softcap)
+
+
+def _reaches_softmax(node: Any) -> bool:
+    """Whether a softmax is behind node through dropouts and method calls (a quick look: is this attention?)."""
+    for _ in range(8):
+        if not isinstance(node, fx.Node) or not node.args:
+            return False
+        if node.op == "call_function" and node.target in SOFTMAX_TARGETS or (
+                node.op == "call_method" and node.target == "softmax"):
+            return True
+        if not (node.op == "call_method" or node.op == "call_function" and node.target in DROPOUT_TARGETS):
+            return False
+        node = node.args[0]
+    return False
+
+
+def _split_mask_add(add: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(scores, mask) of ``scores + mask``: the scores are the operand that is a scaled or capped q @ k^T."""
+    for scores, mask in (add.args, add.args[::-1]):
+        if isinstance(scores, fx.Node) and isinstance(mask, fx.Node) and _looks_like_scores(scores):
+            only_user(scores, add)
+            return scores, mask
+    raise _Unsupported("softmax(a + b) where neither is q @ k^T (scaled or soft-capped)")
+
+
+def _looks_like_scores(node: fx.Node) -> bool:
+    """Whether node is q @ k^T, possibly scaled and soft-capped (checked for real by ``_scores_side``)."""
+    try:
+        node, _ = through_softcap(node, [])
+        node, _ = through_scale(node, [])
+    except _Unsupported:
+        return False
+    return _is_eager_candidate(node)
 
 
 def _full_slice(index: Any) -> bool:
@@ -881,7 +1073,7 @@ def _install(gm: fx.GraphModule, node: fx.Node, match: _Match, kv_bits: int, seg
     with graph.inserting_before(node):
         fused = graph.call_function(op, (match.query, match.key, match.value),
                                     {"causal": match.causal, "scale": match.scale, "kv_bits": kv_bits,
-                                     "window": match.window, "softcap": None, "q_segments": q_segments,
+                                     "window": match.window, "softcap": match.softcap, "q_segments": q_segments,
                                      "k_segments": k_segments})
         out = graph.call_function(operator.getitem, (fused, 0))
     copy_trace_meta(node, fused, out)
@@ -891,12 +1083,39 @@ def _install(gm: fx.GraphModule, node: fx.Node, match: _Match, kv_bits: int, seg
         out.meta["example_value"] = fused_value[0]
     elif "example_value" in node.meta:
         out.meta["example_value"] = node.meta["example_value"]
+    if match.mean_where_empty:
+        out = _mean_of_values_where_empty(graph, fused, out, match)
+        copy_trace_meta(node, out)
     node.replace_all_uses_with(out)
     # Drop what only fed the SDPA call (it, the repeat_kv copies, the mask subgraph), users first.
     order = {n: index for index, n in enumerate(graph.nodes)}
     for candidate in sorted(set(match.dead_candidates), key=order.__getitem__, reverse=True):
         if not candidate.users and candidate.op in ("call_function", "call_method"):
             graph.erase_node(candidate)
+
+
+def _mean_of_values_where_empty(graph: fx.Graph, fused: fx.Node, out: fx.Node, match: _Match) -> fx.Node:
+    """``where(row sees no key, mean of V over all keys, out)``: the kernel marks such a row with LSE = +inf."""
+    query, value = example_value(match.query), example_value(match.value)
+    group = query.shape[1] // value.shape[1]
+    with graph.inserting_after(out):
+        lse = graph.call_function(operator.getitem, (fused, 1))
+        with graph.inserting_after(lse):
+            empty = graph.call_function(torch.isinf, (lse,))
+        with graph.inserting_after(empty):
+            empty_rows = graph.call_method("unsqueeze", (empty, -1))
+        with graph.inserting_after(empty_rows):
+            mean = graph.call_function(torch.mean, (match.value, 2), {"keepdim": True, "dtype": torch.float32})
+        with graph.inserting_after(mean):
+            mean_v = graph.call_method("to", (mean, query.dtype))
+        last = mean_v
+        if group > 1:  # query head h reads KV head h // group, as repeat_kv lays them out
+            with graph.inserting_after(mean_v):
+                last = graph.call_method("repeat_interleave", (mean_v, group), {"dim": 1})
+        with graph.inserting_after(last):
+            result = graph.call_function(torch.where, (empty_rows, last, out))
+    record_example_values([lse, empty, empty_rows, mean, mean_v, last, result])
+    return result
 
 
 def _fake_run(op, match: _Match, kv_bits: int, q_segments=None, k_segments=None):
@@ -909,7 +1128,7 @@ def _fake_run(op, match: _Match, kv_bits: int, q_segments=None, k_segments=None)
             return None
         with fake_mode:
             return op(*values, causal=match.causal, scale=match.scale, kv_bits=kv_bits, window=match.window,
-                      softcap=None, q_segments=segments[0], k_segments=segments[1])
+                      softcap=match.softcap, q_segments=segments[0], k_segments=segments[1])
     except Exception as error:  # noqa: BLE001 - metadata only
         log.debug("memgraph: no example value for memgraph.attention (%s)", error)
         return None

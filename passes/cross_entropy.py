@@ -34,7 +34,7 @@ import torch.fx as fx
 from memgraph import _compat
 from memgraph.kernels import cross_entropy as kernel  # registers torch.ops.memgraph.linear_cross_entropy
 from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, copy_trace_meta, each_match, \
-    example_value, fake_run
+    example_value, fake_run, only_user, through_scale, through_softcap
 from memgraph.passes import REWRITE_NOTES
 
 log = logging.getLogger("memgraph.passes.cross_entropy")
@@ -48,9 +48,6 @@ CROSS_ENTROPY_DEFAULTS = {"weight": None, "size_average": None, "ignore_index": 
                           "reduction": "mean", "label_smoothing": 0.0}
 LINEAR_TARGETS = (_compat.LINEAR_FUNCTION, torch.nn.functional.linear)
 VIEW_METHODS = ("view", "reshape")
-MUL_TARGETS = (operator.mul, torch.mul)
-DIV_TARGETS = (operator.truediv, torch.div)
-TANH_TARGETS = (torch.tanh,)
 
 
 @dataclasses.dataclass
@@ -87,9 +84,6 @@ def rewrite_cross_entropy(gm: fx.GraphModule, example_inputs: list, options: Any
 # ------------------------------------------------------------------------------------------------------------
 # Matching
 # ------------------------------------------------------------------------------------------------------------
-def _only_user(node: fx.Node, user: fx.Node) -> None:
-    if set(node.users) != {user}:
-        raise _Unsupported(f"{node.name} is used by {sorted(u.name for u in node.users)} besides the loss")
 
 
 def _is_method(node: fx.Node, names: tuple[str, ...]) -> bool:
@@ -106,18 +100,8 @@ def _is_float_upcast(node: fx.Node) -> bool:
     return False
 
 
-def _constant(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Unsupported(f"{what} {value!r} is not a constant number")
-    return float(value)
 
 
-def _scalar_operand(node: fx.Node, source: fx.Node) -> Any:
-    """The other operand of a binary op one of whose operands is ``source``."""
-    if len(node.args) != 2 or node.kwargs:
-        raise _Unsupported(f"{node.name}: unexpected arguments")
-    a, b = node.args
-    return b if a is source else a
 
 
 def _match(loss: fx.Node) -> _Match:
@@ -139,12 +123,12 @@ def _match(loss: fx.Node) -> _Match:
     chain = [loss]
     node = flat
     if _is_method(node, VIEW_METHODS):
-        _only_user(node, chain[-1])
+        only_user(node, chain[-1])
         chain.append(node)
         node = node.args[0]
     if not (isinstance(node, fx.Node) and _is_float_upcast(node)):
         raise _Unsupported("the loss's input is not the float32 upcast of the logits (HF's logits.float())")
-    _only_user(node, chain[-1])
+    only_user(node, chain[-1])
     chain.append(node)
     logits = node.args[0]
     if not isinstance(logits, fx.Node):
@@ -152,8 +136,8 @@ def _match(loss: fx.Node) -> _Match:
     logits_outputs = [u for u in logits.users if u is not node]
     if any(u.op != "output" for u in logits_outputs):
         raise _Unsupported(f"the logits are also used by {sorted(u.name for u in logits_outputs)}")
-    node, softcap = _through_softcap(logits, chain)
-    node, logit_scale = _through_scale(node, chain)
+    node, softcap = through_softcap(logits, chain)
+    node, logit_scale = through_scale(node, chain)
     if not (node.op == "call_function" and node.target in LINEAR_TARGETS):
         raise _Unsupported(f"the logits do not come from a linear layer (from {node.op} {node.target})")
     chain.append(node)
@@ -168,50 +152,8 @@ def _match(loss: fx.Node) -> _Match:
                   logits_outputs)
 
 
-def _through_softcap(logits: fx.Node, chain: list[fx.Node]) -> tuple[fx.Node, Optional[float]]:
-    """Gemma 2's ``tanh(z / c) * c``: (z, c), or (logits, None)."""
-    if not (logits.op == "call_function" and logits.target in MUL_TARGETS):
-        return logits, None
-    tanh = next((a for a in logits.args if isinstance(a, fx.Node) and a.op == "call_function"
-                 and a.target in TANH_TARGETS), None)
-    if tanh is None:
-        return logits, None
-    cap = _constant(_scalar_operand(logits, tanh), "the soft-cap")
-    divided = tanh.args[0]
-    if not (isinstance(divided, fx.Node) and divided.op == "call_function" and divided.target in DIV_TARGETS
-            and len(divided.args) == 2 and not divided.kwargs and isinstance(divided.args[0], fx.Node)):
-        raise _Unsupported("tanh of something other than logits / cap")
-    if _constant(divided.args[1], "the soft-cap divisor") != cap or cap <= 0:
-        raise _Unsupported("tanh(z / c) * d with c != d or c <= 0")
-    chain.append(logits)
-    _only_user(tanh, logits)
-    chain.append(tanh)
-    _only_user(divided, tanh)
-    chain.append(divided)
-    z = divided.args[0]
-    _only_user(z, divided)
-    return z, cap
 
 
-def _through_scale(node: fx.Node, chain: list[fx.Node]) -> tuple[fx.Node, float]:
-    """Cohere's ``z * s`` or Granite's ``z / s``: (z, scale), or (node, 1.0)."""
-    if node.op != "call_function" or node.target not in MUL_TARGETS + DIV_TARGETS:
-        return node, 1.0
-    if len(node.args) != 2 or node.kwargs:
-        raise _Unsupported(f"{node.name}: unexpected arguments")
-    a, b = node.args
-    if node.target in DIV_TARGETS:
-        if not isinstance(a, fx.Node):
-            raise _Unsupported("a constant divided by the logits")
-        source, scale = a, 1.0 / _constant(b, "the logit scaling")
-    else:
-        source = a if isinstance(a, fx.Node) else b
-        scale = _constant(b if source is a else a, "the logit scale")
-    if not isinstance(source, fx.Node):
-        raise _Unsupported("the logit scale has no tensor operand")
-    chain.append(node)
-    _only_user(source, node)
-    return source, scale
 
 
 def _check_values(hidden: fx.Node, weight: fx.Node, bias: Optional[fx.Node], labels: fx.Node, flat: fx.Node) -> None:
