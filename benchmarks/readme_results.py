@@ -3,7 +3,8 @@
 Everything between the README's ``<!-- results:begin -->`` and ``<!-- results:end -->`` lines is replaced by
 tables built from the results files that exist, each with the date and hardware its file records:
 end to end against the rivals (``e2e_MODEL.json``), the step recipes (``offload.json``), the chunked
-cross-entropy (``cross_entropy.json``), attention (``attention.json``, ``attention_masked.json``), the longest
+cross-entropy (``cross_entropy.json``), attention (``attention.json``, ``attention_masked.json``,
+``attention_softcap.json``), the longest
 context under a cap (``max_context.json``), the architecture sweep (``arch_sweep.json``) and a "which options
 for which GPU" guide from ``memgraph fit`` answers (``fit_*.json``).
 
@@ -130,6 +131,14 @@ def attention_section(folder: Path) -> Optional[str]:
         parts.append("Packed and padded batches, against SDPA with the same boolean mask. "
                      + _source(masked, "attention_masked.json") + "\n\n"
                      + _table(["batch", "implementation", "kv bits", "fwd+bwd ms", "x SDPA", "error"], rows))
+    capped = _load(folder, "attention_softcap.json")
+    if capped:
+        rows = [[r["seq"], r["head_dim"], r["impl"], r["kv_bits"], r.get("fwd_bwd_ms"), r.get("speedup_vs_hf_eager"),
+                 r.get("peak_extra_gib"), r.get("error", "")] for r in capped["rows"]]
+        parts.append("Soft-capped scores (Gemma 2, cap 50), against HF's eager attention (the path transformers "
+                     "runs for them) and FlexAttention with a tanh score_mod. " + _source(capped, "attention_softcap.json")
+                     + "\n\n" + _table(["seq", "head dim", "implementation", "kv bits", "fwd+bwd ms", "x HF eager",
+                                         "extra peak GiB", "error"], rows))
     return "### Fused attention (fwd+bwd, 32 query / 8 KV heads)\n\n" + "\n\n".join(parts) if parts else None
 
 

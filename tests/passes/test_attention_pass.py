@@ -36,6 +36,18 @@ def _cos(actual, expected):
     return float(F.cosine_similarity(actual.double().flatten(), expected.double().flatten(), dim=0))
 
 
+def _assert_grads_equal(grads, reference_grads, kv_bits):
+    """Every non-zero reference gradient matched: exactly (float32 rounding) with kv_bits=16, within DESIGN.md's
+    4-bit K/V gates otherwise."""
+    for name, g in reference_grads.items():
+        if g.norm() == 0:
+            continue
+        if kv_bits == 16:
+            assert _rel(grads[name], g) < 1e-4, name
+        else:
+            assert _rel(grads[name], g) <= 0.20 and _cos(grads[name], g) >= 0.98, name
+
+
 class Capture:
     """A backend: rewrite the Dynamo graph, then AOTAutograd with eager compilers that keep the graphs."""
 
@@ -307,13 +319,7 @@ def test_padded_and_packed_batches_run_fused_attention(family, layout, kv_bits, 
     assert all(n.kwargs["window"] == overrides.get("sliding_window") for n in nodes)
     assert not SDPA_ATEN & set(capture.targets(capture.fw))
     assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)  # the forward is exact for every kv_bits
-    for name, g in eager_grads.items():
-        if g.norm() == 0:
-            continue
-        if kv_bits == 16:
-            assert _rel(grads[name], g) < 1e-4, name
-        else:
-            assert _rel(grads[name], g) <= 0.20 and _cos(grads[name], g) >= 0.98, name
+    _assert_grads_equal(grads, eager_grads, kv_bits)
 
 
 def _padding_fn(build_mask):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from memgraph import models
-from tests.passes.test_attention_pass import (SDPA_ATEN, Capture, _compile_and_compare, _cos, _count_kernel_calls,
-                                              _ids, _masked_batch, _qkv, _rel, _repeat_kv, _step)
+from tests.passes.test_attention_pass import (SDPA_ATEN, Capture, _assert_grads_equal, _compile_and_compare,
+                                              _count_kernel_calls, _ids, _masked_batch, _qkv, _repeat_kv, _step)
 
 SOFTMAX_ATEN = {torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default}
 TRUE_DERIVATIVE = "eager_true_derivative"
@@ -49,16 +49,6 @@ def _reference(model):
         if hasattr(module, "config"):
             module.config._attn_implementation = TRUE_DERIVATIVE
     return reference
-
-
-def _assert_grads_equal(grads, reference_grads, kv_bits):
-    for name, g in reference_grads.items():
-        if g.norm() == 0:
-            continue
-        if kv_bits == 16:
-            assert _rel(grads[name], g) < 1e-4, name
-        else:
-            assert _rel(grads[name], g) <= 0.20 and _cos(grads[name], g) >= 0.98, name
 
 
 @pytest.mark.parametrize(
