@@ -239,7 +239,7 @@ MATMUL_TARGETS = (torch.matmul, operator.matmul)
 SOFTMAX_TARGETS = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
 DROPOUT_TARGETS = (torch.nn.functional.dropout,)
 ADD_TARGETS = (operator.add, torch.add)
-FLOAT_CASTS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+FLOAT_CASTS = ("float", "half", "bfloat16")
 SOFTMAX_DTYPES = (None, torch.float32)  # the kernel's softmax runs in float32
 
 
@@ -294,18 +294,21 @@ def _through_dtype_casts(node: fx.Node, chain: list[fx.Node]) -> fx.Node:
     return node
 
 
+def _is_softmax(node: Any) -> bool:
+    return isinstance(node, fx.Node) and (node.op == "call_function" and node.target in SOFTMAX_TARGETS
+                                          or node.op == "call_method" and node.target == "softmax")
+
+
 def _softmax_input(node: Any) -> fx.Node:
     """The input of a softmax over the last dim in float32 (or the input's dtype); _NotEagerAttention if node is
     no softmax."""
-    if not isinstance(node, fx.Node):
+    if not _is_softmax(node):
         raise _NotEagerAttention
-    if node.op == "call_method" and node.target == "softmax":
+    if node.op == "call_method":
         arguments = call_arguments(node, ("input", "dim", "dtype"), {"dtype": None})
-    elif node.op == "call_function" and node.target in SOFTMAX_TARGETS:
+    else:
         arguments = call_arguments(node, ("input", "dim", "_stacklevel", "dtype"),
                                    {"dim": None, "_stacklevel": 3, "dtype": None})
-    else:
-        raise _NotEagerAttention
     scores = example_value(arguments["input"])
     if not isinstance(scores, torch.Tensor) or scores.dim() != 4 or arguments["dim"] not in (-1, 3):
         raise _Unsupported(f"softmax over dim {arguments['dim']!r} of a non-4-d score tensor")
@@ -341,8 +344,6 @@ def _scores_side(node: fx.Node, chain: list[fx.Node]) -> tuple[fx.Node, fx.Node,
 def _match_eager(gm: fx.GraphModule, node: fx.Node) -> _Match:
     """The last matmul of an eager attention, matched back to q, k, v, the scale, soft-cap and mask."""
     probabilities, value = node.args
-    if not isinstance(probabilities, fx.Node):
-        raise _NotEagerAttention
     if not _reaches_softmax(probabilities):
         raise _NotEagerAttention
     chain = [node]
@@ -366,11 +367,10 @@ def _match_eager(gm: fx.GraphModule, node: fx.Node) -> _Match:
 def _reaches_softmax(node: Any) -> bool:
     """Whether a softmax is behind node through dropouts and method calls (a quick look: is this attention?)."""
     for _ in range(8):
+        if _is_softmax(node):
+            return True
         if not isinstance(node, fx.Node) or not node.args:
             return False
-        if node.op == "call_function" and node.target in SOFTMAX_TARGETS or (
-                node.op == "call_method" and node.target == "softmax"):
-            return True
         if not (node.op == "call_method" or node.op == "call_function" and node.target in DROPOUT_TARGETS):
             return False
         node = node.args[0]
@@ -1098,23 +1098,19 @@ def _mean_of_values_where_empty(graph: fx.Graph, fused: fx.Node, out: fx.Node, m
     """``where(row sees no key, mean of V over all keys, out)``: the kernel marks such a row with LSE = +inf."""
     query, value = example_value(match.query), example_value(match.value)
     group = query.shape[1] // value.shape[1]
-    with graph.inserting_after(out):
+    with graph.inserting_before(out.next):  # in order, right after the attention's output
         lse = graph.call_function(operator.getitem, (fused, 1))
-        with graph.inserting_after(lse):
-            empty = graph.call_function(torch.isinf, (lse,))
-        with graph.inserting_after(empty):
-            empty_rows = graph.call_method("unsqueeze", (empty, -1))
-        with graph.inserting_after(empty_rows):
-            mean = graph.call_function(torch.mean, (match.value, 2), {"keepdim": True, "dtype": torch.float32})
-        with graph.inserting_after(mean):
-            mean_v = graph.call_method("to", (mean, query.dtype))
-        last = mean_v
+        empty_rows = graph.call_method("unsqueeze", (graph.call_function(torch.isinf, (lse,)), -1))
+        mean = graph.call_function(torch.mean, (match.value, 2), {"keepdim": True, "dtype": torch.float32})
+        mean_v = graph.call_method("to", (mean, query.dtype))
         if group > 1:  # query head h reads KV head h // group, as repeat_kv lays them out
-            with graph.inserting_after(mean_v):
-                last = graph.call_method("repeat_interleave", (mean_v, group), {"dim": 1})
-        with graph.inserting_after(last):
-            result = graph.call_function(torch.where, (empty_rows, last, out))
-    record_example_values([lse, empty, empty_rows, mean, mean_v, last, result])
+            mean_v = graph.call_method("repeat_interleave", (mean_v, group), {"dim": 1})
+        result = graph.call_function(torch.where, (empty_rows, mean_v, out))
+    added, node = [], lse
+    while node is not result.next:
+        added.append(node)
+        node = node.next
+    record_example_values(added)
     return result
 
 
