@@ -107,6 +107,7 @@ def each_match(gm: fx.GraphModule, is_candidate: Callable[[fx.Node], bool], matc
 # --- scalar chains on scores: ``z * s`` / ``z / s`` and ``tanh(z / c) * c`` ---
 MUL_TARGETS = (operator.mul, torch.mul)
 DIV_TARGETS = (operator.truediv, torch.div)
+ADD_TARGETS = (operator.add, torch.add)
 
 
 def only_user(node: fx.Node, user: fx.Node) -> None:

@@ -56,8 +56,8 @@ import torch.fx as fx
 
 from memgraph import _compat
 from memgraph.kernels import attention as attention_kernel
-from memgraph.passes._matching import Unsupported as _Unsupported, call_arguments, copy_trace_meta, example_value, \
-    only_user, record_example_values, through_scale, through_softcap
+from memgraph.passes._matching import ADD_TARGETS, Unsupported as _Unsupported, call_arguments, copy_trace_meta, \
+    example_value, only_user, record_example_values, through_scale, through_softcap
 from memgraph.passes import RUNTIME_CHECKS
 
 log = logging.getLogger("memgraph.passes.attention")
@@ -238,7 +238,6 @@ def _match_attention(gm: fx.GraphModule, dead: list, query, key, value, mask, is
 MATMUL_TARGETS = (torch.matmul, operator.matmul)
 SOFTMAX_TARGETS = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
 DROPOUT_TARGETS = (torch.nn.functional.dropout,)
-ADD_TARGETS = (operator.add, torch.add)
 FLOAT_CASTS = ("float", "half", "bfloat16")
 SOFTMAX_DTYPES = (None, torch.float32)  # the kernel's softmax runs in float32
 

@@ -33,15 +33,14 @@ import torch.fx as fx
 from memgraph import _compat
 from memgraph.kernels import lora as kernel  # registers torch.ops.memgraph.lora_linear
 from memgraph.passes import REWRITE_NOTES
-from memgraph.passes._matching import Unsupported, copy_trace_meta, each_match, example_value, fake_run
+from memgraph.passes._matching import ADD_TARGETS, MUL_TARGETS, Unsupported, copy_trace_meta, each_match, \
+    example_value, fake_run
 
 log = logging.getLogger("memgraph.passes.lora")
 
 __all__ = ["rewrite_lora", "accumulate_input_grads", "sum_input_grads_in_place", "written_into"]
 
 LINEAR_TARGETS = (_compat.LINEAR_FUNCTION, torch.nn.functional.linear)
-MUL_TARGETS = (operator.mul, torch.mul)
-ADD_TARGETS = (operator.add, torch.add)
 # An adapter's rank must be this much smaller than the layer's sides for the rewrite to pay (it always computes
 # exactly what eager does; a "LoRA" as wide as its layer saves nothing).
 MAX_RANK_SHARE = 0.5
