@@ -136,7 +136,8 @@ def attention_section(folder: Path) -> Optional[str]:
         rows = [[r["seq"], r["head_dim"], r["impl"], r["kv_bits"], r.get("fwd_bwd_ms"), r.get("speedup_vs_hf_eager"),
                  r.get("peak_extra_gib"), r.get("error", "")] for r in capped["rows"]]
         parts.append("Soft-capped scores (Gemma 2, cap 50), against HF's eager attention (the path transformers "
-                     "runs for them) and FlexAttention with a tanh score_mod. " + _source(capped, "attention_softcap.json")
+                     "runs for them) and FlexAttention with a tanh score_mod. "
+                     + _source(capped, "attention_softcap.json")
                      + "\n\n" + _table(["seq", "head dim", "implementation", "kv bits", "fwd+bwd ms", "x HF eager",
                                          "extra peak GiB", "error"], rows))
     return "### Fused attention (fwd+bwd, 32 query / 8 KV heads)\n\n" + "\n\n".join(parts) if parts else None
