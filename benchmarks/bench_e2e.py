@@ -246,6 +246,12 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
            "first_loss": first_loss, "last_loss": float(last_loss), "allocator": os.environ.get("PYTORCH_ALLOC_CONF")}
     if args.cap_gib:
         row.update(cap_gib=args.cap_gib, fits=True)
+    if getattr(args, "sync_report", None):  # one more step: where the host waits for the GPU (stalls the queue)
+        try:
+            syncs = host_syncs(step)
+        except Exception as error:  # noqa: BLE001 - a diagnostic must not cost the measured row
+            syncs = {"error": f"{type(error).__name__}: {error}"}
+        Path(args.sync_report).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **syncs}, indent=1))
     if args.peak_report:  # one more step, allocations recorded: what is alive at its peak, and who made it
         torch.cuda.memory._record_memory_history(max_entries=2_000_000)
         outside = torch.cuda.memory_allocated()
@@ -328,10 +334,46 @@ def profile_step(step, top: int = 40) -> dict:
     for name, times in kernels.items():
         by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + sum(times)
     largest = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:top]
+    # Host side: which ops' calls cost the host the most (inclusive time, so a custom op's Python counts whole),
+    # and their count: where a host-bound step's time goes. Profiler overhead inflates every call alike.
+    host_ops = [event for event in profiler.key_averages() if event.cpu_time_total > 0]
+    host_ops.sort(key=lambda event: -event.cpu_time_total)
     return {"wall_s": wall_s, "gpu_busy_s": busy_us / 1e6, "gpu_idle_share": 1 - busy_us / 1e6 / wall_s,
             "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
             "largest_kernels": [{"name": name[:160], "kind": kernel_kind(name), "calls": len(times),
-                                 "total_s": sum(times)} for name, times in largest]}
+                                 "total_s": sum(times)} for name, times in largest],
+            "host_ops": [{"name": event.key[:160], "calls": event.count, "host_s": event.cpu_time_total / 1e6,
+                          "self_host_s": event.self_cpu_time_total / 1e6} for event in host_ops[:top]]}
+
+
+def host_syncs(step, top: int = 20) -> dict:
+    """One step under ``torch.cuda.set_sync_debug_mode("warn")``: every call that makes the host wait for the GPU
+    (``.item()``, a device-to-pageable copy, ``nonzero``...), grouped by the innermost frames that made it. A sync
+    inside the step lets the GPU run dry while the host queues the next kernels: a host-bound step's idle time."""
+    import traceback
+    import warnings
+
+    places: dict[str, int] = {}
+    original = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = traceback.extract_stack()[:-2][-6:]
+        place = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+        places[place] = places.get(place, 0) + 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = original
+    ranked = sorted(places.items(), key=lambda item: -item[1])
+    return {"syncs": sum(places.values()), "places": [{"calls": n, "where": w} for w, n in ranked[:top]]}
 
 
 def peak_allocations(snapshot: dict, before_bytes: int, top: int = 40) -> dict:
@@ -412,6 +454,8 @@ def main() -> None:
     parser.add_argument("--peak-report", default=None, help="JSON path: allocations alive at a recorded step's peak")
     parser.add_argument("--profile", default=None, help="JSON path (RECIPE is replaced by the recipe): GPU time "
                         "by kernel kind and the GPU's idle share over one profiled step")
+    parser.add_argument("--sync-report", default=None, help="JSON path (RECIPE is replaced by the recipe): the "
+                        "calls that make the host wait for the GPU during one step, by place")
     parser.add_argument("--noisy-timing", action="store_true", help="let timed steps run while other recipes build "
                         "and compile (faster runs; host-bound steps then time slower)")
     parser.add_argument("--only", help=argparse.SUPPRESS)
@@ -472,6 +516,9 @@ def run_in_process(args, recipe: str) -> dict:
             command += ["--noisy-timing"]
         if getattr(args, "profile", None):
             command += ["--profile", args.profile.replace("RECIPE", _file_safe(f"{args.model}-{recipe}-{args.seq}"))]
+        if getattr(args, "sync_report", None):
+            command += ["--sync-report",
+                        args.sync_report.replace("RECIPE", _file_safe(f"{args.model}-{recipe}-{args.seq}"))]
         try:
             result = subprocess.run(command, env=environment, timeout=args.recipe_timeout, stdout=log,
                                     stderr=subprocess.STDOUT)

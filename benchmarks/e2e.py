@@ -73,7 +73,7 @@ def run(args) -> dict[str, list[dict]]:
         for model, seq, recipe in jobs:
             options = argparse.Namespace(model=model, seq=seq, steps=args.steps, layers=args.layers, cache_dir=None,
                                          recipe_timeout=args.recipe_timeout, cap_gib=None, peak_report=None,
-                                         profile=args.profile)
+                                         profile=args.profile, sync_report=args.sync_report)
             futures[pool.submit(run_in_process, options, recipe)] = model
         for future in concurrent.futures.as_completed(futures):
             model = futures[future]
@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="override the layer count (smoke tests)")
     parser.add_argument("--parallel", type=int, default=3, help="recipes at once (timed steps take turns)")
     parser.add_argument("--recipe-timeout", type=float, default=900.0, help="seconds per recipe")
+    parser.add_argument("--sync-report", default=None, help="JSON path with RECIPE in it: the calls that make the "
+                        "host wait for the GPU during one step (bench_e2e --sync-report)")
     parser.add_argument("--profile", default=None, help="JSON path with RECIPE in it: each recipe's GPU time by "
                         "kernel kind over one profiled step (bench_e2e --profile)")
     parser.add_argument("--report", metavar="FOLDER", default=None,

@@ -94,11 +94,43 @@ def steps_section(folder: Path) -> Optional[str]:
     if not data:
         return None
     rows = [[r["seq"], label(r["recipe"]) if "memgraph" not in r["recipe"] else r["recipe"].split("?", 1)[1],
-             r.get("peak_gib"), r.get("tok_s"), r.get("host_gib"), r.get("predicted_peak_gib")]
+             r.get("peak_gib"), r.get("tok_s"), r.get("host_gib"), r.get("predicted_peak_gib"),
+             str(r.get("measured") or "")[:16].replace("T", " ")]
             for r in data["rows"] if "peak_gib" in r]
+    notes = dict.fromkeys(f"- {r['seq']}, {label(r['recipe'])}: {r['note']}" for r in data["rows"] if r.get("note"))
     return ("### Llama-3-8B QLoRA steps by plan (NF4, 4-bit K/V, chunked cross-entropy)\n\n"
             + _source(data, "offload.json") + "\n\n"
-            + _table(["seq", "recipe options", "peak GiB", "tokens/s", "host GiB", "predicted GiB"], rows))
+            + _table(["seq", "recipe options", "peak GiB", "tokens/s", "host GiB", "predicted GiB", "measured (UTC)"],
+                     rows) + ("\n\n" + "\n".join(notes) if notes else ""))
+
+
+def breakdown_section(folder: Path) -> Optional[str]:
+    """The cost model's time of a planned step by phase and kind, against the target and the measured step."""
+    data = _load(folder, "step_breakdown_llama3-8b.json")
+    if not data:
+        return None
+    kinds = list(dict.fromkeys(kind for r in data["rows"] for phase in r["predicted_ms"].values() for kind in phase))
+    rows = []
+    for r in data["rows"]:
+        plan = r["solver"] + (f" @ {r['memory_budget']}" if r.get("memory_budget") else "")
+        by_kind = {kind: sum(phase.get(kind, 0.0) for phase in r["predicted_ms"].values()) for kind in kinds}
+        busy = r.get("profiled_gpu_busy_ms")
+        step = r.get("measured_step_ms")
+        rows.append([r["seq"], plan, r.get("target_step_ms"), r["predicted_step_ms"],
+                     sum(r["predicted_ms"]["recompute"].values()), *(by_kind[k] for k in kinds), step,
+                     str(r.get("measured_at") or "")[:16].replace("T", " "), busy,
+                     step - busy if step and busy else None])
+    header = ["seq", "plan", "target ms", "predicted ms", "of it recompute", *(f"{k} ms" for k in kinds),
+              "measured ms", "measured (UTC)", "GPU busy ms (profile)", "host-bound ms"]
+    return ("### Where a Llama-3-8B step's time goes (cost model; measured where a run exists)\n\n"
+            + _source(data, "step_breakdown_llama3-8b.json") + " (planned on a CPU; measured columns from "
+            "`e2e_llama3-8b.json` and `profiles/` on the GPU they name)\n\n"
+            + _table(header, rows) + "\n\n"
+            "- target ms: the step time the tokens/s targets allow (10,000 at 2048, 12,000 at 8192). predicted: "
+            "the roofline time of every node once, plus the plan's recomputed nodes again (kinds summed over "
+            "forward, backward and recompute).\n"
+            "- host-bound ms: measured step time the GPU spent idle waiting for the host to launch work "
+            "(measured minus the profile's busy time; the profile may be of an older run than the step time).")
 
 
 def cross_entropy_section(folder: Path) -> Optional[str]:
@@ -229,7 +261,7 @@ def files_section(folder: Path) -> Optional[str]:
 
 
 SECTIONS: list[Callable[[Path], Optional[str]]] = [
-    e2e_section, steps_section, max_context_section, fidelity_section, cross_entropy_section, attention_section,
+    e2e_section, steps_section, breakdown_section, max_context_section, fidelity_section, cross_entropy_section, attention_section,
     arch_sweep_section, options_guide_section, files_section]
 
 

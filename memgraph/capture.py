@@ -173,12 +173,30 @@ def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction],
         captured.append(record)
         for name, plan_fn in plans.items():
             plan = plan_fn(graph, record.costs)
-            own = graph.private_copy()  # each partition on its own copy of the joint graph
+            exact = _exact_recomputed_attention(graph, plan, record.costs, name, options, offload_budget, device,
+                                                codegen)
+            # each partition on its own copy of the joint graph (the exact-attention one is a copy already)
+            own, plan = (exact[0], exact[1]) if exact is not None else (graph.private_copy(), plan)
             fw, bw = partition(own, plan)
             record.partitions[name] = Partitioned(plan, fw, bw, own)
         return record.fw, record.bw
 
     return partition_fn
+
+
+def _exact_recomputed_attention(graph, plan, costs, solver: str, options: Options | None, offload_budget, device,
+                                codegen):
+    """As the backend plans (``pipeline.plan_training_graph``): a recomputed attention at 16 bits where the
+    plan still fits. Not for a custom plan function (its budget is unknown) or without options."""
+    from memgraph.cost_model import solvers as registry
+    from memgraph.passes.recomputed_attention import exact_kv_where_recomputed
+
+    if options is None or options.kv_bits >= 16 or solver not in registry.available():
+        return None
+    budget = options.memory_budget if registry.get(solver).uses_budget else None
+    return exact_kv_where_recomputed(
+        graph, plan, costs, lambda g: graph_costs(g, offload_budget=offload_budget, device=device, codegen=codegen),
+        budget)
 
 
 def _compilers(captured: list[CapturedGraph], run_under, observe_backward_inputs):

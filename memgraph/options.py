@@ -27,7 +27,8 @@ class Options:
 
     memory_budget: predicted peak bytes the step must fit in; None = the fastest plan.
     solver: name of a registered recompute solver (``memgraph.cost_model.solvers.available()``).
-    kv_bits: bits of the K/V that attention keeps for backward (16 = exact).
+    kv_bits: bits of the K/V that attention keeps for backward (16 = exact); an attention the plan recomputes
+    keeps none, and runs at 16 bits where the plan still fits (``passes.recomputed_attention``).
     codegen: "inductor" compiles the planned graphs; "eager" runs them as FX (for debugging).
     report: path stem for a JSON (+ PNG) report of each compiled graph's plan, or None.
     rewrites: which graph rewrites run before planning: True (all of ``memgraph.passes.REWRITES``), False

@@ -68,10 +68,12 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, options: Options) -> tuple
     return apply_rewrites(gm, example_inputs, options)
 
 
-def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Plan, Any]:
-    """The plan of ``options.solver`` under ``options.memory_budget`` and its predicted memory (the one
-    estimate behind ``plan.peak_bytes``)."""
+def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[TrainingGraph, Plan, Any]:
+    """The plan of ``options.solver`` under ``options.memory_budget``, the graph it is for and its predicted
+    memory (the one estimate behind ``plan.peak_bytes``). Attention the plan recomputes runs at 16 bits where
+    the plan still fits (``passes.recomputed_attention``): the graph returned may then be a changed copy."""
     from memgraph.cost_model import solvers
+    from memgraph.passes.recomputed_attention import exact_kv_where_recomputed
 
     costs = costs_under(graph, options)
     entry = solvers.get(options.solver)
@@ -79,7 +81,17 @@ def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Plan, A
     plan = entry.function(graph, costs, options.memory_budget)
     plan.solve_seconds = time.perf_counter() - started
     plan.budget_bytes = options.memory_budget
-    return plan, costs.estimate(plan)
+    if options.kv_bits < 16:
+        budget = options.memory_budget if entry.uses_budget else None
+        try:
+            exact = exact_kv_where_recomputed(graph, plan, costs, lambda g: costs_under(g, options), budget)
+        except Exception as error:  # noqa: BLE001 - an optimisation: the plan as solved still trains correctly
+            log.warning("memgraph: recomputed attention stays at %d-bit K/V (%s: %s)", options.kv_bits,
+                        type(error).__name__, error)
+            exact = None
+        if exact is not None:
+            graph, plan, costs = exact
+    return graph, plan, costs.estimate(plan)
 
 
 def costs_under(graph: TrainingGraph, options: Options):
@@ -129,15 +141,15 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
         self.called = True
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
         try:
-            plan, estimate = plan_training_graph(graph, self.options)
+            graph, plan, estimate = plan_training_graph(graph, self.options)
             fw, bw = partition(graph, plan)
         except MemgraphError:
             raise  # an infeasible budget is the user's to fix: say so
         except Exception as error:  # noqa: BLE001 - a planner bug must not stop training
             log.warning("memgraph: solver %r failed (%s: %s); falling back to torch's default partition",
                         self.options.solver, type(error).__name__, error)
-            plan, estimate = plan_training_graph(graph, dataclasses.replace(self.options, solver="none",
-                                                                            memory_budget=None))
+            graph, plan, estimate = plan_training_graph(graph, dataclasses.replace(self.options, solver="none",
+                                                                                   memory_budget=None))
             plan.notes.append(f"fallback: solver {self.options.solver!r} failed: {error}")
             fw, bw = partition(graph, plan)
             if self.record is not None:
