@@ -49,6 +49,8 @@ class CapturedGraph:
 
     graph: TrainingGraph
     costs: GraphCosts  # made before any solver touched the joint graph
+    # A partition's graph may be a changed copy of ``graph`` (a recomputed attention at 16 bits,
+    # ``pipeline.with_exact_recomputed_attention``): its plan's names are that graph's, not always ``costs``'.
     partitions: dict[str, Partitioned]
     rewrites: list[str] = dataclasses.field(default_factory=list)
     primals: list[Any] = dataclasses.field(default_factory=list)  # real forward inputs of the captured step
@@ -163,7 +165,7 @@ def _plan_functions(solvers: Sequence[str], plan_fn: PlanFunction | None, option
 def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction], rewrites: list[str],
                   options: Options | None = None, codegen: str | None = None):
     from memgraph.passes.partition import partition
-    from memgraph.pipeline import offload_setting
+    from memgraph.pipeline import offload_setting, with_exact_recomputed_attention
 
     def partition_fn(joint, joint_inputs, **kwargs):
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
@@ -173,30 +175,17 @@ def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction],
         captured.append(record)
         for name, plan_fn in plans.items():
             plan = plan_fn(graph, record.costs)
-            exact = _exact_recomputed_attention(graph, plan, record.costs, name, options, offload_budget, device,
-                                                codegen)
-            # each partition on its own copy of the joint graph (the exact-attention one is a copy already)
-            own, plan = (exact[0], exact[1]) if exact is not None else (graph.private_copy(), plan)
+            # as the backend plans; a custom plan function's plan is taken as it is
+            own, plan, _ = (graph, plan, None) if name == "custom" else with_exact_recomputed_attention(
+                graph, plan, record.costs, options,
+                lambda g: graph_costs(g, offload_budget=offload_budget, device=device, codegen=codegen))
+            # each partition on its own copy of the joint graph (a changed graph is a copy already)
+            own = graph.private_copy() if own is graph else own
             fw, bw = partition(own, plan)
             record.partitions[name] = Partitioned(plan, fw, bw, own)
         return record.fw, record.bw
 
     return partition_fn
-
-
-def _exact_recomputed_attention(graph, plan, costs, solver: str, options: Options | None, offload_budget, device,
-                                codegen):
-    """As the backend plans (``pipeline.plan_training_graph``): a recomputed attention at 16 bits where the
-    plan still fits. Not for a custom plan function (its budget is unknown) or without options."""
-    from memgraph.cost_model import solvers as registry
-    from memgraph.passes.recomputed_attention import exact_kv_where_recomputed
-
-    if options is None or options.kv_bits >= 16 or solver not in registry.available():
-        return None
-    budget = options.memory_budget if registry.get(solver).uses_budget else None
-    return exact_kv_where_recomputed(
-        graph, plan, costs, lambda g: graph_costs(g, offload_budget=offload_budget, device=device, codegen=codegen),
-        budget)
 
 
 def _compilers(captured: list[CapturedGraph], run_under, observe_backward_inputs):

@@ -70,28 +70,36 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, options: Options) -> tuple
 
 def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[TrainingGraph, Plan, Any]:
     """The plan of ``options.solver`` under ``options.memory_budget``, the graph it is for and its predicted
-    memory (the one estimate behind ``plan.peak_bytes``). Attention the plan recomputes runs at 16 bits where
-    the plan still fits (``passes.recomputed_attention``): the graph returned may then be a changed copy."""
+    memory (the one estimate behind ``plan.peak_bytes``). The graph returned may be a changed copy: see
+    ``with_exact_recomputed_attention``."""
     from memgraph.cost_model import solvers
-    from memgraph.passes.recomputed_attention import exact_kv_where_recomputed
 
     costs = costs_under(graph, options)
-    entry = solvers.get(options.solver)
     started = time.perf_counter()
-    plan = entry.function(graph, costs, options.memory_budget)
+    plan = solvers.get(options.solver).function(graph, costs, options.memory_budget)
     plan.solve_seconds = time.perf_counter() - started
     plan.budget_bytes = options.memory_budget
-    if options.kv_bits < 16:
-        budget = options.memory_budget if entry.uses_budget else None
-        try:
-            exact = exact_kv_where_recomputed(graph, plan, costs, lambda g: costs_under(g, options), budget)
-        except Exception as error:  # noqa: BLE001 - an optimisation: the plan as solved still trains correctly
-            log.warning("memgraph: recomputed attention stays at %d-bit K/V (%s: %s)", options.kv_bits,
-                        type(error).__name__, error)
-            exact = None
-        if exact is not None:
-            graph, plan, costs = exact
+    graph, plan, costs = with_exact_recomputed_attention(graph, plan, costs, options,
+                                                         lambda g: costs_under(g, options))
     return graph, plan, costs.estimate(plan)
+
+
+def with_exact_recomputed_attention(graph: TrainingGraph, plan: Plan, costs, options: Options | None, make_costs):
+    """(graph, plan, costs), where ``kv_bits < 16`` and the plan recomputes attention: that attention at 16 bits on
+    a copy of the graph, if the plan still fits the budget it was made for (``plan.budget_bytes``;
+    ``passes.recomputed_attention``).
+    Unchanged otherwise, and when the change fails (logged: the plan as solved trains correctly)."""
+    from memgraph.passes.recomputed_attention import exact_kv_where_recomputed
+
+    if options is None or options.kv_bits >= 16:
+        return graph, plan, costs
+    try:
+        exact = exact_kv_where_recomputed(graph, plan, make_costs, plan.budget_bytes)
+    except Exception as error:  # noqa: BLE001 - an optimisation must not cost the step
+        log.warning("memgraph: recomputed attention keeps %d-bit K/V (%s: %s)", options.kv_bits,
+                    type(error).__name__, error)
+        return graph, plan, costs
+    return exact if exact is not None else (graph, plan, costs)
 
 
 def costs_under(graph: TrainingGraph, options: Options):
@@ -141,15 +149,15 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
         self.called = True
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
         try:
-            graph, plan, estimate = plan_training_graph(graph, self.options)
-            fw, bw = partition(graph, plan)
+            planned, plan, estimate = plan_training_graph(graph, self.options)
+            fw, bw = partition(planned, plan)
         except MemgraphError:
             raise  # an infeasible budget is the user's to fix: say so
         except Exception as error:  # noqa: BLE001 - a planner bug must not stop training
             log.warning("memgraph: solver %r failed (%s: %s); falling back to torch's default partition",
                         self.options.solver, type(error).__name__, error)
-            graph, plan, estimate = plan_training_graph(graph, dataclasses.replace(self.options, solver="none",
-                                                                                   memory_budget=None))
+            _, plan, estimate = plan_training_graph(graph, dataclasses.replace(self.options, solver="none",
+                                                                               memory_budget=None))
             plan.notes.append(f"fallback: solver {self.options.solver!r} failed: {error}")
             fw, bw = partition(graph, plan)
             if self.record is not None:

@@ -21,7 +21,6 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from memgraph.errors import InfeasibleBudgetError
 from memgraph.graph import TrainingGraph
 from memgraph.plan import Plan
 
@@ -30,6 +29,7 @@ log = logging.getLogger("memgraph.passes.recomputed_attention")
 EXACT_BITS = 16
 _FORWARD_OUTPUTS = ("out", "lse", "k_codes", "k_meta", "v_codes", "v_meta")  # the forward op's tuple, in order
 _PACKED = ("k_codes", "k_meta", "v_codes", "v_meta")
+_PACKED_ITEMS = tuple(_FORWARD_OUTPUTS.index(name) for name in _PACKED)
 
 
 def _ops():
@@ -61,15 +61,22 @@ def _kept_between(node: fx.Node, saved: set[str]) -> bool:
     return node.name in saved or any(item.name in saved for item in _items(node).values())
 
 
+def _packed_readers(node: fx.Node) -> list[fx.Node]:
+    items = _items(node)
+    return [user for index in _PACKED_ITEMS if index in items for user in items[index].users]
+
+
 def quantized_recomputed_attentions(graph: TrainingGraph, plan: Plan) -> list[str]:
-    """Names of the forward attention ops with ``kv_bits < 16`` of which the plan keeps nothing for backward."""
+    """Names of the forward attention ops with ``kv_bits < 16`` of which the plan keeps nothing for backward and
+    whose packed K/V only attention backward ops read (anything else would read the 16-bit op's empty codes)."""
     forward_op, backward_op = _ops()
     saved = set(plan.saved)
     found = []
     for node in graph.joint.graph.find_nodes(op="call_function", target=forward_op):
         if _argument(node, "kv_bits") >= EXACT_BITS or _kept_between(node, saved):
             continue
-        if any(user.target is backward_op for item in _items(node).values() for user in item.users):
+        readers = _packed_readers(node)
+        if readers and all(reader.target is backward_op for reader in readers):
             found.append(node.name)
     return found
 
@@ -89,44 +96,43 @@ def _output_item(node: fx.Node, index: int) -> fx.Node:
 
 
 def _to_exact(node: fx.Node) -> None:
-    """Run one forward attention op (and the backward ops reading its packed K/V) at 16 bits."""
+    """Run one forward attention op, and the backward ops reading its packed K/V, at 16 bits."""
+    backwards = set(_packed_readers(node))
+    _set_argument(node, "kv_bits", EXACT_BITS)
+    _refresh_fake_values(node)
+    out, lse = _output_item(node, _FORWARD_OUTPUTS.index("out")), _output_item(node, _FORWARD_OUTPUTS.index("lse"))
+    for backward in backwards:
+        for name, value in (("k", _argument(node, "k")), ("v", _argument(node, "v")), ("out", out), ("lse", lse),
+                            *((packed, None) for packed in _PACKED), ("kv_bits", EXACT_BITS)):
+            _set_argument(backward, name, value)
+    for index in _PACKED_ITEMS:  # read by nothing now
+        item = _items(node).get(index)
+        if item is not None:
+            node.graph.erase_node(item)
+
+
+def _refresh_fake_values(node: fx.Node) -> None:
+    """The cost model reads sizes from fake values: at 16 bits the packed outputs are empty (the fake impl's)."""
     from memgraph.kernels.attention import op as attention_op
 
-    forward_op, backward_op = _ops()
-    items = _items(node)
-    backwards = {user for index in range(2, 6) if index in items for user in items[index].users
-                 if user.target is backward_op}
-    _set_argument(node, "kv_bits", EXACT_BITS)
-    value = node.meta.get("val")
-    if value is not None:  # the packed outputs are empty at 16 bits (the op's fake impl says so)
-        q, k, v = (_argument(node, name).meta["val"] for name in ("q", "k", "v"))
-        node.meta["val"] = attention_op._attention_fake(q, k, v, kv_bits=EXACT_BITS)
-    out, lse = _output_item(node, 0), _output_item(node, 1)
-    for backward in backwards:
-        _set_argument(backward, "k", _argument(node, "k"))
-        _set_argument(backward, "v", _argument(node, "v"))
-        _set_argument(backward, "out", out)
-        _set_argument(backward, "lse", lse)
-        for name in _PACKED:
-            _set_argument(backward, name, None)
-        _set_argument(backward, "kv_bits", EXACT_BITS)
-    for index in range(2, 6):
-        item = _items(node).get(index)
-        if item is not None and not item.users:
-            node.graph.erase_node(item)
-        elif item is not None and value is not None:
-            item.meta["val"] = node.meta["val"][index]
+    if node.meta.get("val") is None:
+        return
+    q, k, v = (_argument(node, name).meta["val"] for name in ("q", "k", "v"))
+    node.meta["val"] = attention_op._attention_fake(q, k, v, kv_bits=EXACT_BITS)
+    for index, item in _items(node).items():
+        item.meta["val"] = node.meta["val"][index]
 
 
-def exact_kv_where_recomputed(graph: TrainingGraph, plan: Plan, costs, make_costs,
+def exact_kv_where_recomputed(graph: TrainingGraph, plan: Plan, make_costs,
                               budget: Optional[int]) -> Optional[tuple[TrainingGraph, Plan, Any]]:
     """(graph, plan, costs) with every recomputed quantized attention at 16 bits, the plan re-simulated on the
-    changed graph; None when there is none or the re-simulated plan exceeds ``budget``.
+    changed copy of the graph; None when there is none or the re-simulated peak exceeds ``budget``.
 
-    ``make_costs(graph)`` builds the cost model of a graph as the caller built ``costs``."""
+    ``make_costs(graph)`` builds a graph's cost model as the plan's was built."""
     names = quantized_recomputed_attentions(graph, plan)
     if not names:
         return None
+    bits = _argument(graph.node(names[0]), "kv_bits")
     own = graph.private_copy()
     for name in names:
         _to_exact(own.node(name))
@@ -135,20 +141,20 @@ def exact_kv_where_recomputed(graph: TrainingGraph, plan: Plan, costs, make_cost
     own = TrainingGraph(own.joint, own.example_inputs, own.num_fwd_outputs, own.static_input_indices,
                         canonical=True)
     own_costs = make_costs(own)
-    present = set(own_costs.names)
-    try:
-        exact = own_costs.plan(plan.solver, own_costs.indices(n for n in plan.saved if n in present), budget,
-                               offloaded=own_costs.indices(n for n in plan.offloaded if n in present))
-    except InfeasibleBudgetError as error:
-        log.info("memgraph: %d recomputed attentions keep 4-bit K/V: at 16 bits the plan would not fit (%s)",
-                 len(names), error)
+    # only getitems of the packed codes left the graph, and a plan that keeps nothing of these ops names none
+    exact = own_costs.plan(plan.solver, own_costs.indices(plan.saved), None,
+                           offloaded=own_costs.indices(plan.offloaded))
+    if budget is not None and exact.peak_bytes > budget:
+        log.info("memgraph: %d recomputed attentions keep %d-bit K/V: at 16 bits the plan would peak at %s GiB, "
+                 "above the %s GiB budget", len(names), bits, _gib(exact.peak_bytes), _gib(budget))
         return None
     exact.solve_seconds, exact.budget_bytes, exact.optimality_gap = (plan.solve_seconds, plan.budget_bytes,
                                                                      plan.optimality_gap)
-    exact.details = {**plan.details, **exact.details}
+    stale = {"transfers"}  # where the copies go: the re-simulated plan's own
+    exact.details = {**{k: v for k, v in plan.details.items() if k not in stale}, **exact.details}
     exact.notes = [*plan.notes, f"recomputed attention at 16 bits: {len(names)} attention ops are recomputed, so "
-                                "none keeps K/V between forward and backward; exact K/V, faster backward "
-                                f"(predicted peak {_gib(plan.peak_bytes)} -> {_gib(exact.peak_bytes)} GiB)"]
+                                f"none keeps its {bits}-bit K/V between forward and backward; exact K/V, faster "
+                                f"backward (predicted peak {_gib(plan.peak_bytes)} -> {_gib(exact.peak_bytes)} GiB)"]
     return own, exact, own_costs
 
 

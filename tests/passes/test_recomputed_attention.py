@@ -9,11 +9,15 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import memgraph
 from memgraph import models
 from memgraph.capture import capture
+from memgraph.cost_model import graph_costs
+from memgraph.options import resolve_options
+from memgraph.cost_model.solvers import get
+from memgraph.pipeline import costs_under, plan_training_graph, with_exact_recomputed_attention
 from memgraph.passes.recomputed_attention import exact_kv_where_recomputed, quantized_recomputed_attentions
 
 from tests.passes.test_attention_pass import _assert_grads_equal, _ids, _masked_batch, _step
@@ -29,14 +33,20 @@ def _kv_bits(gm, target):
 
 
 def _captured(model, ids, solvers, **options):
-    return capture(model, example_kwargs=dict(input_ids=ids, labels=ids), options=dict(kv_bits=4, **options),
-                   solvers=solvers, backward=False)[0]
+    options = {"kv_bits": 4, **options}
+    return capture(model, example_kwargs=dict(input_ids=ids, labels=ids), options=options, solvers=solvers,
+                   backward=False)[0]
 
 
-@pytest.mark.parametrize("solver", ["checkpoint", "offload-layers"])
-def test_recomputing_plans_run_attention_at_16_bits(solver):
+def _same_costs(record):
+    """A graph's cost model built as the record's was (capture plans for Inductor's codegen by default)."""
+    return lambda graph: graph_costs(graph, semantics=record.costs.semantics, device=record.costs.device)
+
+
+@pytest.mark.parametrize("solver, kv_bits", [("checkpoint", 4), ("offload-layers", 4), ("checkpoint", 8)])
+def test_recomputing_plans_run_attention_at_16_bits(solver, kv_bits):
     model = models.build("llama", lora=True)
-    record = _captured(model, _ids(model), (solver,), offload="on")
+    record = _captured(model, _ids(model), (solver,), offload="on", kv_bits=kv_bits)
     part = record.partitions[solver]
     assert _kv_bits(part.bw, ATTENTION_BACKWARD) == [16] * model.config.num_hidden_layers
     assert set(_kv_bits(part.bw, ATTENTION)) == {16}  # the recompute quantizes nothing
@@ -78,23 +88,42 @@ def test_gradients_equal_eager_exactly(family, layout, lora):
 def checkpointed():
     model = models.build("llama", lora=True)
     record = _captured(model, _ids(model, seq=16), ("checkpoint",))
-    from memgraph.cost_model.solvers import get
-
     plan = get("checkpoint").function(record.graph, record.costs, None)
-    exact = exact_kv_where_recomputed(record.graph, plan, record.costs, lambda g: type(record.costs)(g), None)
+    exact = exact_kv_where_recomputed(record.graph, plan, _same_costs(record), None)
     assert exact is not None
     return record, plan, exact[1].peak_bytes
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None)
 @given(slack=st.integers(min_value=-4096, max_value=4096))
 def test_the_switch_is_kept_only_within_the_budget(checkpointed, slack):
     """Re-simulated on the changed graph, the plan's peak decides: within the budget the switch is kept, above
     it the plan keeps its 4-bit K/V (None)."""
     record, plan, exact_peak = checkpointed
     budget = exact_peak + slack
-    exact = exact_kv_where_recomputed(record.graph, plan, record.costs, lambda g: type(record.costs)(g), budget)
+    exact = exact_kv_where_recomputed(record.graph, plan, _same_costs(record), budget)
     assert (exact is not None) == (budget >= exact_peak)
     if exact is not None:
         assert exact[1].peak_bytes == exact_peak <= budget
-        assert set(exact[1].saved) == {n for n in plan.saved if n in set(exact[2].names)}
+        assert set(exact[1].saved) == set(plan.saved)
+
+
+def test_the_backend_switches_only_plans_that_recompute_and_fit_their_budget(checkpointed):
+    """Through the backend's planning: the fastest plan keeps the attention's values (unchanged graph), layer
+    checkpointing recomputes it (a changed copy, noted); the same plan made for a budget just under the 16-bit
+    plan's peak keeps its 4-bit K/V, one at that peak switches."""
+    record, _, _ = checkpointed
+    fastest = resolve_options({"kv_bits": 4, "solver": "ilp"})
+    planned, plan, _ = plan_training_graph(record.graph, fastest)
+    assert planned is record.graph and not any("16 bits" in note for note in plan.notes)
+    options = resolve_options({"kv_bits": 4, "solver": "checkpoint"})
+    planned, exact, _ = plan_training_graph(record.graph, options)
+    assert planned is not record.graph and any("16 bits" in note for note in exact.notes)
+    costs = costs_under(record.graph, options)
+    for budget, switched in ((exact.peak_bytes - 1, False), (exact.peak_bytes, True)):
+        plan = get("checkpoint").function(record.graph, costs, None)
+        plan.budget_bytes = budget
+        graph, plan, _ = with_exact_recomputed_attention(record.graph, plan, costs, options,
+                                                         lambda g: costs_under(g, options))
+        assert (graph is not record.graph) == switched
+        assert any("16 bits" in note for note in plan.notes) == switched
