@@ -118,10 +118,9 @@ def breakdown_section(folder: Path) -> Optional[str]:
         step = r.get("measured_step_ms")
         rows.append([r["seq"], plan, r.get("target_step_ms"), r["predicted_step_ms"],
                      sum(r["predicted_ms"]["recompute"].values()), *(by_kind[k] for k in kinds), step,
-                     str(r.get("measured_at") or "")[:16].replace("T", " "), busy,
-                     step - busy if step and busy else None])
+                     str(r.get("measured_at") or "")[:16].replace("T", " "), busy])
     header = ["seq", "plan", "target ms", "predicted ms", "of it recompute", *(f"{k} ms" for k in kinds),
-              "measured ms", "measured (UTC)", "GPU busy ms (profile)", "host-bound ms"]
+              "measured ms", "measured (UTC)", "GPU busy ms (profile)"]
     return ("### Where a Llama-3-8B step's time goes (cost model; measured where a run exists)\n\n"
             + _source(data, "step_breakdown_llama3-8b.json") + " (planned on a CPU; measured columns from "
             "`e2e_llama3-8b.json` and `profiles/` on the GPU they name)\n\n"
@@ -129,8 +128,9 @@ def breakdown_section(folder: Path) -> Optional[str]:
             "- target ms: the step time the tokens/s targets allow (10,000 at 2048, 12,000 at 8192). predicted: "
             "the roofline time of every node once, plus the plan's recomputed nodes again (kinds summed over "
             "forward, backward and recompute).\n"
-            "- host-bound ms: measured step time the GPU spent idle waiting for the host to launch work "
-            "(measured minus the profile's busy time; the profile may be of an older run than the step time).")
+            "- GPU busy ms: kernel time (streams overlapping counted once) in a step profiled with "
+            "`bench_e2e --profile`, from the file the row names (`profile`), which may be of an older run than "
+            "the measured step; measured well above busy means the host, launching kernels, was the bound.")
 
 
 def cross_entropy_section(folder: Path) -> Optional[str]:
