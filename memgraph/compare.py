@@ -62,9 +62,18 @@ def _step_seconds(costs) -> float:
     return float(sum(costs.seconds))
 
 
+def _as_the_backend_runs(graph: TrainingGraph, plan, costs, options: Mapping[str, Any]):
+    from memgraph.options import resolve_options
+    from memgraph.pipeline import costs_under, with_exact_recomputed_attention
+
+    resolved = resolve_options({**options, "solver": plan.solver, "memory_budget": plan.budget_bytes})
+    return with_exact_recomputed_attention(graph, plan, costs, resolved, lambda g: costs_under(g, resolved))[1]
+
+
 def plan_row(graphs: Sequence[TrainingGraph], costs: Sequence[Any], solver: str,
-             budget: int | None) -> tuple[dict[str, Any], Any]:
-    """One (solver, budget) cell: predicted peak and times, or why the solver gives up."""
+             budget: int | None, options: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """One (solver, budget) cell: predicted peak and times, or why the solver gives up. With ``options``, each
+    plan is what the backend would run (``pipeline.with_exact_recomputed_attention``)."""
     from memgraph.cost_model import solvers
     from memgraph.plan import Plan
 
@@ -74,6 +83,8 @@ def plan_row(graphs: Sequence[TrainingGraph], costs: Sequence[Any], solver: str,
     try:
         for graph, graph_costs in zip(graphs, costs):
             plan = entry.function(graph, graph_costs, budget if entry.uses_budget else None)
+            if options is not None:
+                plan = _as_the_backend_runs(graph, plan, graph_costs, options)
             if plan.peak_bytes is None or plan.recompute_seconds is None:  # a solver that left them out
                 plan.peak_bytes = int(graph_costs.estimate(plan).peak_bytes_hint)
                 plan.recompute_seconds = graph_costs.recompute_seconds(graph_costs.indices(plan.saved))
@@ -199,7 +210,7 @@ def compare(model_or_fn: Any, *example_args: Any, budgets: Iterable[Any] | None 
     bar = progress_bar(len(cells), progress, unit="plan")
     for solver, budget in cells:
         bar.set_description(f"{solver} @ {gib(budget, none='fastest')}")
-        row, _ = plan_row(graphs, costs, solver, budget)
+        row, _ = plan_row(graphs, costs, solver, budget, options)
         if measure and row.get("feasible"):
             settings = {**(options or {}), "solver": solver, "memory_budget": budget}
             try:

@@ -127,3 +127,31 @@ def test_the_backend_switches_only_plans_that_recompute_and_fit_their_budget(che
                                                          lambda g: costs_under(g, options))
         assert (graph is not record.graph) == switched
         assert any("16 bits" in note for note in plan.notes) == switched
+
+
+def test_compare_predicts_the_plan_the_backend_runs(checkpointed):
+    """``memgraph.compare`` plans as the backend does: with kv_bits=4, its checkpoint row is the 16-bit plan."""
+    from memgraph.compare import _costs, plan_row
+
+    record, _, _ = checkpointed
+    options = {"kv_bits": 4}
+    costs = _costs([record.graph], options)
+    row, plan = plan_row([record.graph], costs, "checkpoint", None, options)
+    _, backend_plan, _ = plan_training_graph(record.graph, resolve_options({**options, "solver": "checkpoint"}))
+    assert row["predicted_peak_bytes"] == backend_plan.peak_bytes
+    assert any("16 bits" in note for note in plan.notes)
+    unswitched, _ = plan_row([record.graph], costs, "checkpoint", None)
+    assert unswitched["predicted_peak_bytes"] != row["predicted_peak_bytes"]
+
+
+@pytest.mark.parametrize("growth, switched", [(0.0, False), (1.0, True)])
+def test_without_a_budget_the_peak_may_grow_only_so_much(checkpointed, monkeypatch, growth, switched):
+    """A plan made without a budget keeps 4-bit K/V where 16 bits would raise its peak by more than the allowed
+    growth (long sequences, where O and 16-bit K/V of a layer are large)."""
+    from memgraph.passes import recomputed_attention
+
+    record, plan, exact_peak = checkpointed
+    assert exact_peak > plan.peak_bytes  # this graph's switch costs memory, so a zero growth refuses it
+    monkeypatch.setattr(recomputed_attention, "MAX_PEAK_GROWTH_WITHOUT_BUDGET", growth)
+    exact = exact_kv_where_recomputed(record.graph, plan, _same_costs(record), None)
+    assert (exact is not None) == switched
