@@ -156,10 +156,10 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
         except Exception as error:  # noqa: BLE001 - a planner bug must not stop training
             log.warning("memgraph: solver %r failed (%s: %s); falling back to torch's default partition",
                         self.options.solver, type(error).__name__, error)
-            _, plan, estimate = plan_training_graph(graph, dataclasses.replace(self.options, solver="none",
-                                                                               memory_budget=None))
+            planned, plan, estimate = plan_training_graph(graph, dataclasses.replace(self.options, solver="none",
+                                                                                     memory_budget=None))
             plan.notes.append(f"fallback: solver {self.options.solver!r} failed: {error}")
-            fw, bw = partition(graph, plan)
+            fw, bw = partition(planned, plan)
             if self.record is not None:
                 self.record.fallback = str(error)
         log.info("memgraph: %s", plan.summary())

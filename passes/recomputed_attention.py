@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from memgraph.graph import TrainingGraph
 from memgraph.plan import Plan
+from memgraph.units import gib
 
 log = logging.getLogger("memgraph.passes.recomputed_attention")
 
@@ -143,6 +144,7 @@ def exact_kv_where_recomputed(graph: TrainingGraph, plan: Plan, make_costs,
         _to_exact(own.node(name))
     own.joint.graph.lint()
     own.joint.recompile()
+    # a fresh TrainingGraph: the copy's cached node tables predate the nodes added and erased above
     own = TrainingGraph(own.joint, own.example_inputs, own.num_fwd_outputs, own.static_input_indices,
                         canonical=True)
     own_costs = make_costs(own)
@@ -151,10 +153,10 @@ def exact_kv_where_recomputed(graph: TrainingGraph, plan: Plan, make_costs,
                            offloaded=own_costs.indices(plan.offloaded))
     limit, what = budget, "budget"
     if limit is None and plan.peak_bytes is not None:
-        limit, what = int(plan.peak_bytes * (1 + MAX_PEAK_GROWTH_WITHOUT_BUDGET)), "plan's peak + 2%"
+        limit, what = int(plan.peak_bytes * (1 + MAX_PEAK_GROWTH_WITHOUT_BUDGET)), f"plan's peak + {MAX_PEAK_GROWTH_WITHOUT_BUDGET:.0%}"
     if limit is not None and exact.peak_bytes > limit:
-        log.info("memgraph: %d recomputed attentions keep %d-bit K/V: at 16 bits the plan would peak at %s GiB, "
-                 "above the %s GiB %s", len(names), bits, _gib(exact.peak_bytes), _gib(limit), what)
+        log.info("memgraph: %d recomputed attentions keep %d-bit K/V: at 16 bits the plan would peak at %s, above "
+                 "the %s %s", len(names), bits, gib(exact.peak_bytes), gib(limit), what)
         return None
     exact.solve_seconds, exact.budget_bytes, exact.optimality_gap = (plan.solve_seconds, plan.budget_bytes,
                                                                      plan.optimality_gap)
@@ -162,9 +164,5 @@ def exact_kv_where_recomputed(graph: TrainingGraph, plan: Plan, make_costs,
     exact.details = {**{k: v for k, v in plan.details.items() if k not in stale}, **exact.details}
     exact.notes = [*plan.notes, f"recomputed attention at 16 bits: {len(names)} attention ops are recomputed, so "
                                 f"none keeps its {bits}-bit K/V between forward and backward; exact K/V, faster "
-                                f"backward (predicted peak {_gib(plan.peak_bytes)} -> {_gib(exact.peak_bytes)} GiB)"]
+                                f"backward (predicted peak {gib(plan.peak_bytes)} -> {gib(exact.peak_bytes)})"]
     return own, exact, own_costs
-
-
-def _gib(value: Optional[int]) -> str:
-    return "?" if value is None else f"{value / 2**30:.3f}"
