@@ -1,4 +1,5 @@
-"""Fused attention (memgraph, kv_bits 16 and 4) vs PyTorch SDPA (flash backend) on one GPU.
+"""Fused attention (memgraph, kv_bits 16 and 4; its 16-bit kernels on cuDNN and on Triton) vs PyTorch SDPA (flash
+backend) on one GPU.
 
     python benchmarks/bench_attention.py            # S in {2048, 8192, 32768} at D=128, and D=256
     python benchmarks/bench_attention.py --quick    # S=2048 and 8192 at D=128, S=2048 at D=256
@@ -49,6 +50,7 @@ CHECK_HEAD_DIMS = (128, 256)
 DEVICE = "cuda"
 BF16_ATOL = 2e-3  # relative-error slack, as in tests/kernels/test_attention.py
 KV4_GATES = (0.20, 0.98)  # max relative error, min cosine of dQ/dK/dV (DESIGN.md, Gaussian inputs)
+ATTENTION_BACKENDS = ("cudnn", "triton")  # memgraph.attention's 16-bit kernels: cuDNN's where they apply, or ours
 KV_DEQUANT_MODES = ("prepass", "in_kernel")  # memgraph.kernels.attention.launch.KV_DEQUANT_MODES, timed side by side
 
 
@@ -76,6 +78,25 @@ def _kv_dequant(mode):
         yield
     finally:
         module.KV_DEQUANT = saved
+
+
+@contextlib.contextmanager
+def _attention_backend(backend):
+    """Run memgraph.attention's 16-bit kernels on ``backend``: "cudnn" (where it applies) or "triton"."""
+    from memgraph.kernels.attention import cudnn
+
+    saved = cudnn.ENABLED
+    cudnn.ENABLED = backend == "cudnn"
+    try:
+        yield
+    finally:
+        cudnn.ENABLED = saved
+
+
+def _cudnn_disabled():
+    from memgraph.kernels.attention import cudnn
+
+    return cudnn.disabled_reason()
 
 
 def _sdpa(causal=True, window=None):
@@ -128,13 +149,18 @@ def _check_correctness() -> list[str]:
         q, k, v, grad_out = _inputs(CHECK_SEQ, head_dim, seed=head_dim)
         reference = _grads(lambda *x: reference_attention(*x, dtype=torch.float32, **kwargs), q.float(), k.float(),
                            v.float(), grad_out.float())
-        ours = _grads(_ours(16, **kwargs), q, k, v, grad_out)
         sdpa = _grads(_sdpa(**kwargs), q, k, v, grad_out)
-        for name, a, s, r in zip(("out", "dq", "dk", "dv"), ours, sdpa, reference):
-            line = f"kv16 D={head_dim} {kwargs} {name}: ours {_rel(a, r):.2e}, sdpa bf16 {_rel(s, r):.2e}"
-            print(line)
-            if not _rel(a, r) <= 2 * _rel(s, r) + BF16_ATOL:
-                failures.append(line)
+        for backend in ATTENTION_BACKENDS:
+            with _attention_backend(backend):
+                ours = _grads(_ours(16, **kwargs), q, k, v, grad_out)
+            for name, a, s, r in zip(("out", "dq", "dk", "dv"), ours, sdpa, reference):
+                line = (f"kv16 ({backend}) D={head_dim} {kwargs} {name}: ours {_rel(a, r):.2e}, "
+                        f"sdpa bf16 {_rel(s, r):.2e}")
+                print(line)
+                if not _rel(a, r) <= 2 * _rel(s, r) + BF16_ATOL:
+                    failures.append(line)
+            if backend == "cudnn" and _cudnn_disabled():
+                failures.append(f"cuDNN attention switched itself off: {_cudnn_disabled()}")
         for mode in KV_DEQUANT_MODES:
             with _kv_dequant(mode):
                 ours4 = _grads(_ours(4, **kwargs), q, k, v, grad_out)
@@ -749,11 +775,13 @@ def main(argv=None) -> int:
     for seq, head_dim in cases:
         sdpa = {"impl": "sdpa", "kv_bits": 16, "seq": seq, "head_dim": head_dim, **time_case(_sdpa(), seq, head_dim)}
         rows.append(sdpa)
-        for kv_bits, mode in ((16, None), *((4, mode) for mode in KV_DEQUANT_MODES)):
-            with _kv_dequant(mode):
+        runs = [(16, None, backend) for backend in ATTENTION_BACKENDS]
+        runs += [(4, mode, backend) for mode in KV_DEQUANT_MODES for backend in ATTENTION_BACKENDS]
+        for kv_bits, mode, backend in runs:
+            with _kv_dequant(mode), _attention_backend(backend):
                 timings = time_case(_ours(kv_bits), seq, head_dim)
-            row = {"impl": "memgraph", "kv_bits": kv_bits, "kv_dequant": mode or "", "seq": seq,
-                   "head_dim": head_dim, **timings}
+            row = {"impl": "memgraph", "kv_bits": kv_bits, "kv_dequant": mode or "", "backend": backend,
+                   "seq": seq, "head_dim": head_dim, **timings}
             row["speedup_vs_sdpa"] = sdpa["fwd_bwd_ms"] / row["fwd_bwd_ms"]
             if row["fwd_bwd_ms_cudagraph"] and sdpa["fwd_bwd_ms_cudagraph"]:
                 row["speedup_vs_sdpa_cudagraph"] = sdpa["fwd_bwd_ms_cudagraph"] / row["fwd_bwd_ms_cudagraph"]
@@ -762,8 +790,9 @@ def main(argv=None) -> int:
     if args.smoke:
         print_table(rows)
         return 0
-    write_results("attention", rows, autotune=not args.no_autotune, batch=BATCH, heads=HEADS, kv_heads=KV_HEADS, causal=True, dtype="bfloat16",
-                  total_seconds=round(time.perf_counter() - start, 1))
+    write_results("attention", rows, autotune=not args.no_autotune, batch=BATCH, heads=HEADS, kv_heads=KV_HEADS,
+                  causal=True, dtype="bfloat16", cudnn_version=torch.backends.cudnn.version(),
+                  cudnn_disabled=_cudnn_disabled(), total_seconds=round(time.perf_counter() - start, 1))
     print_table(rows)
     return 0
 

@@ -149,12 +149,12 @@ def attention_section(folder: Path) -> Optional[str]:
     parts = []
     data = _load(folder, "attention.json")
     if data:
-        rows = [[r["seq"], r["head_dim"], r["kv_bits"], r.get("kv_dequant", ""), r.get("fwd_bwd_ms_cudagraph"),
-                 r.get("speedup_vs_sdpa_cudagraph"), r.get("speedup_vs_sdpa")]
+        rows = [[r["seq"], r["head_dim"], r["kv_bits"], r.get("kv_dequant", ""), r.get("backend", "triton"),
+                 r.get("fwd_bwd_ms_cudagraph"), r.get("speedup_vs_sdpa_cudagraph"), r.get("speedup_vs_sdpa")]
                 for r in data["rows"] if r["impl"] == "memgraph"]
         parts.append("GPU time from a CUDA graph, and eager (host-bound at short lengths). "
                      + _source(data, "attention.json") + "\n\n"
-                     + _table(["seq", "head dim", "kv bits", "K/V dequant", "fwd+bwd ms (graph)",
+                     + _table(["seq", "head dim", "kv bits", "K/V dequant", "16-bit kernels", "fwd+bwd ms (graph)",
                                "x SDPA flash (graph)", "x SDPA flash (eager)"], rows))
     masked = _load(folder, "attention_masked.json")
     if masked:

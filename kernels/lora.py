@@ -339,6 +339,13 @@ def _(base, x, lora_a, lora_b, scale, round_delta):
     return torch.empty_like(base), x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=lora_a.dtype)
 
 
+def _weight_grads(lora_a: Tensor, lora_b: Tensor, a_grad: bool, b_grad: bool, triton_path: bool):
+    """(dA, dB) buffers, None where not asked for. The kernels overwrite every element (no fill launch, which
+    a step would pay twice per adapted linear); the torch path accumulates chunk by chunk into zeros."""
+    new = torch.empty_like if triton_path else torch.zeros_like
+    return new(lora_a) if a_grad else None, new(lora_b) if b_grad else None
+
+
 @torch.library.custom_op("memgraph::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(grad: Tensor, x: Tensor, xa: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
                              x_grad: bool, a_grad: bool, b_grad: bool,
@@ -348,14 +355,14 @@ def _lora_linear_backward_op(grad: Tensor, x: Tensor, xa: Tensor, lora_a: Tensor
     rounded to x's dtype first), and the adapter's part never exists on its own."""
     flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     flat_xa = xa.reshape(-1, xa.shape[-1])
+    triton_path = use_triton(x, log)
     grad_x = torch.empty_like(flat_x) if x_grad else None
-    grad_a = torch.zeros_like(lora_a) if a_grad else None
-    grad_b = torch.zeros_like(lora_b) if b_grad else None
+    grad_a, grad_b = _weight_grads(lora_a, lora_b, a_grad, b_grad, triton_path)
     if accumulate is not None and (not x_grad or accumulate.shape != x.shape or accumulate.dtype != x.dtype):
         raise ValueError(f"lora_linear_backward: accumulate must be x's gradient ({tuple(x.shape)} {x.dtype}); got "
                          f"{tuple(accumulate.shape)} {accumulate.dtype} with x_grad={x_grad}")
     flat_accumulate = accumulate.reshape(-1, x.shape[-1]) if accumulate is not None else None
-    run = _backward_triton if use_triton(x, log) else _backward_torch
+    run = _backward_triton if triton_path else _backward_torch
     run(flat_grad, flat_x, flat_xa, lora_a, lora_b, float(scale), grad_x, grad_a, grad_b, flat_accumulate)
     empty = x.new_empty((0,))
     return (grad_x.view(x.shape) if grad_x is not None else empty, grad_a if grad_a is not None else empty,
@@ -382,9 +389,9 @@ def _lora_linear_backward_into_op(grad: Tensor, x: Tensor, xa: Tensor, lora_a: T
     flat_xa = xa.reshape(-1, xa.shape[-1])
     # a strided gradient is summed in a contiguous copy, then copied back: correct, just not in place
     target = (accumulate if accumulate.is_contiguous() else accumulate.contiguous()).view(-1, x.shape[-1])
-    grad_a = torch.zeros_like(lora_a) if a_grad else None
-    grad_b = torch.zeros_like(lora_b) if b_grad else None
-    run = _backward_triton if use_triton(x, log) else _backward_torch
+    triton_path = use_triton(x, log)
+    grad_a, grad_b = _weight_grads(lora_a, lora_b, a_grad, b_grad, triton_path)
+    run = _backward_triton if triton_path else _backward_torch
     # dx's rows are read from and written to the same place, one tile (or chunk of rows) at a time
     run(flat_grad, flat_x, flat_xa, lora_a, lora_b, float(scale), target, grad_a, grad_b, target)
     if target.data_ptr() != accumulate.data_ptr():

@@ -43,9 +43,10 @@ plain-torch implementation of the same math runs (float32, chunked over queries)
 
 Where each piece lives (one concern per file, as Liger-Kernel's ``ops/``): ``triton_kernels.py`` (the Triton
 kernels), ``launch.py`` (configurations and launchers), ``reference.py`` (plain torch: fallback and test
-reference), ``op.py`` (checks, custom ops, autograd, FLOP formulas, ``attention()``), and the packed K/V data type
-in ``memgraph/kernels/kv_quant.py``; the Triton-or-torch choice is ``memgraph/kernels/_dispatch.py``'s, shared
-with the NF4 ops.
+reference), ``op.py`` (checks, custom ops, autograd, FLOP formulas, ``attention()``), ``cudnn.py`` (the
+16-bit forward and backward on torch's cuDNN SDPA kernels where they compute the same thing), and the packed
+K/V data type in ``memgraph/kernels/kv_quant.py``; the Triton-or-torch choice is
+``memgraph/kernels/_dispatch.py``'s, shared with the NF4 ops.
 
 Custom ops (traceable by torch.compile/AOTAutograd, no graph break):
 ``torch.ops.memgraph.attention(q, k, v, causal, scale, kv_bits, window, softcap) -> (out, lse, k_codes, k_meta,

@@ -15,6 +15,7 @@ from torch.overrides import has_torch_function
 
 from memgraph import _compat
 from memgraph.kernels._dispatch import direct_eager, use_triton
+from memgraph.kernels.attention import cudnn
 from memgraph.kernels.attention.launch import bwd_triton, fwd_triton, quantize_triton
 from memgraph.kernels.attention.reference import torch_backward, torch_forward
 from memgraph.kernels.kv_quant import KV_BITS, PACKED_DTYPES, dequantize_kv, packed_kv_shapes, quantize_kv_reference
@@ -109,12 +110,32 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[floa
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     segments = _segments(q, q_segments, k_segments)
     if use_triton(q, log):
-        out, lse = fwd_triton(q, k, v, causal, scale, window, softcap, segments)
+        out, lse = _forward_kernels(q, k, v, causal, scale, window, softcap, segments)
     else:
         out, lse = torch_forward(q, k, v, causal, scale, window, softcap, segments)
     packed = _empty_packed(q) if kv_bits == 16 else quantize_kv(k, v, kv_bits)
     # Contiguous, as the fake impl promises: Inductor asserts the strides it was told (q may arrive transposed).
     return (out.contiguous(), lse.contiguous(), *packed)
+
+
+def _forward_kernels(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, window: Optional[int],
+                     softcap: Optional[float], segments):
+    """(out, lse) from cuDNN's kernels where they apply (any kv_bits: the forward reads 16-bit K/V), else ours."""
+    if cudnn.applies(q, window, softcap, segments):
+        try:
+            return cudnn.forward(q, k, v, causal, scale)
+        except RuntimeError as error:
+            cudnn.disable(error)
+    return fwd_triton(q, k, v, causal, scale, window, softcap, segments)
+
+
+def _backward_cudnn_or_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              causal: bool, scale: float, kv_heads: int):
+    try:
+        return cudnn.backward(grad_out, q, k, v, out, lse, causal, scale)
+    except RuntimeError as error:
+        cudnn.disable(error)
+    return bwd_triton(grad_out, q, k, v, out, lse, (None,) * 4, causal, scale, 16, None, None, kv_heads, None)
 
 
 def _attention_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
@@ -136,7 +157,9 @@ def _attention_backward_impl(grad_out: Tensor, q: Tensor, k: Optional[Tensor], v
     packed = (k_codes, k_meta, v_codes, v_meta)
     kv_heads = k.shape[1] if kv_bits == 16 else k_codes.shape[1]
     segments = _segments(q, q_segments, k_segments)
-    if use_triton(q, log):
+    if use_triton(q, log) and kv_bits == 16 and cudnn.applies(q, window, softcap, segments):
+        grads = _backward_cudnn_or_triton(grad_out, q, k, v, out, lse, causal, scale, kv_heads)
+    elif use_triton(q, log):
         grads = bwd_triton(grad_out, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads,
                            segments)
     elif kv_bits == 16:

@@ -1,0 +1,75 @@
+"""16-bit attention through torch's cuDNN SDPA kernels where they compute exactly what memgraph.attention does.
+
+``aten._scaled_dot_product_cudnn_attention`` and its backward take GQA K/V as they are (no repeated heads) and
+return O and the natural-log LSE, as our forward does. They apply to CUDA tensors in bfloat16/float16 with a head
+dim cuDNN supports, causal or not, without a sliding window, softcap or segments, unless deterministic algorithms
+are requested (ours are deterministic); there they run faster than our
+Triton kernels on Hopper (``benchmarks/results/attention.json``, rows by ``backend``). What they do not replace: the K/V
+quantization and the kv_bits < 16 backward (dequantized K'/V', recomputed statistics), which only our kernels do.
+
+Because both forwards return the same O and LSE (LSE as ``[B, H, S]`` float32), either forward pairs with either
+backward: a graph traced on one machine and run on another stays correct. A cuDNN error (an unsupported shape, an
+old cuDNN) switches this path off for the process with one logged warning, and the Triton kernels run instead.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("memgraph.kernels.attention")
+
+# False (or MEMGRAPH_ATTENTION_CUDNN=0 in the environment): every attention runs the Triton kernels
+ENABLED = os.environ.get("MEMGRAPH_ATTENTION_CUDNN", "1") != "0"
+CUDNN_DTYPES = (torch.bfloat16, torch.float16)
+CUDNN_HEAD_DIMS = (64, 128)  # the head dims measured against ours (attention.json); others run Triton
+_disabled_reason: Optional[str] = None
+
+
+def applies(q: Tensor, window: Optional[int], softcap: Optional[float], segments) -> bool:
+    """Whether the cuDNN kernels compute this attention (see the module docstring)."""
+    return (ENABLED and _disabled_reason is None and q.is_cuda and q.dtype in CUDNN_DTYPES
+            and q.shape[-1] in CUDNN_HEAD_DIMS and window is None and softcap is None and segments is None
+            and torch.backends.cudnn.is_available() and not torch.are_deterministic_algorithms_enabled())
+
+
+def disabled_reason() -> Optional[str]:
+    """Why an earlier call switched the path off in this process (None: it is on)."""
+    return _disabled_reason
+
+
+def disable(error: BaseException) -> None:
+    """Switch the path off for this process after ``error`` (the caller then runs the Triton kernels)."""
+    global _disabled_reason
+    _disabled_reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    log.warning("memgraph.attention: cuDNN attention failed (%s); running the Triton kernels from now on",
+                _disabled_reason)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(out [B, H, S, D], lse [B, H, S] float32, natural log)."""
+    outputs = torch.ops.aten._scaled_dot_product_cudnn_attention.default(
+        q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return outputs[0], outputs[1].reshape(q.shape[:3])
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the attention whose O and LSE are ``out`` and ``lse`` (from either forward); dropout 0."""
+    seq_len = q.shape[2]
+    seed = offset = _unused_random_state(q.device)
+    # dO in O's layout (both contiguous), the LSE as cuDNN's forward returns it ([B, H, S, 1]), no bias and no
+    # cumulative lengths (not a varlen batch)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward.default(
+        grad_out.contiguous(), q, k, v, out.contiguous(), lse.unsqueeze(-1), seed, offset, None, None, None,
+        seq_len, seq_len, 0.0, causal, scale=scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _unused_random_state(device: torch.device) -> Tensor:
+    """The dropout seed/offset argument (a 0-d int64, as the forward returns it): read by no kernel at p = 0."""
+    return torch.zeros((), dtype=torch.int64, device=device)
