@@ -139,13 +139,17 @@ def with_offload(solve: Callable[..., Plan]) -> Callable[..., Plan]:
             if key in completed:
                 continue
             completed.add(key)
-            # Completed before the plans are compared: an offload plan from the leanest set leaves room that
-            # keeping recomputed values fills, and only then is it as fast as it gets. Compared uncompleted, a
-            # keep/recompute plan a transfer's fraction of a millisecond faster won at a larger budget and
-            # recomputed 30% more than the offload plan the same solver chose at a smaller one.
-            saved, estimate = keep_what_fits(costs, saved, offloaded, budget)
             details = {k: v for k, v in base.details.items() if k != "transfers"}
             plans.append(costs.plan(base.solver, saved, budget, estimate=estimate, offloaded=offloaded, **details))
+            # ... and completed, before the plans are compared: an offload plan from the leanest set leaves room
+            # that keeping recomputed values fills. Compared uncompleted only, a keep/recompute plan a transfer's
+            # fraction of a millisecond faster won at a larger budget and recomputed 30% more than the offload
+            # plan the same solver chose at a smaller one. (Both stay candidates: less recompute can leave less
+            # backward compute to hide a reload behind.)
+            kept, kept_estimate = keep_what_fits(costs, saved, offloaded, budget)
+            if len(kept) > len(saved):
+                plans.append(costs.plan(base.solver, kept, budget, estimate=kept_estimate, offloaded=offloaded,
+                                        **details))
         if not plans:  # name the lowest peak offload reached
             raise costs.infeasible(getattr(solve, "__name__", "solver"), budget, best=lowest)
         return min(plans, key=added_seconds)

@@ -30,11 +30,26 @@ CUDNN_HEAD_DIMS = (64, 128)  # the head dims measured against ours (attention.js
 _disabled_reason: Optional[str] = None
 
 
-def applies(q: Tensor, window: Optional[int], softcap: Optional[float], segments) -> bool:
-    """Whether the cuDNN kernels compute this attention (see the module docstring)."""
+def applies(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], softcap: Optional[float], segments) -> bool:
+    """Whether the cuDNN kernels compute this attention (see the module docstring). Off where the user turned
+    cuDNN or its SDPA backend off (``torch.backends.cudnn.enabled``, ``sdpa_kernel``) or asked for deterministic
+    algorithms (ours are deterministic)."""
     return (ENABLED and _disabled_reason is None and q.is_cuda and q.dtype in CUDNN_DTYPES
             and q.shape[-1] in CUDNN_HEAD_DIMS and window is None and softcap is None and segments is None
-            and torch.backends.cudnn.is_available() and not torch.are_deterministic_algorithms_enabled())
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+            and torch.backends.cuda.cudnn_sdp_enabled() and not torch.are_deterministic_algorithms_enabled())
+
+
+def failed(error: RuntimeError) -> None:
+    """Handle ``error`` from a cuDNN call: out of memory and CUDA errors propagate (they are not about cuDNN's
+    support, and a broken context must not run more kernels); anything else switches the path off."""
+    if isinstance(error, (torch.OutOfMemoryError, *_ACCELERATOR_ERRORS)):
+        raise error
+    disable(error)
+
+
+_ACCELERATOR_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None),) if e is not None)
 
 
 def disabled_reason() -> Optional[str]:

@@ -121,11 +121,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[floa
 def _forward_kernels(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, window: Optional[int],
                      softcap: Optional[float], segments):
     """(out, lse) from cuDNN's kernels where they apply (any kv_bits: the forward reads 16-bit K/V), else ours."""
-    if cudnn.applies(q, window, softcap, segments):
+    if cudnn.applies(q, k, v, window, softcap, segments):
         try:
             return cudnn.forward(q, k, v, causal, scale)
         except RuntimeError as error:
-            cudnn.disable(error)
+            cudnn.failed(error)
     return fwd_triton(q, k, v, causal, scale, window, softcap, segments)
 
 
@@ -134,7 +134,7 @@ def _backward_cudnn_or_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     try:
         return cudnn.backward(grad_out, q, k, v, out, lse, causal, scale)
     except RuntimeError as error:
-        cudnn.disable(error)
+        cudnn.failed(error)
     return bwd_triton(grad_out, q, k, v, out, lse, (None,) * 4, causal, scale, 16, None, None, kv_heads, None)
 
 
@@ -157,7 +157,7 @@ def _attention_backward_impl(grad_out: Tensor, q: Tensor, k: Optional[Tensor], v
     packed = (k_codes, k_meta, v_codes, v_meta)
     kv_heads = k.shape[1] if kv_bits == 16 else k_codes.shape[1]
     segments = _segments(q, q_segments, k_segments)
-    if use_triton(q, log) and kv_bits == 16 and cudnn.applies(q, window, softcap, segments):
+    if use_triton(q, log) and kv_bits == 16 and cudnn.applies(q, k, v, window, softcap, segments):
         grads = _backward_cudnn_or_triton(grad_out, q, k, v, out, lse, causal, scale, kv_heads)
     elif use_triton(q, log):
         grads = bwd_triton(grad_out, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads,

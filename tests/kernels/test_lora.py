@@ -104,6 +104,26 @@ def test_split_reductions_sum_to_the_unsplit_result(monkeypatch, processors):
         assert rel(got, want) < 1e-6
 
 
+@pytest.mark.parametrize("processors", [1, 64])
+def test_adapter_gradients_are_written_whole(monkeypatch, processors):
+    """dA and dB start uninitialised (no fill launch): with torch's NaN-filled empty tensors every element must
+    still come out finite, one split or several."""
+    import torch.utils.deterministic
+
+    monkeypatch.setattr(lora, "INTERPRETER_MULTIPROCESSORS", processors)
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    base, x, a, b = _inputs((70,), 150, 40, 4, torch.float32, seed=12)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.empty(3).isnan().all()  # the check below can fail
+        out = lora.lora_linear(base, x, a, b, 2.0)
+        grad_a, grad_b = torch.autograd.grad(out, (a, b), torch.ones_like(out))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert grad_a.isfinite().all() and grad_b.isfinite().all()
+
+
 def test_bfloat16_activations_give_float32_exact_reductions():
     """With bfloat16 x (and gradient), xa = x @ A.T, dA and dB are float32 dots of the bfloat16 values: the three
     bfloat16 parts of each float32 operand must add up to it exactly (a lost part costs 2**-9 or 2**-17)."""
