@@ -156,6 +156,16 @@ def attention_section(folder: Path) -> Optional[str]:
                      + _source(data, "attention.json") + "\n\n"
                      + _table(["seq", "head dim", "kv bits", "K/V dequant", "16-bit kernels", "fwd+bwd ms (graph)",
                                "x SDPA flash (graph)", "x SDPA flash (eager)"], rows))
+    probe = _load(folder, "attention_cudnn_probe.json")
+    if probe:
+        rows = [[f"{r['heads']}/{r['kv_heads']}", r["seq"], r["head_dim"], r.get("triton_fwd_ms"),
+                 r.get("cudnn_fwd_ms"), r.get("triton_bwd_ms"), r.get("cudnn_contig_bwd_ms"), r.get("triton_bwd_scratch_mib"),
+                 r.get("cudnn_bwd_scratch_mib")] for r in probe["rows"] if "error" not in r]
+        parts.append("The 16-bit kernels: memgraph's Triton against cuDNN's SDPA (what "
+                     "`memgraph.kernels.attention.cudnn` runs where it applies; its backward on contiguous tensors). "
+                     + _source(probe, "attention_cudnn_probe.json") + "\n\n"
+                     + _table(["query/KV heads", "seq", "head dim", "Triton fwd ms", "cuDNN fwd ms", "Triton bwd ms",
+                               "cuDNN bwd ms", "Triton bwd MiB", "cuDNN bwd MiB"], rows))
     masked = _load(folder, "attention_masked.json")
     if masked:
         rows = [[r["layout"], r["impl"], r["kv_bits"], r.get("fwd_bwd_ms"), r.get("speedup_vs_sdpa"),

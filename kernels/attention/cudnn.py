@@ -21,13 +21,33 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from memgraph import _compat
+
 log = logging.getLogger("memgraph.kernels.attention")
 
 # False (or MEMGRAPH_ATTENTION_CUDNN=0 in the environment): every attention runs the Triton kernels
 ENABLED = os.environ.get("MEMGRAPH_ATTENTION_CUDNN", "1") != "0"
 CUDNN_DTYPES = (torch.bfloat16, torch.float16)
-CUDNN_HEAD_DIMS = (64, 128)  # the head dims measured against ours (attention.json); others run Triton
+CUDNN_HEAD_DIMS = (64, 128, 256)
+# cuDNN's backward allocates a workspace (see backward_workspace_bytes): 256 MiB for Llama-3-8B at 8192 tokens,
+# 3.1 GiB at 100k. Above this bound the Triton kernels (no such workspace) run, forward and backward alike, so the
+# longest sequence a card trains is what it was.
+MAX_WORKSPACE_BYTES = 512 * 2**20
 _disabled_reason: Optional[str] = None
+
+
+def backward_workspace_bytes(batch, heads: int, kv_heads: int, seq_len, head_dim: int):
+    """Bytes cuDNN's backward allocates besides dQ/dK/dV (measured on an H100, torch 2.11, cuDNN 9: 64, 256 and
+    224 MiB for 32/8 heads at 2048 and 8192 tokens and 28/4 at 8192, D=128; 128 MiB for 16/16 heads, D=256): a
+    float32 dQ accumulator, and with grouped K/V a 16-bit dK and dV per query head before the group sum."""
+    per_query_head = batch * heads * seq_len * head_dim
+    return per_query_head * 4 + (per_query_head * 2 * 2 if heads != kv_heads else 0)
+
+
+def _workspace_fits(q: Tensor, k: Tensor) -> bool:
+    batch, heads, seq_len, head_dim = (_compat.concrete_int(n) for n in q.shape)
+    return backward_workspace_bytes(batch, heads, _compat.concrete_int(k.shape[1]), seq_len,
+                                    head_dim) <= MAX_WORKSPACE_BYTES
 
 
 def applies(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], softcap: Optional[float], segments) -> bool:
@@ -36,7 +56,7 @@ def applies(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], softcap: Opt
     algorithms (ours are deterministic)."""
     return (ENABLED and _disabled_reason is None and q.is_cuda and q.dtype in CUDNN_DTYPES
             and q.shape[-1] in CUDNN_HEAD_DIMS and window is None and softcap is None and segments is None
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and _workspace_fits(q, k)
             and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
             and torch.backends.cuda.cudnn_sdp_enabled() and not torch.are_deterministic_algorithms_enabled())
 
@@ -77,11 +97,12 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     """(dq, dk, dv) of the attention whose O and LSE are ``out`` and ``lse`` (from either forward); dropout 0."""
     seq_len = q.shape[2]
     seed = offset = _unused_random_state(q.device)
-    # dO in O's layout (both contiguous), the LSE as cuDNN's forward returns it ([B, H, S, 1]), no bias and no
-    # cumulative lengths (not a varlen batch)
+    # Every tensor contiguous: measured on an H100, an O whose layout differs from Q's (e.g. Q in HF's [B, S, H, D]
+    # storage, O contiguous) gives wrong dQ and dK without any error. The LSE as cuDNN's forward returns it
+    # ([B, H, S, 1]); no bias and no cumulative lengths (not a varlen batch).
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward.default(
-        grad_out.contiguous(), q, k, v, out.contiguous(), lse.unsqueeze(-1), seed, offset, None, None, None,
-        seq_len, seq_len, 0.0, causal, scale=scale)
+        grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.unsqueeze(-1),
+        seed, offset, None, None, None, seq_len, seq_len, 0.0, causal, scale=scale)
 
 
 @functools.lru_cache(maxsize=None)

@@ -129,13 +129,17 @@ def _forward_kernels(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
     return fwd_triton(q, k, v, causal, scale, window, softcap, segments)
 
 
-def _backward_cudnn_or_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                              causal: bool, scale: float, kv_heads: int):
-    try:
-        return cudnn.backward(grad_out, q, k, v, out, lse, causal, scale)
-    except RuntimeError as error:
-        cudnn.failed(error)
-    return bwd_triton(grad_out, q, k, v, out, lse, (None,) * 4, causal, scale, 16, None, None, kv_heads, None)
+def _backward_kernels(grad_out: Tensor, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], out: Optional[Tensor],
+                      lse: Optional[Tensor], packed, causal: bool, scale: float, kv_bits: int, window: Optional[int],
+                      softcap: Optional[float], kv_heads: int, segments):
+    """(dq, dk, dv) from cuDNN's kernels where they apply (kv_bits=16 only), else ours."""
+    if kv_bits == 16 and cudnn.applies(q, k, v, window, softcap, segments):
+        try:
+            return cudnn.backward(grad_out, q, k, v, out, lse, causal, scale)
+        except RuntimeError as error:
+            cudnn.failed(error)
+    return bwd_triton(grad_out, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads,
+                      segments)
 
 
 def _attention_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
@@ -157,11 +161,9 @@ def _attention_backward_impl(grad_out: Tensor, q: Tensor, k: Optional[Tensor], v
     packed = (k_codes, k_meta, v_codes, v_meta)
     kv_heads = k.shape[1] if kv_bits == 16 else k_codes.shape[1]
     segments = _segments(q, q_segments, k_segments)
-    if use_triton(q, log) and kv_bits == 16 and cudnn.applies(q, k, v, window, softcap, segments):
-        grads = _backward_cudnn_or_triton(grad_out, q, k, v, out, lse, causal, scale, kv_heads)
-    elif use_triton(q, log):
-        grads = bwd_triton(grad_out, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap, kv_heads,
-                           segments)
+    if use_triton(q, log):
+        grads = _backward_kernels(grad_out, q, k, v, out, lse, packed, causal, scale, kv_bits, window, softcap,
+                                  kv_heads, segments)
     elif kv_bits == 16:
         grads = torch_backward(grad_out, q, k, v, out, lse, causal, scale, window, softcap, segments)
     else:
@@ -340,6 +342,26 @@ def _register_flop_formulas():
 
 
 _register_flop_formulas()
+
+
+def _register_scratch_formulas():
+    """What the backward allocates besides its outputs where cuDNN runs it: cuDNN's workspace, and the contiguous
+    copies it is given of inputs that are not (``cudnn.backward``). The Triton kernels' own buffers are small."""
+    from memgraph.cost_model.values import register_scratch
+
+    def backward_scratch(grad_out, q, k, v, out, lse, k_codes, k_meta, v_codes, v_meta, causal, scale, kv_bits,
+                         window, softcap, q_segments=None, k_segments=None):
+        segments = None if q_segments is None else (q_segments, k_segments)
+        if kv_bits != 16 or k is None or not cudnn.applies(q, k, v, window, softcap, segments):
+            return 0
+        batch, heads, seq_len, head_dim = q.shape
+        copies = sum(x.numel() * x.element_size() for x in (grad_out, q, k, v, out) if not x.is_contiguous())
+        return cudnn.backward_workspace_bytes(batch, heads, k.shape[1], seq_len, head_dim) + copies
+
+    register_scratch(_ATTENTION_BACKWARD, backward_scratch)
+
+
+_register_scratch_formulas()
 
 
 def saved_bytes(batch, heads, kv_heads, seq_len, head_dim, *, kv_bits=16, dtype=torch.bfloat16) -> int:

@@ -39,38 +39,6 @@ def test_not_on_cpu_nor_where_cudnn_computes_something_else(cudnn_state):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("change", ["window", "softcap", "segments", "float32", "head_dim_32", "deterministic",
-                                    "strided_k", "cudnn_off", "sdpa_cudnn_off", "switched_off"])
-def test_applies_only_to_plain_16_bit_attention(cudnn_state, monkeypatch, change):
-    q = torch.empty(1, 4, 16, 64, dtype=torch.bfloat16, device="cuda")
-    k = v = torch.empty(1, 2, 16, 64, dtype=torch.bfloat16, device="cuda")
-    if torch.backends.cudnn.is_available():
-        assert cudnn.applies(q, k, v, None, None, None)
-    window, softcap, segments = None, None, None
-    if change == "window":
-        window = 8
-    elif change == "softcap":
-        softcap = 30.0
-    elif change == "segments":
-        segments = (torch.zeros(1, 16, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32))
-    elif change == "float32":
-        q = q.float()
-    elif change == "head_dim_32":
-        q = torch.empty(1, 4, 16, 32, dtype=torch.bfloat16, device="cuda")
-    elif change == "deterministic":  # ours are deterministic; cuDNN's backward need not be
-        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    elif change == "strided_k":
-        k = torch.empty(1, 2, 64, 16, dtype=torch.bfloat16, device="cuda").transpose(-1, -2)
-    elif change == "cudnn_off":
-        monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
-    elif change == "sdpa_cudnn_off":
-        monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)
-    else:
-        monkeypatch.setattr(cudnn, "ENABLED", False)
-    assert not cudnn.applies(q, k, v, window, softcap, segments)
-
-
-@pytest.mark.cuda
 @pytest.mark.parametrize("failing", ["forward", "backward"])
 def test_a_failing_cudnn_call_falls_back_to_triton_once_and_says_so(cudnn_state, monkeypatch, caplog, failing):
     q, k, v, grad_out = _leaves("cuda", torch.bfloat16)
@@ -152,3 +120,79 @@ def test_either_forward_pairs_with_either_backward(cudnn_state, monkeypatch, for
     torch.testing.assert_close(lse, lse_t, rtol=0, atol=2e-2)  # both natural-log LSE, [B, H, S]
     for a, b in zip(mixed, expected):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
+
+
+def test_workspace_formula_reproduces_the_h100_measurements():
+    """backward_workspace_bytes against what cuDNN's backward allocated besides dQ/dK/dV on an H100 (torch 2.11):
+    (batch, heads, kv heads, seq, head dim) -> MiB."""
+    measured_mib = {(1, 32, 8, 2048, 128): 64.25, (1, 32, 8, 8192, 128): 258.0, (1, 28, 4, 8192, 128): 224.9,
+                    (1, 16, 16, 8192, 256): 128.5}
+    for shape, mib in measured_mib.items():
+        assert abs(cudnn.backward_workspace_bytes(*shape) / 2**20 - mib) <= 2.5, shape
+
+
+@pytest.fixture
+def fake_cuda(cudnn_state, monkeypatch):
+    """Fake CUDA tensors on any machine, with cuDNN reported available: what the cost model sees on a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    mode = FakeTensorMode()
+    return lambda *shape: FakeTensor(mode, torch.empty(*shape, dtype=torch.bfloat16, device="meta"),
+                                     torch.device("cuda"))
+
+
+def test_long_sequences_keep_the_triton_kernels(fake_cuda):
+    q, k = fake_cuda(1, 32, 8192, 128), fake_cuda(1, 8, 8192, 128)
+    assert cudnn.applies(q, k, k, None, None, None)  # 256 MiB of workspace
+    q, k = fake_cuda(1, 32, 32768, 128), fake_cuda(1, 8, 32768, 128)
+    assert not cudnn.applies(q, k, k, None, None, None)  # 1 GiB: above MAX_WORKSPACE_BYTES
+
+
+def test_cost_model_counts_the_cudnn_workspace(fake_cuda, monkeypatch):
+    from memgraph.cost_model import values
+
+    formula = values._SCRATCH[torch.ops.memgraph.attention_backward.default]
+    q, k, lse = fake_cuda(1, 32, 2048, 128), fake_cuda(1, 8, 2048, 128), fake_cuda(1, 32, 2048)
+    args = dict(grad_out=q, q=q, k=k, v=k, out=q, lse=lse, k_codes=None, k_meta=None, v_codes=None, v_meta=None,
+                causal=True, scale=None, window=None, softcap=None)
+    assert formula(**args, kv_bits=16) == cudnn.backward_workspace_bytes(1, 32, 8, 2048, 128)
+    transposed = fake_cuda(1, 2048, 32, 128).transpose(1, 2)  # HF's layout: copied before cuDNN reads it
+    assert formula(**{**args, "q": transposed}, kv_bits=16) == (cudnn.backward_workspace_bytes(1, 32, 8, 2048, 128)
+                                                               + transposed.numel() * 2)
+    assert formula(**args, kv_bits=16, q_segments=q, k_segments=q) == 0  # segments: the Triton kernels
+    assert formula(**{**args, "k": None, "v": None}, kv_bits=4) == 0  # 4-bit K/V: the Triton kernels
+    monkeypatch.setattr(cudnn, "ENABLED", False)
+    assert formula(**args, kv_bits=16) == 0
+
+
+@pytest.mark.parametrize("change", ["window", "softcap", "segments", "float32", "head_dim_32", "deterministic",
+                                    "strided_k", "cudnn_off", "sdpa_cudnn_off", "switched_off"])
+def test_applies_only_to_plain_16_bit_attention(fake_cuda, monkeypatch, change):
+    q, k = fake_cuda(1, 4, 16, 64), fake_cuda(1, 2, 16, 64)
+    v = k
+    assert cudnn.applies(q, k, v, None, None, None)
+    window, softcap, segments = None, None, None
+    if change == "window":
+        window = 8
+    elif change == "softcap":
+        softcap = 30.0
+    elif change == "segments":
+        segments = (fake_cuda(1, 16), fake_cuda(1, 16))
+    elif change == "float32":
+        q = q.float()
+    elif change == "head_dim_32":
+        q = fake_cuda(1, 4, 16, 32)
+    elif change == "deterministic":  # ours are deterministic; cuDNN's backward need not be
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    elif change == "strided_k":
+        k = fake_cuda(1, 2, 64, 16).transpose(-1, -2)
+    elif change == "cudnn_off":
+        monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
+    elif change == "sdpa_cudnn_off":
+        monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)
+    else:
+        monkeypatch.setattr(cudnn, "ENABLED", False)
+    assert not cudnn.applies(q, k, v, window, softcap, segments)
