@@ -2,14 +2,16 @@
 
 ``aten._scaled_dot_product_cudnn_attention`` and its backward take GQA K/V as they are (no repeated heads) and
 return O and the natural-log LSE, as our forward does. They apply to CUDA tensors in bfloat16/float16 with a head
-dim cuDNN supports, causal or not, without a sliding window, softcap or segments, unless deterministic algorithms
-are requested (ours are deterministic); there they run faster than our
-Triton kernels on Hopper (``benchmarks/results/attention.json``, rows by ``backend``). What they do not replace: the K/V
-quantization and the kv_bits < 16 backward (dequantized K'/V', recomputed statistics), which only our kernels do.
+dim of 64, 128 or 256, causal or not, without a sliding window, softcap or segments, unless deterministic
+algorithms are requested (ours are deterministic) or the backward's workspace would exceed MAX_WORKSPACE_BYTES.
+There they run faster than our Triton kernels (H100, ``benchmarks/results/attention_cudnn_probe.json``: 1.25x
+forward and 1.4x backward for Llama-3-8B at 8192 tokens). What they do not replace: the K/V quantization and the
+kv_bits < 16 backward (dequantized K'/V', recomputed statistics), which only our kernels do.
 
-Because both forwards return the same O and LSE (LSE as ``[B, H, S]`` float32), either forward pairs with either
-backward: a graph traced on one machine and run on another stays correct. A cuDNN error (an unsupported shape, an
-old cuDNN) switches this path off for the process with one logged warning, and the Triton kernels run instead.
+Both forwards return the same O and LSE (LSE as ``[B, H, S]`` float32), so either forward pairs with either
+backward. The backward hands cuDNN contiguous tensors only: given an O laid out unlike Q it returned wrong dQ/dK
+without an error. A cuDNN error (an unsupported shape, an old cuDNN) switches this path off for the process with
+one logged warning, and the Triton kernels run instead; out-of-memory and CUDA errors propagate.
 """
 from __future__ import annotations
 
