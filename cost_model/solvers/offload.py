@@ -127,7 +127,7 @@ def with_offload(solve: Callable[..., Plan]) -> Callable[..., Plan]:
         lean = leanest_saved(costs)  # the lowest peak offload can start from
         bases.append(costs.plan(getattr(solve, "__name__", "solver"), lean, None, structural="leanest"))
         lowest: tuple[int, MemoryEstimate] | None = None
-        completed: set[tuple[frozenset[int], frozenset[int]]] = set()
+        seen: set[tuple[frozenset[int], frozenset[int]]] = set()  # (saved, offloaded) already made candidates
         for base in bases:
             saved = costs.indices(base.saved)
             offloaded, estimate = offload_until_fits(costs, saved, budget, seed=seed)
@@ -136,9 +136,9 @@ def with_offload(solve: Callable[..., Plan]) -> Callable[..., Plan]:
             if not offloaded or estimate.peak_bytes_hint > budget:
                 continue
             key = (frozenset(saved), frozenset(offloaded))
-            if key in completed:
+            if key in seen:
                 continue
-            completed.add(key)
+            seen.add(key)
             details = {k: v for k, v in base.details.items() if k != "transfers"}
             plans.append(costs.plan(base.solver, saved, budget, estimate=estimate, offloaded=offloaded, **details))
             # ... and completed, before the plans are compared: an offload plan from the leanest set leaves room

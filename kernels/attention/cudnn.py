@@ -35,6 +35,7 @@ CUDNN_HEAD_DIMS = (64, 128, 256)
 # 3.1 GiB at 100k. Above this bound the Triton kernels (no such workspace) run, forward and backward alike, so the
 # longest sequence a card trains is what it was.
 MAX_WORKSPACE_BYTES = 512 * 2**20
+_ACCELERATOR_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None),) if e is not None)  # torch 2.8+
 _disabled_reason: Optional[str] = None
 
 
@@ -69,9 +70,6 @@ def failed(error: RuntimeError) -> None:
     if isinstance(error, (torch.OutOfMemoryError, *_ACCELERATOR_ERRORS)):
         raise error
     disable(error)
-
-
-_ACCELERATOR_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None),) if e is not None)
 
 
 def disabled_reason() -> Optional[str]:
