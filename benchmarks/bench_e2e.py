@@ -229,11 +229,12 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
         step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, enqueue = [], []
         for _ in range(args.steps):
             torch.cuda.synchronize()
             started = time.perf_counter()
             last_loss = step()
+            enqueue.append(time.perf_counter() - started)  # host time to issue the step (and any syncs in it)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
         peak_bytes = torch.cuda.max_memory_allocated()
@@ -242,7 +243,9 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
                                                      indent=1))
     step_s = statistics.median(times)
     row = {"recipe": recipe, "seq": args.seq, "peak_gib": peak_bytes / 2**30,
-           "tok_s": ids.numel() / step_s, "step_ms": step_s * 1e3, "compile_s": first_step_s - step_s,
+           "tok_s": ids.numel() / step_s, "step_ms": step_s * 1e3,
+           # enqueue_ms close to step_ms: the host (launches, syncs) sets the pace, not the GPU
+           "enqueue_ms": statistics.median(enqueue) * 1e3, "compile_s": first_step_s - step_s,
            "first_loss": first_loss, "last_loss": float(last_loss), "allocator": os.environ.get("PYTORCH_ALLOC_CONF")}
     if args.cap_gib:
         row.update(cap_gib=args.cap_gib, fits=True)

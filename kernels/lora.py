@@ -41,7 +41,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from memgraph.kernels._dispatch import HAS_TRITON, INTERPRET, device_guard, use_triton
+from memgraph import _compat
+from memgraph.kernels._dispatch import HAS_TRITON, INTERPRET, device_guard, direct_eager, use_triton
 
 if HAS_TRITON:
     import triton
@@ -319,9 +320,27 @@ def _backward_torch(grad: Tensor, x: Tensor, xa: Tensor, a: Tensor, b: Tensor, s
 # ------------------------------------------------------------------------------------------------------------
 # Custom ops: forward (out, xa) and backward (dx, dA, dB); autograd; FLOP formulas
 # ------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("memgraph::lora_linear", mutates_args=())
-def _lora_linear_op(base: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-                    round_delta: bool) -> tuple[Tensor, Tensor]:
+# Registered with torch.library's low-level API (define / impl per dispatch key / register_fake), as kernels/nf4.py
+# and the attention op are: a step calls these three ops three times per adapted linear (224 linears in an 8B
+# model), and torch.library.custom_op's generic per-call Python (default filling, an aliasing check, a
+# dynamo-disable wrapper, a second C++ -> Python round trip) cost ~49 of the ~76 µs of a tiny forward call on a
+# CPU host. Schemas and tags are the ones custom_op produced, so graphs, passes and the cost model see the same ops.
+_LIB = torch.library.Library("memgraph", "FRAGMENT")  # module-level: the registrations live as long as it does
+_LIB.define("lora_linear(Tensor base, Tensor x, Tensor lora_a, Tensor lora_b, float scale, bool round_delta) -> "
+            "(Tensor, Tensor)", tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.define("lora_linear_backward(Tensor grad, Tensor x, Tensor xa, Tensor lora_a, Tensor lora_b, float scale, "
+            "bool x_grad, bool a_grad, bool b_grad, Tensor? accumulate=None) -> (Tensor, Tensor, Tensor)",
+            tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.define("lora_linear_backward_into(Tensor grad, Tensor x, Tensor xa, Tensor lora_a, Tensor lora_b, float scale, "
+            "bool a_grad, bool b_grad, Tensor(a!) accumulate) -> (Tensor, Tensor)",
+            tags=(torch.Tag.pt2_compliant_tag,))
+_LORA_LINEAR = torch.ops.memgraph.lora_linear.default
+_LORA_LINEAR_BACKWARD = torch.ops.memgraph.lora_linear_backward.default
+_LORA_LINEAR_BACKWARD_INTO = torch.ops.memgraph.lora_linear_backward_into.default
+
+
+def _lora_linear_impl(base: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
+                      round_delta: bool) -> tuple[Tensor, Tensor]:
     """(out, xa): ``out = base + scale * (x @ A.T @ B.T)`` rounded as the module docstring says; ``xa = x @ A.T``
     (float32, saved for the backward)."""
     _check(base, x, lora_a, lora_b)
@@ -333,7 +352,7 @@ def _lora_linear_op(base: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, sca
     return out.view(base.shape), xa.view(*x.shape[:-1], lora_a.shape[0])
 
 
-@_lora_linear_op.register_fake
+@torch.library.register_fake("memgraph::lora_linear")
 def _(base, x, lora_a, lora_b, scale, round_delta):
     _check(base, x, lora_a, lora_b)
     return torch.empty_like(base), x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=lora_a.dtype)
@@ -346,10 +365,9 @@ def _weight_grads(lora_a: Tensor, lora_b: Tensor, a_grad: bool, b_grad: bool, tr
     return new(lora_a) if a_grad else None, new(lora_b) if b_grad else None
 
 
-@torch.library.custom_op("memgraph::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(grad: Tensor, x: Tensor, xa: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-                             x_grad: bool, a_grad: bool, b_grad: bool,
-                             accumulate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+def _lora_linear_backward_impl(grad: Tensor, x: Tensor, xa: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
+                               x_grad: bool, a_grad: bool, b_grad: bool,
+                               accumulate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) given dL/dout; each is empty where not asked for. With ``accumulate`` (x's gradient from
     elsewhere, e.g. the base layer's), dx is ``accumulate + dx`` summed as autograd sums them (the adapter's part
     rounded to x's dtype first), and the adapter's part never exists on its own."""
@@ -369,16 +387,16 @@ def _lora_linear_backward_op(grad: Tensor, x: Tensor, xa: Tensor, lora_a: Tensor
             grad_b if grad_b is not None else empty)
 
 
-@_lora_linear_backward_op.register_fake
+@torch.library.register_fake("memgraph::lora_linear_backward")
 def _(grad, x, xa, lora_a, lora_b, scale, x_grad, a_grad, b_grad, accumulate=None):
     empty = x.new_empty((0,))
     return (torch.empty_like(x) if x_grad else empty, torch.empty_like(lora_a) if a_grad else empty,
             torch.empty_like(lora_b) if b_grad else empty)
 
 
-@torch.library.custom_op("memgraph::lora_linear_backward_into", mutates_args=("accumulate",))
-def _lora_linear_backward_into_op(grad: Tensor, x: Tensor, xa: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-                                  a_grad: bool, b_grad: bool, accumulate: Tensor) -> tuple[Tensor, Tensor]:
+def _lora_linear_backward_into_impl(grad: Tensor, x: Tensor, xa: Tensor, lora_a: Tensor, lora_b: Tensor,
+                                    scale: float, a_grad: bool, b_grad: bool,
+                                    accumulate: Tensor) -> tuple[Tensor, Tensor]:
     """``lora_linear_backward(..., x_grad=True, accumulate=accumulate)`` whose dx is written into ``accumulate``
     (x's gradient from elsewhere, read by nothing else): (dA, dB). The same sum, rounded the same way, without a
     second tensor of x's size. Only compiled backward graphs call it (``passes.lora.sum_input_grads_in_place``)."""
@@ -400,36 +418,132 @@ def _lora_linear_backward_into_op(grad: Tensor, x: Tensor, xa: Tensor, lora_a: T
     return grad_a if grad_a is not None else empty, grad_b if grad_b is not None else empty
 
 
-@_lora_linear_backward_into_op.register_fake
+@torch.library.register_fake("memgraph::lora_linear_backward_into")
 def _(grad, x, xa, lora_a, lora_b, scale, a_grad, b_grad, accumulate):
     empty = x.new_empty((0,))
     return torch.empty_like(lora_a) if a_grad else empty, torch.empty_like(lora_b) if b_grad else empty
 
 
-def _setup_context(ctx, inputs, output):
-    _, x, lora_a, lora_b, scale, _ = inputs
-    ctx.save_for_backward(x, output[1], lora_a, lora_b)
-    ctx.scale = scale
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
+_LIB.impl("lora_linear", _lora_linear_impl, "CompositeExplicitAutograd")
+_LIB.impl("lora_linear_backward", _lora_linear_backward_impl, "CompositeExplicitAutograd")
+_LIB.impl("lora_linear_backward_into", _lora_linear_backward_into_impl, "CompositeExplicitAutograd")
 
 
-def _backward(ctx, grad, _grad_xa):
-    if grad is None:
-        return (None,) * 6
-    if torch.is_grad_enabled():  # create_graph=True: the gradients would silently lack their own derivative
-        raise NotImplementedError("memgraph.lora_linear: double backward is not supported (its backward op has "
-                                  "no derivative)")
-    x, xa, lora_a, lora_b = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grad_x, grad_a, grad_b = torch.ops.memgraph.lora_linear_backward(grad, x, xa, lora_a, lora_b, ctx.scale,
-                                                                     needs[1], needs[2], needs[3])
-    # dL/dbase: the float32 round trip of a 16-bit gradient (sum, then cast back) is exact
-    return (grad if needs[0] else None, grad_x if needs[1] else None, grad_a if needs[2] else None,
-            grad_b if needs[3] else None, None, None)
+# --- autograd ---
+# As for memgraph.attention: with ordinary dense tensors and no dispatch mode, transform, tracer or profiler
+# active (direct_eager), the autograd kernels call the implementations themselves; anything else (FakeTensor,
+# FunctionalTensor, torch.compile, FlopCounterMode...) redispatches below autograd, where it sees the ops.
+def _below_autograd(impl, op, direct: bool, *args):
+    if direct:
+        return impl(*args)
+    with _compat.below_autograd():
+        return op(*args)
 
 
-_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+class _LoRALinearFunction(torch.autograd.Function):
+    """memgraph.lora_linear's autograd: saves x, xa (float32, [.., R]), A and B; its backward is
+    memgraph.lora_linear_backward. dL/dbase is dL/dout itself (the float32 round trip of a 16-bit gradient, sum
+    then cast back, is exact)."""
+
+    @staticmethod
+    def forward(ctx, base, x, lora_a, lora_b, scale, round_delta):
+        direct = direct_eager(base, x, lora_a, lora_b)
+        out, xa = _below_autograd(_lora_linear_impl, _LORA_LINEAR, direct, base, x, lora_a, lora_b, scale,
+                                  round_delta)
+        ctx.save_for_backward(x, xa, lora_a, lora_b)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(xa)
+        ctx.set_materialize_grads(False)
+        return out, xa
+
+    @staticmethod
+    def backward(ctx, grad, _grad_xa):
+        if grad is None:
+            return (None,) * 6
+        if torch.is_grad_enabled():  # create_graph=True: the gradients would silently lack their own derivative
+            raise NotImplementedError("memgraph.lora_linear: double backward is not supported (its backward op "
+                                      "has no derivative)")
+        x, xa, lora_a, lora_b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        # backward has its own context (a mode may be entered between forward and backward)
+        direct = direct_eager(grad, x, xa, lora_a, lora_b)
+        grad_x, grad_a, grad_b = _below_autograd(_lora_linear_backward_impl, _LORA_LINEAR_BACKWARD, direct, grad, x,
+                                                 xa, lora_a, lora_b, ctx.scale, needs[1], needs[2], needs[3], None)
+        return (grad if needs[0] else None, grad_x if needs[1] else None, grad_a if needs[2] else None,
+                grad_b if needs[3] else None, None, None)
+
+
+def _any_requires_grad(*tensors: Optional[Tensor]) -> bool:
+    if not torch.is_grad_enabled():  # compiled graphs run with grad mode off: one check
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _without_derivative(op, name: str) -> type:
+    """An autograd.Function running ``op`` below autograd whose backward raises (as custom_op did for an op without
+    an autograd formula): gradients of its outputs would otherwise be silently missing."""
+
+    class NoDerivative(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            with _compat.below_autograd():
+                return op(*args)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(f"Trying to backward through memgraph.{name}.default but no autograd formula was "
+                               "registered: memgraph.lora_linear has no double backward")
+
+    return NoDerivative
+
+
+_BackwardWithoutDerivative = _without_derivative(_LORA_LINEAR_BACKWARD, "lora_linear_backward")
+
+
+def _lora_linear_autograd(base, x, lora_a, lora_b, scale, round_delta):
+    """memgraph.lora_linear's Autograd-key kernel (the op called through the dispatcher)."""
+    if _any_requires_grad(base, x, lora_a, lora_b):
+        return _LoRALinearFunction.apply(base, x, lora_a, lora_b, scale, round_delta)
+    return _below_autograd(_lora_linear_impl, _LORA_LINEAR, direct_eager(base, x, lora_a, lora_b), base, x, lora_a,
+                           lora_b, scale, round_delta)
+
+
+def _lora_linear_backward_autograd(grad, x, xa, lora_a, lora_b, scale, x_grad, a_grad, b_grad, accumulate=None):
+    """memgraph.lora_linear_backward's Autograd-key kernel. Compiled backward graphs call it with grad mode off."""
+    if _any_requires_grad(grad, x, xa, lora_a, lora_b, accumulate):
+        return _BackwardWithoutDerivative.apply(grad, x, xa, lora_a, lora_b, scale, x_grad, a_grad, b_grad,
+                                                accumulate)
+    return _below_autograd(_lora_linear_backward_impl, _LORA_LINEAR_BACKWARD,
+                           direct_eager(grad, x, xa, lora_a, lora_b, accumulate), grad, x, xa, lora_a, lora_b, scale,
+                           x_grad, a_grad, b_grad, accumulate)
+
+
+def _lora_linear_backward_into_autograd(grad, x, xa, lora_a, lora_b, scale, a_grad, b_grad, accumulate):
+    """memgraph.lora_linear_backward_into's Autograd-key kernel; ``accumulate`` is written, so its version counter
+    moves (as for any in-place op: a tensor saved for a backward elsewhere is then caught as modified)."""
+    if _any_requires_grad(grad, x, xa, lora_a, lora_b, accumulate):  # in place into a tensor autograd tracks
+        raise RuntimeError("memgraph.lora_linear_backward_into writes into accumulate and has no derivative: call it "
+                           "with grad mode off or on tensors that do not require grad")
+    args = (grad, x, xa, lora_a, lora_b, scale, a_grad, b_grad, accumulate)
+    if direct_eager(grad, x, xa, lora_a, lora_b, accumulate):
+        outputs = _lora_linear_backward_into_impl(*args)
+        torch.autograd.graph.increment_version(accumulate)  # what the skipped ADInplaceOrView kernel does
+        return outputs
+    with _compat.below_autograd():
+        return _LORA_LINEAR_BACKWARD_INTO(*args)
+
+
+def _lora_linear_backward_into_inplace_or_view(keyset, *args):
+    """The ADInplaceOrView kernel of the mutating op: ``accumulate``'s version counter moves."""
+    torch.autograd.graph.increment_version(args[-1])
+    return _compat.redispatch_after_inplace_or_view(_LORA_LINEAR_BACKWARD_INTO, keyset, *args)
+
+
+_LIB.impl("lora_linear", _lora_linear_autograd, "Autograd")
+_LIB.impl("lora_linear_backward", _lora_linear_backward_autograd, "Autograd")
+_LIB.impl("lora_linear_backward_into", _lora_linear_backward_into_autograd, "Autograd")
+_LIB.impl("lora_linear_backward_into", _lora_linear_backward_into_inplace_or_view, "ADInplaceOrView",
+          with_keyset=True)
 
 
 def lora_linear(base: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0, *,

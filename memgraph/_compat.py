@@ -23,7 +23,7 @@ __all__ = [
     "TORCH_VERSION", "CustomPartitionerFn", "make_boxed_func", "aot_module", "inductor_compile",
     "default_partition", "min_cut_partition", "extract_fwd_bwd_modules", "classify_nodes", "is_sym_node",
     "is_primal", "is_tangent", "fwd_bwd_outputs", "inductor_decompositions", "fake_mode_of",
-    "boxed_graph_module",
+    "boxed_graph_module", "redispatch_after_inplace_or_view",
 ]
 
 default_partition = _partitioners.default_partition
@@ -358,6 +358,12 @@ PLAIN_TENSOR_KEYSETS = tuple(
                                         (_KEY.CPU, _KEY.AutogradCPU, _KEY.AutocastCPU)))
 dispatch_keys = torch._C._dispatch_keys  # a tensor's DispatchKeySet
 below_autograd = torch._C._AutoDispatchBelowAutograd  # context: run an op's kernel below the Autograd key
+
+
+def redispatch_after_inplace_or_view(op: Any, keyset: Any, *args: Any) -> Any:
+    """Call ``op``'s kernels below the ADInplaceOrView key (an in-place op's version-counter kernel, which
+    torch.library.custom_op registers for mutating ops and a low-level registration writes itself)."""
+    return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
 
 
 def plain_dispatch_context() -> bool:

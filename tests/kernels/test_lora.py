@@ -2,6 +2,8 @@
 plain-torch path against PEFT's own arithmetic (float32 adapters) and a float64 reference."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -181,6 +183,41 @@ def test_opcheck():
     _, xa = torch.ops.memgraph.lora_linear(base, x, a, b, 0.5, False)
     torch.library.opcheck(torch.ops.memgraph.lora_linear_backward.default,
                           (torch.randn_like(base), x.detach(), xa, a.detach(), b.detach(), 0.5, True, True, True))
+
+    accumulate = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.memgraph.lora_linear_backward_into.default,
+                          (torch.randn_like(base), x.detach(), xa, a.detach(), b.detach(), 0.5, True, True, accumulate))
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_backward_into_writes_in_place_and_moves_the_version(watched):
+    """Eager calls skip the dispatcher below autograd (no mode active) or go through it (a mode watching): either
+    way dx lands in ``accumulate`` and its version counter moves, as for any in-place op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base, x, a, b = (t.detach() for t in _inputs((4,), 12, 10, 3, torch.float32, seed=6))
+    _, xa = torch.ops.memgraph.lora_linear(base, x, a, b, 2.0, False)
+    grad, other = torch.randn_like(base), torch.randn_like(x)
+    expected, want_a, want_b = torch.ops.memgraph.lora_linear_backward(grad, x, xa, a, b, 2.0, True, True, True,
+                                                                       accumulate=other)
+    target = other.clone()
+    version = target._version
+    with FlopCounterMode(display=False) if watched else contextlib.nullcontext():
+        grad_a, grad_b = torch.ops.memgraph.lora_linear_backward_into(grad, x, xa, a, b, 2.0, True, True, target)
+    assert torch.equal(target, expected) and torch.equal(grad_a, want_a) and torch.equal(grad_b, want_b)
+    assert target._version > version
+
+
+def test_backward_ops_have_no_derivative():
+    base, x, a, b = _inputs((5,), 16, 24, 4, torch.float32, seed=1)
+    _, xa = torch.ops.memgraph.lora_linear(base.detach(), x.detach(), a.detach(), b.detach(), 1.0, False)
+    grad_x, grad_a, _ = torch.ops.memgraph.lora_linear_backward(torch.ones_like(base), x, xa, a, b, 1.0, True, True,
+                                                                True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        (grad_x.sum() + grad_a.sum()).backward()
+    with pytest.raises(RuntimeError, match="has no derivative"):
+        torch.ops.memgraph.lora_linear_backward_into(torch.ones_like(base), x, xa, a, b, 1.0, True, True,
+                                                     torch.zeros_like(x, requires_grad=True))
 
 
 @pytest.mark.cuda
