@@ -252,6 +252,7 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
     if getattr(args, "sync_report", None):  # one more step: where the host waits for the GPU (stalls the queue)
         try:
             syncs = host_syncs(step)
+            syncs.update(host_functions(step))
         except Exception as error:  # noqa: BLE001 - a diagnostic must not cost the measured row
             syncs = {"error": f"{type(error).__name__}: {error}"}
         Path(args.sync_report).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **syncs}, indent=1))
@@ -379,6 +380,28 @@ def host_syncs(step, top: int = 20) -> dict:
     return {"syncs": sum(places.values()), "places": [{"calls": n, "where": w} for w, n in ranked[:top]]}
 
 
+def host_functions(step, top: int = 30) -> dict:
+    """One step under cProfile: the Python functions the host spends its time in while issuing the step (a
+    host-bound step's cost by place; the profiler's own overhead inflates every function alike)."""
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    step()
+    profiler.disable()
+    issued = time.perf_counter() - started
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return {"profiled_issue_ms": issued * 1e3,
+            "host_functions": [{"where": f"{Path(file).name}:{line} {name}", "calls": calls, "own_ms": own * 1e3,
+                                "cumulative_ms": cumulative * 1e3}
+                               for (file, line, name), (_, calls, own, cumulative, _) in ranked]}
+
+
 def peak_allocations(snapshot: dict, before_bytes: int, top: int = 40) -> dict:
     """The allocations alive at a recorded step's peak (bytes alive before recording started are
     ``before_bytes``: weights, optimizer state), largest first, each with the frames that allocated it."""
@@ -458,7 +481,8 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="JSON path (RECIPE is replaced by the recipe): GPU time "
                         "by kernel kind and the GPU's idle share over one profiled step")
     parser.add_argument("--sync-report", default=None, help="JSON path (RECIPE is replaced by the recipe): the "
-                        "calls that make the host wait for the GPU during one step, by place")
+                        "calls that make the host wait for the GPU during one step, by place, and the Python functions "
+                        "the host spends a step's time in (cProfile)")
     parser.add_argument("--noisy-timing", action="store_true", help="let timed steps run while other recipes build "
                         "and compile (faster runs; host-bound steps then time slower)")
     parser.add_argument("--only", help=argparse.SUPPRESS)
