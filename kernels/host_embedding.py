@@ -54,7 +54,7 @@ def _gathered(ids: Tensor, table: Tensor) -> Tensor:
     (tokens,), dim = ids.shape, table.shape[1]
     out = torch.empty((tokens, dim), dtype=table.dtype, device=ids.device)
     with device_guard(ids):
-        _gather_rows_kernel[(tokens, triton.cdiv(dim, BLOCK_D))](table, table.stride(0), ids, out, out.stride(0),
+        _gather_rows_kernel[(tokens, -(-dim // BLOCK_D))](table, table.stride(0), ids, out, out.stride(0),
                                                                  dim, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
     return out
 

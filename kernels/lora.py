@@ -196,20 +196,34 @@ def _rank_pad(rank: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _cuda_multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_MULTIPROCESSORS
+    return _cuda_multiprocessors(device) if device.type == "cuda" else INTERPRETER_MULTIPROCESSORS
+
+
+# Host work per launch (a step makes ~2,000 of them in an 8B model): ceil-divisions are plain integer arithmetic
+# (triton.cdiv is a ConstexprFunction wrapper costing ~2-3 µs per call from Python) and the split counts are
+# cached per shape.
+def _cdiv(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
 
 
 def _splits(blocks: int, length: int, block: int, device: torch.device) -> tuple[int, int]:
     """(splits, length per split) for a reduction over ``length`` whose other dimension gives ``blocks``
     programs: enough splits for PROGRAMS_PER_MULTIPROCESSOR programs per multiprocessor, each split a whole
     number of ``block`` steps and at least MIN_STEPS_PER_SPLIT of them."""
-    wanted = PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device) // blocks
-    splits = max(1, min(wanted, triton.cdiv(length, block * MIN_STEPS_PER_SPLIT)))
-    per_split = triton.cdiv(triton.cdiv(length, splits), block) * block
-    return triton.cdiv(length, per_split), per_split
+    return _split_shape(blocks, length, block, PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_shape(blocks: int, length: int, block: int, programs: int) -> tuple[int, int]:
+    wanted = programs // blocks
+    splits = max(1, min(wanted, _cdiv(length, block * MIN_STEPS_PER_SPLIT)))
+    per_split = _cdiv(_cdiv(length, splits), block) * block
+    return _cdiv(length, per_split), per_split
 
 
 def _summed_splits(out: Tensor, splits: int, launch) -> None:
@@ -241,7 +255,7 @@ def _split_reduction(kernel, x: Tensor, w: Tensor, out: Tensor, alpha: float, bl
 
 
 def _rows_times_small(x: Tensor, w: Tensor, out: Tensor, alpha: float) -> None:
-    _split_reduction(_rows_times_small_kernel, x, w, out, alpha, triton.cdiv(x.shape[0], BLOCK_M), x.shape[1],
+    _split_reduction(_rows_times_small_kernel, x, w, out, alpha, _cdiv(x.shape[0], BLOCK_M), x.shape[1],
                      BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
 
 
@@ -250,14 +264,14 @@ def _small_times_cols(p: Tensor, w: Tensor, base: Optional[Tensor], out: Tensor,
     (m, r), n = p.shape, w.shape[1]
     b = base if base is not None else out  # unread without HAS_BASE
     with device_guard(p):
-        _small_times_cols_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))](
+        _small_times_cols_kernel[(_cdiv(m, BLOCK_M), _cdiv(n, BLOCK_N))](
             p, p.stride(0), p.stride(1), w, w.stride(0), w.stride(1), b, b.stride(0), b.stride(1),
             out, out.stride(0), out.stride(1), m, n, r, alpha, HAS_BASE=base is not None,
             ROUND_DELTA=round_delta, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, R_PAD=_rank_pad(r), num_warps=NUM_WARPS)
 
 
 def _cols_reduced(x: Tensor, p: Tensor, out: Tensor, alpha: float) -> None:
-    _split_reduction(_cols_reduced_kernel, x, p, out, alpha, triton.cdiv(x.shape[1], BLOCK_N), x.shape[0], BLOCK_M,
+    _split_reduction(_cols_reduced_kernel, x, p, out, alpha, _cdiv(x.shape[1], BLOCK_N), x.shape[0], BLOCK_M,
                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
