@@ -394,7 +394,7 @@ def host_functions(step, top: int = 30) -> dict:
     profiler.disable()
     issued = time.perf_counter() - started
     torch.cuda.synchronize()
-    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
     ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
     return {"profiled_issue_ms": issued * 1e3,
             "host_functions": [{"where": f"{Path(file).name}:{line} {name}", "calls": calls, "own_ms": own * 1e3,

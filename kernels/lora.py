@@ -215,13 +215,14 @@ def _splits(blocks: int, length: int, block: int, device: torch.device) -> tuple
     """(splits, length per split) for a reduction over ``length`` whose other dimension gives ``blocks``
     programs: enough splits for PROGRAMS_PER_MULTIPROCESSOR programs per multiprocessor, each split a whole
     number of ``block`` steps and at least MIN_STEPS_PER_SPLIT of them."""
-    return _split_shape(blocks, length, block, PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device))
+    return _split_shape(blocks, length, block, PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device),
+                        MIN_STEPS_PER_SPLIT)
 
 
 @functools.lru_cache(maxsize=4096)
-def _split_shape(blocks: int, length: int, block: int, programs: int) -> tuple[int, int]:
+def _split_shape(blocks: int, length: int, block: int, programs: int, min_steps: int) -> tuple[int, int]:
     wanted = programs // blocks
-    splits = max(1, min(wanted, _cdiv(length, block * MIN_STEPS_PER_SPLIT)))
+    splits = max(1, min(wanted, _cdiv(length, block * min_steps)))
     per_split = _cdiv(_cdiv(length, splits), block) * block
     return _cdiv(length, per_split), per_split
 
@@ -338,7 +339,8 @@ def _backward_torch(grad: Tensor, x: Tensor, xa: Tensor, a: Tensor, b: Tensor, s
 # and the attention op are: a step calls these three ops three times per adapted linear (224 linears in an 8B
 # model), and torch.library.custom_op's generic per-call Python (default filling, an aliasing check, a
 # dynamo-disable wrapper, a second C++ -> Python round trip) cost ~49 of the ~76 µs of a tiny forward call on a
-# CPU host. Schemas and tags are the ones custom_op produced, so graphs, passes and the cost model see the same ops.
+# CPU host. Schemas (up to the mutated argument's alias name) and tags are the ones custom_op produced, so
+# graphs, passes and the cost model see the same ops.
 _LIB = torch.library.Library("memgraph", "FRAGMENT")  # module-level: the registrations live as long as it does
 _LIB.define("lora_linear(Tensor base, Tensor x, Tensor lora_a, Tensor lora_b, float scale, bool round_delta) -> "
             "(Tensor, Tensor)", tags=(torch.Tag.pt2_compliant_tag,))
