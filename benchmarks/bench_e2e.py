@@ -241,6 +241,24 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
         if args.profile:  # one more step under the profiler (alone on the GPU): where its time goes, idle time
             Path(args.profile).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **profile_step(step)},
                                                      indent=1))
+        # The diagnostic steps below also hold the lock: run beside another recipe's timed steps, they would
+        # take its GPU and host time.
+        if getattr(args, "sync_report", None):  # where the host waits for the GPU (stalls the queue), and where
+            try:                                # its time goes
+                syncs = host_syncs(step)
+                syncs.update(host_functions(step))
+            except Exception as error:  # noqa: BLE001 - a diagnostic must not cost the measured row
+                syncs = {"error": f"{type(error).__name__}: {error}"}
+            Path(args.sync_report).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **syncs}, indent=1))
+        if args.peak_report:  # one more step, allocations recorded: what is alive at its peak, and who made it
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+            outside = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            report = peak_allocations(torch.cuda.memory._snapshot(), outside)
+            torch.cuda.memory._record_memory_history(enabled=None)
+            Path(args.peak_report).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **report},
+                                                         indent=1))
     step_s = statistics.median(times)
     row = {"recipe": recipe, "seq": args.seq, "peak_gib": peak_bytes / 2**30,
            "tok_s": ids.numel() / step_s, "step_ms": step_s * 1e3,
@@ -249,21 +267,6 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
            "first_loss": first_loss, "last_loss": float(last_loss), "allocator": os.environ.get("PYTORCH_ALLOC_CONF")}
     if args.cap_gib:
         row.update(cap_gib=args.cap_gib, fits=True)
-    if getattr(args, "sync_report", None):  # one more step: where the host waits for the GPU (stalls the queue)
-        try:
-            syncs = host_syncs(step)
-            syncs.update(host_functions(step))
-        except Exception as error:  # noqa: BLE001 - a diagnostic must not cost the measured row
-            syncs = {"error": f"{type(error).__name__}: {error}"}
-        Path(args.sync_report).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **syncs}, indent=1))
-    if args.peak_report:  # one more step, allocations recorded: what is alive at its peak, and who made it
-        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
-        outside = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        report = peak_allocations(torch.cuda.memory._snapshot(), outside)
-        torch.cuda.memory._record_memory_history(enabled=None)
-        Path(args.peak_report).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **report}, indent=1))
     if compiler == "memgraph":
         import memgraph
 
