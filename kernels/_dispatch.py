@@ -59,3 +59,22 @@ def device_guard(tensor: torch.Tensor):
 
 def direct_eager(first: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     return _compat.plain_dispatch_context() and _compat.plain_tensors(first, *others)
+
+
+def without_derivative(op, forward_op: str) -> type:
+    """An autograd.Function running the backward op ``op`` below autograd, whose own backward raises (as
+    torch.library.custom_op does for an op without an autograd formula) instead of autograd's fallback warning
+    and missing gradients: ``forward_op`` (e.g. "memgraph.attention") has no double backward."""
+
+    class WithoutDerivative(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            with _compat.below_autograd():
+                return op(*args)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(f"Trying to backward through {op} but no autograd formula was registered: "
+                               f"{forward_op} has no double backward")
+
+    return WithoutDerivative

@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from memgraph import _compat
-from memgraph.kernels._dispatch import HAS_TRITON, INTERPRET, device_guard, direct_eager, use_triton
+from memgraph.kernels._dispatch import (HAS_TRITON, INTERPRET, device_guard, direct_eager, use_triton,
+                                        without_derivative)
 
 if HAS_TRITON:
     import triton
@@ -495,25 +496,7 @@ def _any_requires_grad(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def _without_derivative(op, name: str) -> type:
-    """An autograd.Function running ``op`` below autograd whose backward raises (as custom_op did for an op without
-    an autograd formula): gradients of its outputs would otherwise be silently missing."""
-
-    class NoDerivative(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            with _compat.below_autograd():
-                return op(*args)
-
-        @staticmethod
-        def backward(ctx, *grads):
-            raise RuntimeError(f"Trying to backward through memgraph.{name}.default but no autograd formula was "
-                               "registered: memgraph.lora_linear has no double backward")
-
-    return NoDerivative
-
-
-_BackwardWithoutDerivative = _without_derivative(_LORA_LINEAR_BACKWARD, "lora_linear_backward")
+_BackwardWithoutDerivative = without_derivative(_LORA_LINEAR_BACKWARD, "memgraph.lora_linear")
 
 
 def _lora_linear_autograd(base, x, lora_a, lora_b, scale, round_delta):

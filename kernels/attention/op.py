@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.overrides import has_torch_function
 
 from memgraph import _compat
-from memgraph.kernels._dispatch import direct_eager, use_triton
+from memgraph.kernels._dispatch import direct_eager, use_triton, without_derivative
 from memgraph.kernels.attention import cudnn
 from memgraph.kernels.attention.launch import bwd_triton, fwd_triton, quantize_triton
 from memgraph.kernels.attention.reference import torch_backward, torch_forward
@@ -270,20 +270,9 @@ def _attention_autograd(q, k, v, causal=True, scale=None, kv_bits=16, window=Non
         return _ATTENTION(q, k, v, causal, scale, kv_bits, window, softcap, q_segments, k_segments)
 
 
-class _AttentionBackwardFunction(torch.autograd.Function):
-    """memgraph.attention_backward under create_graph=True: its gradients have history, and backpropagating
-    through them raises (as custom_op did for an op without an autograd formula) instead of autograd's fallback
-    warning and returning wrong gradients."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        with _compat.below_autograd():
-            return _ATTENTION_BACKWARD(*args)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("Trying to backward through memgraph.attention_backward.default but no autograd formula "
-                           "was registered: memgraph.attention has no double backward")
+# memgraph.attention_backward under create_graph=True: its gradients have history, and backpropagating through
+# them raises instead of autograd's fallback warning and returning wrong gradients.
+_AttentionBackwardFunction = without_derivative(_ATTENTION_BACKWARD, "memgraph.attention")
 
 
 def _attention_backward_autograd(*args):
