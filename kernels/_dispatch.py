@@ -61,6 +61,14 @@ def direct_eager(first: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     return _compat.plain_dispatch_context() and _compat.plain_tensors(first, *others)
 
 
+def builds_graph(*tensors: Optional[torch.Tensor]) -> bool:
+    """Grad mode is on and some tensor needs a gradient: the call must record autograd history. Compiled graphs
+    run with grad mode off, so their calls stop at the first check."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def without_derivative(op, forward_op: str) -> type:
     """An autograd.Function running the backward op ``op`` below autograd, whose own backward raises (as
     torch.library.custom_op does for an op without an autograd formula) instead of autograd's fallback warning

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from memgraph import _compat
-from memgraph.kernels._dispatch import (HAS_TRITON, INTERPRET, device_guard, direct_eager, use_triton,
-                                        without_derivative)
+from memgraph.kernels._dispatch import (HAS_TRITON, INTERPRET, builds_graph, device_guard, direct_eager,
+                                        use_triton, without_derivative)
 
 if HAS_TRITON:
     import triton
@@ -490,18 +490,12 @@ class _LoRALinearFunction(torch.autograd.Function):
                 grad_b if needs[3] else None, None, None)
 
 
-def _any_requires_grad(*tensors: Optional[Tensor]) -> bool:
-    if not torch.is_grad_enabled():  # compiled graphs run with grad mode off: one check
-        return False
-    return any(t is not None and t.requires_grad for t in tensors)
-
-
 _BackwardWithoutDerivative = without_derivative(_LORA_LINEAR_BACKWARD, "memgraph.lora_linear")
 
 
 def _lora_linear_autograd(base, x, lora_a, lora_b, scale, round_delta):
     """memgraph.lora_linear's Autograd-key kernel (the op called through the dispatcher)."""
-    if _any_requires_grad(base, x, lora_a, lora_b):
+    if builds_graph(base, x, lora_a, lora_b):
         return _LoRALinearFunction.apply(base, x, lora_a, lora_b, scale, round_delta)
     return _below_autograd(_lora_linear_impl, _LORA_LINEAR, direct_eager(base, x, lora_a, lora_b), base, x, lora_a,
                            lora_b, scale, round_delta)
@@ -509,7 +503,7 @@ def _lora_linear_autograd(base, x, lora_a, lora_b, scale, round_delta):
 
 def _lora_linear_backward_autograd(grad, x, xa, lora_a, lora_b, scale, x_grad, a_grad, b_grad, accumulate=None):
     """memgraph.lora_linear_backward's Autograd-key kernel. Compiled backward graphs call it with grad mode off."""
-    if _any_requires_grad(grad, x, xa, lora_a, lora_b, accumulate):
+    if builds_graph(grad, x, xa, lora_a, lora_b, accumulate):
         return _BackwardWithoutDerivative.apply(grad, x, xa, lora_a, lora_b, scale, x_grad, a_grad, b_grad,
                                                 accumulate)
     return _below_autograd(_lora_linear_backward_impl, _LORA_LINEAR_BACKWARD,
@@ -520,7 +514,7 @@ def _lora_linear_backward_autograd(grad, x, xa, lora_a, lora_b, scale, x_grad, a
 def _lora_linear_backward_into_autograd(grad, x, xa, lora_a, lora_b, scale, a_grad, b_grad, accumulate):
     """memgraph.lora_linear_backward_into's Autograd-key kernel; ``accumulate`` is written, so its version counter
     moves (as for any in-place op: a tensor saved for a backward elsewhere is then caught as modified)."""
-    if _any_requires_grad(grad, x, xa, lora_a, lora_b, accumulate):  # in place into a tensor autograd tracks
+    if builds_graph(grad, x, xa, lora_a, lora_b, accumulate):  # in place into a tensor autograd tracks
         raise RuntimeError("memgraph.lora_linear_backward_into writes into accumulate and has no derivative: call it "
                            "with grad mode off or on tensors that do not require grad")
     args = (grad, x, xa, lora_a, lora_b, scale, a_grad, b_grad, accumulate)

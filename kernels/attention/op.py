@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.overrides import has_torch_function
 
 from memgraph import _compat
-from memgraph.kernels._dispatch import direct_eager, use_triton, without_derivative
+from memgraph.kernels._dispatch import builds_graph, direct_eager, use_triton, without_derivative
 from memgraph.kernels.attention import cudnn
 from memgraph.kernels.attention.launch import bwd_triton, fwd_triton, quantize_triton
 from memgraph.kernels.attention.reference import torch_backward, torch_forward
@@ -278,10 +278,8 @@ _AttentionBackwardFunction = without_derivative(_ATTENTION_BACKWARD, "memgraph.a
 def _attention_backward_autograd(*args):
     """memgraph.attention_backward's Autograd-key kernel. Compiled backward graphs call the op with grad mode
     off: in plain eager that runs the implementation directly, as the forward op's kernel does."""
-    if torch.is_grad_enabled():
-        for tensor in args[:10]:
-            if tensor is not None and tensor.requires_grad:
-                return _AttentionBackwardFunction.apply(*args)
+    if builds_graph(*args[:10]):
+        return _AttentionBackwardFunction.apply(*args)
     if direct_eager(*args[:10]):
         return _attention_backward_impl(*args)
     with _compat.below_autograd():
