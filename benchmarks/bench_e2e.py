@@ -269,7 +269,9 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
         row.update(cap_gib=args.cap_gib, fits=True)
     if compiler == "memgraph":
         import memgraph
+        from memgraph.kernels._launch import fast_launch_enabled
 
+        row["triton_launch"] = "direct" if fast_launch_enabled() else "JITFunction.run"  # MEMGRAPH_FAST_LAUNCH
         records = [r for r in memgraph.compiled_graphs() if r.plan is not None]
         if records:
             row.update(graphs=len(records), solve_s=sum(r.plan.solve_seconds or 0 for r in records),

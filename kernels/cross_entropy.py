@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from memgraph.kernels._dispatch import HAS_TRITON, INTERPRET, device_guard, use_triton
+from memgraph.kernels._launch import launch
 
 if HAS_TRITON:
     import triton
@@ -131,7 +132,8 @@ def _rows_triton(z: Tensor, labels: Tensor, loss_rows: Tensor, logits: Optional[
     if rows == 0:
         return
     with device_guard(z):
-        _cross_entropy_rows_kernel[(rows,)](
+        launch(
+            _cross_entropy_rows_kernel, (rows,),
             z, z.stride(0), labels, loss_rows, logits if logits is not None else z,
             logits.stride(0) if logits is not None else 0, grad_scale, vocab, ignore_index, scale,
             softcap or 1.0, HAS_SOFTCAP=softcap is not None, WRITE_LOGITS=logits is not None, BLOCK=BLOCK_V,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from memgraph.kernels._dispatch import HAS_TRITON, INTERPRET, device_guard
+from memgraph.kernels._launch import launch
 
 if HAS_TRITON:
     import triton
@@ -54,8 +55,8 @@ def _gathered(ids: Tensor, table: Tensor) -> Tensor:
     (tokens,), dim = ids.shape, table.shape[1]
     out = torch.empty((tokens, dim), dtype=table.dtype, device=ids.device)
     with device_guard(ids):
-        _gather_rows_kernel[(tokens, -(-dim // BLOCK_D))](table, table.stride(0), ids, out, out.stride(0),
-                                                                 dim, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+        launch(_gather_rows_kernel, (tokens, -(-dim // BLOCK_D)), table, table.stride(0), ids, out, out.stride(0),
+               dim, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
     return out
 
 

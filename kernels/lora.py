@@ -44,6 +44,7 @@ from torch import Tensor
 from memgraph import _compat
 from memgraph.kernels._dispatch import (HAS_TRITON, INTERPRET, builds_graph, device_guard, direct_eager,
                                         use_triton, without_derivative)
+from memgraph.kernels._launch import launch
 
 if HAS_TRITON:
     import triton
@@ -68,7 +69,7 @@ BLOCK_K = 32 if INTERPRET else 64
 NUM_WARPS = 4
 # The two reductions (over K for xa and gxa, over the rows for dA and dB) split their long dimension so that a
 # short other dimension still fills the GPU: 2048 rows are 32 row blocks, a quarter of an H100's 132
-# multiprocessors. Splits add up float32 partials in a fixed order.
+# multiprocessors. The last program of each kept block adds up the splits' float32 partials in a fixed order.
 PROGRAMS_PER_MULTIPROCESSOR = 4
 # Block steps per split at least: fewer, and summing the partials outweighs the work (1 in the interpreter, and
 # 2 multiprocessors: its small test shapes split too).
@@ -118,12 +119,37 @@ def _exact_dot(x, w, acc, BF16_PARTS: tl.constexpr):
 
 
 @triton.jit
-def _rows_times_small_kernel(X, stride_xm, stride_xk, W, stride_wk, stride_wr, OUT, stride_os, stride_om, stride_or,
-                             M, K, R, alpha, k_per_split,
+def _write_reduced(acc, kept, ranks, KEPT, R, OUT, stride_ok, stride_or, PARTS, COUNTERS,
+                   SUM_SPLITS: tl.constexpr):
+    """Write this program's ``acc`` [kept, ranks] of a reduction: into OUT itself (one split), or as split s's
+    float32 partial, after which the last program of the kept block to arrive sums every split's partial in split
+    order (the same result whichever arrives last) into OUT and re-arms the block's counter: one launch, no
+    separate sum."""
+    inside = (kept[:, None] < KEPT) & (ranks[None, :] < R)
+    out = OUT + kept[:, None] * stride_ok + ranks[None, :] * stride_or
+    if SUM_SPLITS:
+        part = KEPT * R  # PARTS is [splits, KEPT, R], contiguous
+        offsets = kept[:, None] * R + ranks[None, :]
+        tl.store(PARTS + tl.program_id(1).to(tl.int64) * part + offsets, acc, mask=inside)
+        tl.debug_barrier()  # every thread's partial is written before the block announces its arrival
+        arrived = tl.atomic_add(COUNTERS + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == tl.num_programs(1) - 1:
+            total = tl.zeros_like(acc)
+            for split in range(0, tl.num_programs(1)):  # fixed order: deterministic
+                total += tl.load(PARTS + split * part + offsets, mask=inside, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(OUT.dtype.element_ty), mask=inside)
+            tl.atomic_xchg(COUNTERS + tl.program_id(0), 0)  # zero again for the next launch on this stream
+    else:
+        tl.store(out, acc.to(OUT.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _rows_times_small_kernel(X, stride_xm, stride_xk, W, stride_wk, stride_wr, OUT, stride_om, stride_or,
+                             PARTS, COUNTERS, M, K, R, alpha, k_per_split,
                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                             BF16_PARTS: tl.constexpr):
-    """OUT[s, M, R] = alpha * (float32(X[M, K_s]) @ W[K_s, R]) over split s of the long dimension K (xa, gxa): a
-    long reduction into a few columns, split so that short M still fills the GPU; the launcher sums the splits."""
+                             BF16_PARTS: tl.constexpr, SUM_SPLITS: tl.constexpr):
+    """OUT[M, R] = alpha * (float32(X[M, K]) @ W[K, R]) (xa, gxa): a long reduction into a few columns, its K
+    split across ``program_id(1)`` so that short M still fills the GPU (``_write_reduced`` sums the splits)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     ranks = tl.arange(0, R_PAD)
@@ -136,8 +162,7 @@ def _rows_times_small_kernel(X, stride_xm, stride_xk, W, stride_wk, stride_wr, O
                     mask=(cols[:, None] < K) & (ranks[None, :] < R), other=0.0).to(tl.float32)
         acc = _exact_dot(x, w, acc, BF16_PARTS)
     acc = acc * alpha  # after the sum: x stays exactly bfloat16 for the tensor cores
-    tl.store(OUT + split * stride_os + rows[:, None] * stride_om + ranks[None, :] * stride_or,
-             acc.to(OUT.dtype.element_ty), mask=(rows[:, None] < M) & (ranks[None, :] < R))
+    _write_reduced(acc, rows, ranks, M, R, OUT, stride_om, stride_or, PARTS, COUNTERS, SUM_SPLITS)
 
 
 @triton.jit
@@ -167,12 +192,12 @@ def _small_times_cols_kernel(P, stride_pm, stride_pr, W, stride_wr, stride_wn, B
 
 
 @triton.jit
-def _cols_reduced_kernel(X, stride_xm, stride_xn, P, stride_pm, stride_pr, OUT, stride_os, stride_on, stride_or,
-                         M, N, R, alpha, m_per_split,
+def _cols_reduced_kernel(X, stride_xm, stride_xn, P, stride_pm, stride_pr, OUT, stride_on, stride_or,
+                         PARTS, COUNTERS, M, N, R, alpha, m_per_split,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                         BF16_PARTS: tl.constexpr):
-    """OUT[s, N, R] = alpha * (float32(X[M_s, N]).T @ P[M_s, R]) over split s of the rows (dB, and dA transposed):
-    a reduction over the rows, split so that narrow N still fills the GPU; the launcher sums the splits."""
+                         BF16_PARTS: tl.constexpr, SUM_SPLITS: tl.constexpr):
+    """OUT[N, R] = alpha * (float32(X[M, N]).T @ P[M, R]) (dB, and dA transposed): a reduction over the rows,
+    split across ``program_id(1)`` so that narrow N still fills the GPU (``_write_reduced`` sums the splits)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     ranks = tl.arange(0, R_PAD)
@@ -185,8 +210,7 @@ def _cols_reduced_kernel(X, stride_xm, stride_xn, P, stride_pm, stride_pr, OUT, 
                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(tl.float32)
         acc = _exact_dot(tl.trans(x), p, acc, BF16_PARTS)
     acc = acc * alpha
-    tl.store(OUT + split * stride_os + cols[:, None] * stride_on + ranks[None, :] * stride_or,
-             acc.to(OUT.dtype.element_ty), mask=(cols[:, None] < N) & (ranks[None, :] < R))
+    _write_reduced(acc, cols, ranks, N, R, OUT, stride_on, stride_or, PARTS, COUNTERS, SUM_SPLITS)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -228,32 +252,39 @@ def _split_shape(blocks: int, length: int, block: int, programs: int, min_steps:
     return _cdiv(length, per_split), per_split
 
 
-def _summed_splits(out: Tensor, splits: int, launch) -> None:
-    """``launch(target, split_stride)`` into ``out`` itself (one split), or into float32 partials summed in a
-    fixed order into ``out`` (the same result on every run)."""
-    if splits == 1:
-        launch(out, 0)
-        return
-    parts = out.new_empty((splits, *out.shape), dtype=torch.float32)
-    launch(parts[0], parts.stride(0))  # split 0's view: the kernel takes its row and column strides
-    torch.sum(parts, 0, out=out)  # straight into out (also a transposed view): no third buffer
+# Arrival counters of the split reductions, one int32 per kept block, per device and stream: zero between
+# launches (the last program of each block re-arms its own), so a launch needs no memset. Launches on one stream
+# run one after another; another stream gets its own counters.
+_COUNTERS: dict = {}
+MIN_COUNTERS = 4096
+
+
+def _arrival_counters(device: torch.device, blocks: int) -> Tensor:
+    stream = _compat.current_raw_stream(device.index) if device.type == "cuda" else 0
+    counters = _COUNTERS.get((device, stream))
+    if counters is None or counters.numel() < blocks:
+        counters = torch.zeros(max(blocks, MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[(device, stream)] = counters
+    return counters
 
 
 def _split_reduction(kernel, x: Tensor, w: Tensor, out: Tensor, alpha: float, blocks: int, length: int, step: int,
                      **tiles: int) -> None:
     """Launch one of the two reductions of ``x`` [rows, columns] against a small float32 ``w`` into ``out``
-    [.., rank]: ``blocks`` programs along the kept dimension, ``length`` reduced in ``step``-sized steps."""
-    rank = out.shape[1]
-    splits, per_split = _splits(blocks, length, step, x.device)
-
-    def launch(target: Tensor, split_stride: int) -> None:
-        kernel[(blocks, splits)](
-            x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1), target, split_stride, target.stride(0),
-            target.stride(1), x.shape[0], x.shape[1], rank, alpha, per_split, R_PAD=_rank_pad(rank),
-            BF16_PARTS=x.dtype == torch.bfloat16, num_warps=NUM_WARPS, **tiles)
-
+    [kept, rank] (also a transposed view): ``blocks`` programs along the kept dimension, ``length`` reduced in
+    ``step``-sized steps, split when that fills the GPU better; the splits' float32 partials are summed in a fixed
+    order by the kernel itself (the same result on every run)."""
+    kept, rank = out.shape
+    device = x.device
+    splits, per_split = _splits(blocks, length, step, device)
+    summed = splits > 1
+    parts = x.new_empty((splits, kept, rank), dtype=torch.float32) if summed else out  # unread with one split
+    counters = _arrival_counters(device, blocks) if summed else out
     with device_guard(x):
-        _summed_splits(out, splits, launch)
+        launch(kernel, (blocks, splits), x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1), out,
+               out.stride(0), out.stride(1), parts, counters, x.shape[0], x.shape[1], rank, alpha, per_split,
+               R_PAD=_rank_pad(rank), BF16_PARTS=x.dtype == torch.bfloat16, SUM_SPLITS=summed,
+               num_warps=NUM_WARPS, **tiles)
 
 
 def _rows_times_small(x: Tensor, w: Tensor, out: Tensor, alpha: float) -> None:
@@ -266,10 +297,10 @@ def _small_times_cols(p: Tensor, w: Tensor, base: Optional[Tensor], out: Tensor,
     (m, r), n = p.shape, w.shape[1]
     b = base if base is not None else out  # unread without HAS_BASE
     with device_guard(p):
-        _small_times_cols_kernel[(_cdiv(m, BLOCK_M), _cdiv(n, BLOCK_N))](
-            p, p.stride(0), p.stride(1), w, w.stride(0), w.stride(1), b, b.stride(0), b.stride(1),
-            out, out.stride(0), out.stride(1), m, n, r, alpha, HAS_BASE=base is not None,
-            ROUND_DELTA=round_delta, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, R_PAD=_rank_pad(r), num_warps=NUM_WARPS)
+        launch(_small_times_cols_kernel, (_cdiv(m, BLOCK_M), _cdiv(n, BLOCK_N)),
+               p, p.stride(0), p.stride(1), w, w.stride(0), w.stride(1), b, b.stride(0), b.stride(1),
+               out, out.stride(0), out.stride(1), m, n, r, alpha, HAS_BASE=base is not None,
+               ROUND_DELTA=round_delta, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, R_PAD=_rank_pad(r), num_warps=NUM_WARPS)
 
 
 def _cols_reduced(x: Tensor, p: Tensor, out: Tensor, alpha: float) -> None:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from memgraph import _compat
 from memgraph.kernels._dispatch import HAS_TRITON, INTERPRET, device_guard, direct_eager, use_triton
+from memgraph.kernels._launch import launch
 
 log = logging.getLogger("memgraph.kernels.nf4")
 
@@ -291,7 +292,8 @@ def _dequantize_triton(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax
     grid, blocks_per_program = _launch_grid(numel, blocksize)
     with device_guard(packed):
         # Without double quantization the three nested pointers are unused (NESTED=False): absmax stands in.
-        _nf4_dequantize_kernel[grid](
+        launch(
+            _nf4_dequantize_kernel, grid,
             packed, absmax,
             nested_absmax if nested else absmax, nested_code if nested else absmax,
             nested_offset if nested else absmax,

@@ -23,7 +23,7 @@ __all__ = [
     "TORCH_VERSION", "CustomPartitionerFn", "make_boxed_func", "aot_module", "inductor_compile",
     "default_partition", "min_cut_partition", "extract_fwd_bwd_modules", "classify_nodes", "is_sym_node",
     "is_primal", "is_tangent", "fwd_bwd_outputs", "inductor_decompositions", "fake_mode_of",
-    "boxed_graph_module", "redispatch_after_inplace_or_view",
+    "boxed_graph_module", "redispatch_after_inplace_or_view", "current_cuda_device", "current_raw_stream",
 ]
 
 default_partition = _partitioners.default_partition
@@ -388,3 +388,14 @@ def dynamo_control_exceptions() -> tuple[type[BaseException], ...]:
     from torch._dynamo import exc
 
     return tuple(getattr(exc, name) for name in ("RestartAnalysis", "SkipFrame") if hasattr(exc, name))
+
+
+def current_cuda_device() -> int:
+    """The current CUDA device's index, without ``torch.cuda.current_device``'s Python wrapper (per launch)."""
+    return torch._C._cuda_getDevice()
+
+
+def current_raw_stream(device: int) -> int:
+    """The current CUDA stream of ``device`` as the raw handle a Triton launcher takes (what Inductor's
+    generated launchers pass, through ``torch._C._cuda_getCurrentRawStream``)."""
+    return torch._C._cuda_getCurrentRawStream(device)

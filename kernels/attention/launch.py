@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from memgraph.kernels._dispatch import HAS_TRITON, INTERPRET, device_guard
+from memgraph.kernels._launch import launch
 from memgraph.kernels.attention.triton_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                                        _attn_bwd_stats_kernel, _attn_fwd_kernel,
                                                        _dequantize_kv_kernel, _quantize_kv_kernel,
@@ -256,7 +257,8 @@ def quantize_triton(k: Tensor, v: Tensor, bits: int):
         torch.empty(shape, dtype=dtype, device=k.device) for shape, dtype in zip(shapes, PACKED_DTYPES)
     )
     with device_guard(k):
-        _quantize_kv_kernel[(batch * kv_heads, _cdiv(seq_len, K_GROUP_TOKENS))](
+        launch(
+            _quantize_kv_kernel, (batch * kv_heads, _cdiv(seq_len, K_GROUP_TOKENS)),
             k, v, k_codes, k_meta, v_codes, v_meta, *k.stride()[:3], *v.stride()[:3], kv_heads, seq_len,
             HEAD_DIM=head_dim, KV_BITS=bits,
         )
@@ -271,7 +273,8 @@ def dequantize_triton(packed, bits: int, dtype: torch.dtype):
     k = torch.empty((batch, kv_heads, seq_len, head_dim), dtype=dtype, device=k_codes.device)
     v = torch.empty_like(k)
     with device_guard(k):
-        _dequantize_kv_kernel[(batch * kv_heads, _cdiv(seq_len, DEQUANT_BLOCK_N))](
+        launch(
+            _dequantize_kv_kernel, (batch * kv_heads, _cdiv(seq_len, DEQUANT_BLOCK_N)),
             *packed, k, v, seq_len, HEAD_DIM=head_dim, KV_BITS=bits, DOT_PRECISION=_dot_precision(dtype),
             BLOCK_N=DEQUANT_BLOCK_N)
     return k, v
@@ -320,8 +323,8 @@ def _launch_dkdv(q, kv: _KV, do, lse, delta, split, causal, scale, window, softc
                 KV_BITS=kv.bits, **flags)
         if split > 1:
             numel = dk.numel()
-            _sum_partials_kernel[(_cdiv(numel, REDUCE_BLOCK), 2)](
-                parts, dk, dv, numel, split, DOT_PRECISION=flags["DOT_PRECISION"], BLOCK=REDUCE_BLOCK)
+            launch(_sum_partials_kernel, (_cdiv(numel, REDUCE_BLOCK), 2), parts, dk, dv, numel, split,
+                   DOT_PRECISION=flags["DOT_PRECISION"], BLOCK=REDUCE_BLOCK)
     return dk, dv
 
 

@@ -106,6 +106,40 @@ def test_split_reductions_sum_to_the_unsplit_result(monkeypatch, processors):
         assert rel(got, want) < 1e-6
 
 
+def test_split_reductions_rearm_their_arrival_counters(monkeypatch):
+    """The last program of each split block sums the partials and zeroes its arrival counter: a second step on
+    the same counters gives the same numbers, and every counter is zero between launches."""
+    monkeypatch.setattr(lora, "INTERPRETER_MULTIPROCESSORS", 64)
+    monkeypatch.setattr(lora, "_COUNTERS", {})
+    base, x, a, b = _inputs((70,), 150, 40, 4, torch.float32, seed=13)
+    results = []
+    for _ in range(2):
+        out = lora.lora_linear(base, x, a, b, 2.0)
+        results.append((out, *torch.autograd.grad(out, (x, a, b), torch.ones_like(out))))
+    (counters,) = lora._COUNTERS.values()  # one device, one stream: one set, used by all 4 reductions
+    assert int(counters.abs().sum()) == 0
+    for first, second in zip(*results):
+        assert torch.equal(first, second)  # deterministic: the partials are summed in split order
+
+
+def test_a_stale_arrival_counter_would_show():
+    """The counters decide which program sums: one left non-zero by a lost re-arm makes the sum happen early
+    (or never), so the reduction is wrong (the test above can fail)."""
+    x = torch.randn(64, 96)
+    w = torch.randn(96, 4)
+    want = x.double() @ w.double()
+    for stale in (False, True):
+        out = torch.zeros(64, 4)
+        blocks = lora._cdiv(64, lora.BLOCK_M)
+        counters = torch.zeros(lora.MIN_COUNTERS, dtype=torch.int32)
+        counters[:blocks] = int(stale)
+        parts = torch.zeros(3, 64, 4)
+        lora.launch(lora._rows_times_small_kernel, (blocks, 3), x, x.stride(0), x.stride(1), w, w.stride(0),
+                    w.stride(1), out, out.stride(0), out.stride(1), parts, counters, 64, 96, 4, 1.0, 32,
+                    R_PAD=16, BF16_PARTS=False, SUM_SPLITS=True, BLOCK_M=lora.BLOCK_M, BLOCK_K=lora.BLOCK_K)
+        assert (rel(out, want) < 1e-6) != stale
+
+
 @pytest.mark.parametrize("processors", [1, 64])
 def test_adapter_gradients_are_written_whole(monkeypatch, processors):
     """dA and dB start uninitialised (no fill launch): with torch's NaN-filled empty tensors every element must
@@ -226,6 +260,22 @@ def test_backward_ops_have_no_derivative():
 def test_gpu_kernels_match_peft_at_training_shapes(dtype, round_delta):
     base, x, a, b = _inputs((1, 1000), 4096, 14336, 16, dtype, seed=5, device="cuda")
     _check_against_references(base, x, a, b, 2.0, round_delta, out_ulps=1 + round_delta, grad_tol=4e-3)
+
+
+@pytest.mark.cuda
+def test_gpu_split_reductions_are_deterministic():
+    """On the GPU the last program of a split block is whichever arrives last: the sum is in split order all the
+    same, so repeated runs give identical bits (2048 rows at rank 16: every reduction splits)."""
+    base, x, a, b = _inputs((1, 2048), 4096, 4096, 16, torch.bfloat16, seed=8, device="cuda")
+    g = torch.randn(base.shape, generator=torch.Generator().manual_seed(3)).to(base)
+    runs = []
+    for _ in range(5):
+        out = lora.lora_linear(base, x, a, b, 2.0)
+        runs.append((out, *torch.autograd.grad(out, (x, a, b), g)))
+    for run in runs[1:]:
+        for first, again in zip(runs[0], run):
+            assert torch.equal(first, again)
+    assert all(int(c.abs().sum()) == 0 for c in lora._COUNTERS.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
