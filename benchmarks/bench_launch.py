@@ -9,7 +9,8 @@ kernels (and Inductor's, and cuBLAS's) than the GPU needs to run them. Here each
 GPU finishes every call long before the host issues the next, and the wall time per call is host time. Rows:
 ``op``, ``path`` (``direct`` or ``JITFunction.run``), ``host_us`` (median of ``--repeats`` runs of ``--calls``
 calls), ``identical`` (the op's outputs under both paths are equal bit for bit), and on the direct rows
-``speedup`` (host time of Triton's path / the direct path's). Results: ``launch.json``.
+``speedup`` (host time of Triton's path / the direct path's); ``direct_path_on`` is False on a direct row if the
+path fell back to Triton's during the run (then that row is Triton's path). Results: ``launch.json``.
 """
 from __future__ import annotations
 
@@ -91,9 +92,10 @@ def main() -> None:
         for path, direct in paths.items():
             _launch._State.enabled = direct
             for name, call in ops.items():
-                outputs[name, path] = [t.clone() for t in call()]
-                rows.append({"op": name, "path": path, "host_us": _host_us(call, args.calls, args.repeats,
-                                                                           args.device)})
+                host_us = _host_us(call, args.calls, args.repeats, args.device)
+                outputs[name, path] = [t.clone() for t in call()]  # after the warm-up: the cached binary's
+                rows.append({"op": name, "path": path, "host_us": host_us,
+                             "direct_path_on": _launch.fast_launch_enabled()})  # False: it fell back
     _launch._State.enabled = args.device == "cuda"
     if args.device == "cuda":
         by_key = {(row["op"], row["path"]): row for row in rows}

@@ -55,12 +55,20 @@ def fast_launch_enabled() -> bool:
     return _State.enabled
 
 
+def _value_key(value):
+    """A constexpr's or option's value with its type (Triton compiles ``True``, ``1`` and ``1.0`` apart; floats
+    by their text, so ``-0.0`` and ``0.0`` differ too)."""
+    kind = type(value)
+    return kind, repr(value) if kind is float else value
+
+
 def specialization_key(args: tuple, meta: dict, constexpr_positions: tuple = ()) -> tuple:
     """What selects a compiled binary for these arguments, as one flat tuple: per runtime argument what Triton
-    specializes it on (a tensor: dtype, then 16-byte alignment; an int: 1, divisible by 16, or neither, and its
-    width beyond int32; another value: its type), the values of positional constexprs, and the keyword
-    arguments' values (constexprs and options). Each argument's first item says how many follow, so two
-    different specializations never give one tuple. One flat loop: ~2 µs for a 16-argument kernel."""
+    specializes it on (a tensor: its dtype, then its 16-byte alignment; an int: 1, divisible by 16, or neither,
+    and its width beyond int32; a bool, float or None: its type; anything else, e.g. an int subclass: its type
+    and value), the values of positional constexprs, and the keyword arguments' values (constexprs and options),
+    each with its type. Only a tensor contributes a dtype, always followed by its alignment, so the tuple reads
+    back one way: two different specializations never give one key. ~3 µs for a 16-argument kernel."""
     key = []
     append = key.append
     for value in args:
@@ -73,22 +81,26 @@ def specialization_key(args: tuple, meta: dict, constexpr_positions: tuple = ())
         elif isinstance(value, torch.Tensor):
             append(value.dtype)
             append(not value.data_ptr() & _ALIGNMENT_MASK)
-        else:  # bool (u1), float (fp32), None (constexpr None): never value-specialized by Triton
+        elif kind is bool or kind is float or value is None:  # u1, fp32, constexpr None: never by value
             append(kind)
+        else:  # IntEnum, tl.constexpr, tuples, ...: by value (finer than Triton, never coarser)
+            append((kind, value))
     for position in constexpr_positions:
         if position < len(args):
-            append(("constexpr", args[position]))
-    append(tuple(meta.items()))
+            append(("constexpr", _value_key(args[position])))
+    for name, value in meta.items():
+        append((name, _value_key(value)))
     return tuple(key)
 
 
 class _Binary:
     """A compiled kernel's direct launcher and the constexpr values that follow the positional arguments."""
 
-    __slots__ = ("run", "function", "metadata", "tail")
+    __slots__ = ("compiled", "run", "function", "metadata", "tail")
 
     def __init__(self, compiled, tail: tuple):
         compiled._init_handles()
+        self.compiled = compiled  # keeps the module loaded (a CompiledKernel unloads it when collected)
         self.run = compiled.run
         self.function = compiled.function
         self.metadata = compiled.packed_metadata
@@ -143,15 +155,23 @@ def _disable(reason: BaseException) -> None:
 def launch(kernel, grid: tuple, *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``, with Triton's per-launch host work done once per specialization.
     ``grid`` is a tuple of up to three ints; ``args`` are the kernel's leading parameters, ``meta`` its
-    constexprs (by name) and launch options."""
+    constexprs (by name) and launch options. Not followed by the direct path: Triton's debug and instrumentation
+    knobs changed after a kernel's first launch (set them before), and its check that a kernel's globals did not
+    change since it was compiled (memgraph's kernels read constants only)."""
     if not _State.enabled or _hooks_installed():
         kernel[grid](*args, **meta)
         return
     device = _compat.current_cuda_device()
     cache_key = (kernel, device, specialization_key(args, meta, _constexpr_positions(kernel)))
-    binary = _BINARIES.get(cache_key)
+    try:
+        binary = _BINARIES.get(cache_key)
+    except TypeError:  # an unhashable argument (a list): Triton's path, uncached
+        kernel[grid](*args, **meta)
+        return
     if binary is None:
         compiled = kernel[grid](*args, **meta)  # compiles (or finds) and launches
+        if getattr(kernel, "pre_run_hooks", None):
+            return  # hooks that must see every launch
         try:
             _BINARIES[cache_key] = _Binary(compiled, _tail(kernel, args, meta))
         except Exception as error:  # not the CompiledKernel layout this module knows: keep Triton's path
@@ -162,5 +182,5 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
         binary.run(grid_x, grid_y, grid_z, _compat.current_raw_stream(device), binary.function, binary.metadata,
                    None, None, None, *args, *binary.tail)
     except (TypeError, ValueError, SystemError) as error:  # the launcher refused its arguments: nothing ran
-        _disable(error)
-        kernel[grid](*args, **meta)
+        kernel[grid](*args, **meta)  # the caller's mistake raises here, and the direct path stays on
+        _disable(error)  # Triton's launch worked where ours did not: Triton's path from now on

@@ -254,7 +254,8 @@ def _split_shape(blocks: int, length: int, block: int, programs: int, min_steps:
 
 # Arrival counters of the split reductions, one int32 per kept block, per device and stream: zero between
 # launches (the last program of each block re-arms its own), so a launch needs no memset. Launches on one stream
-# run one after another; another stream gets its own counters.
+# run one after another; another stream gets its own counters. (Captured in CUDA graphs, the capture stream's
+# counters are shared by every graph captured on it: replay those graphs one at a time, as one training loop does.)
 _COUNTERS: dict = {}
 MIN_COUNTERS = 4096
 

@@ -3,6 +3,7 @@ at least as fine as Triton's own), launches it with the arguments in parameter o
 path when it cannot."""
 from __future__ import annotations
 
+import enum
 import logging
 import types
 
@@ -27,6 +28,11 @@ def _triton_specialization(value):
     return native_specialize_impl(BaseBackend, value, False, True, True)
 
 
+class _Size(enum.IntEnum):
+    ONE = 1
+    THIRTY_TWO = 32
+
+
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int32]
 _BASE = torch.zeros(4096, dtype=torch.uint8)
 
@@ -42,7 +48,8 @@ _INTS = st.one_of(st.integers(-40, 40), st.sampled_from([1, 16, 32, -16, 2**31 -
                                                           -(2**31), -(2**31) - 16, 2**63 - 16, 2**63, 2**64 - 16]),
                   st.integers(-(2**40), 2**40))
 _VALUES = st.one_of(_INTS, st.floats(allow_nan=False), st.booleans(), st.none(),
-                    st.builds(_tensor, st.sampled_from(_DTYPES), st.integers(0, 63)))
+                    st.builds(_tensor, st.sampled_from(_DTYPES), st.integers(0, 63)),
+                    st.sampled_from([_Size.ONE, _Size.THIRTY_TWO]))
 
 
 @needs_triton_specializer
@@ -70,6 +77,11 @@ def test_keys_tell_apart_what_triton_specializes_on():
     assert key(4, BLOCK=16) != key(4, BLOCK=32) and key(4, num_warps=4) != key(4, num_warps=8)
     # a positional constexpr is keyed by its value, as Triton compiles one binary per value
     assert (_launch.specialization_key((4, 5), {}, (1,)) != _launch.specialization_key((4, 6), {}, (1,)))
+    # values of another type are never merged with equal ones: Triton compiles True, 1 and 1.0 apart
+    assert key(4, FLAG=True) != key(4, FLAG=1) != key(4, FLAG=1.0) and key(4, X=0.0) != key(4, X=-0.0)
+    # an int subclass is keyed by value (Triton specializes IntEnum(1) as the constant 1)
+    assert key(_Size.ONE) != key(_Size.THIRTY_TWO) and key(_Size.ONE) != key(1)
+
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -96,8 +108,12 @@ class _Kernel:
         self.params = [param("X", False), param("n", False), param("BLOCK", True), param("FLAG", True, 7)]
         self.__name__ = "kernel"
 
+    error = None  # a callable that raises: Triton's own launch refuses the arguments too
+
     def __getitem__(self, grid):
         def run(*args, **meta):
+            if self.error is not None:
+                self.error()
             self.calls.append(("triton", grid, args, meta))
             return _Compiled(self.calls)
         return run
@@ -150,6 +166,28 @@ def test_a_refused_direct_launch_falls_back_once_and_for_all(direct_path, caplog
     assert [call[0] for call in kernel.calls] == ["triton"] * 3
     assert not _launch.fast_launch_enabled()
     assert "launcher takes 12 arguments" in caplog.text and caplog.text.count("direct Triton launch failed") == 1
+
+
+def test_arguments_triton_refuses_too_raise_and_keep_the_direct_path(direct_path):
+    """A caller's mistake (Triton's own launch raises as well) is the caller's error, not the path's."""
+    kernel = _Kernel()
+    x = torch.zeros(8)
+    _launch.launch(kernel, (1,), x, 5, BLOCK=16)
+    (binary,) = _launch._BINARIES.values()
+
+    def refuse(*args):
+        raise ValueError("pointer argument is a CPU tensor")
+    binary.run = kernel.error = refuse
+    with pytest.raises(ValueError, match="CPU tensor"):
+        _launch.launch(kernel, (1,), x, 5, BLOCK=16)
+    assert _launch.fast_launch_enabled()
+
+
+def test_unhashable_arguments_take_tritons_path(direct_path):
+    kernel = _Kernel()
+    _launch.launch(kernel, (1,), torch.zeros(8), [1, 2], BLOCK=16)
+    _launch.launch(kernel, (1,), torch.zeros(8), [1, 2], BLOCK=16)
+    assert [call[0] for call in kernel.calls] == ["triton", "triton"] and not _launch._BINARIES
 
 
 def test_an_installed_launch_hook_gets_every_launch(direct_path, monkeypatch):
