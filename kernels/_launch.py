@@ -13,9 +13,9 @@ compiled binary and calls it directly. ``launch`` does the same for ours:
   order (constexprs included, as Triton >= 3.3 passes them).
 
 The key is built from exactly what Triton specializes a runtime argument on, or finer (``specialization_key``):
-a tensor's dtype and 16-byte alignment; an int's value 1, divisibility by 16 and integer width; the others' types.
-Keyword arguments (constexprs and options such as ``num_warps``) are part of the key with their values. A finer
-key costs at most an extra lookup in Triton's own cache, never a wrong binary.
+a tensor's dtype and 16-byte alignment; an int's value 1, divisibility by 16 and integer width; a bool's, float's
+or None's type; any other value itself. Constexprs and options (such as ``num_warps``) are part of the key with
+their values and types. A finer key costs at most an extra lookup in Triton's own cache, never a wrong binary.
 
 Under the interpreter, with a launch hook installed (a Triton profiler) or with ``MEMGRAPH_FAST_LAUNCH=0``
 every launch is Triton's own. If the direct call fails (a Triton release changed its launcher), that failure is

@@ -151,15 +151,23 @@ def test_another_specialization_goes_through_triton_again(direct_path, change):
     assert [call[0] for call in kernel.calls] == ["triton", "triton"]
 
 
+def _raising(error: BaseException):
+    def call(*args, **meta):
+        raise error
+    return call
+
+
+def _launched_once(kernel, x):
+    """Launch once (Triton's path) and return the binary kept for later launches."""
+    _launch.launch(kernel, (1,), x, 5, BLOCK=16)
+    (binary,) = _launch._BINARIES.values()
+    return binary
+
+
 def test_a_refused_direct_launch_falls_back_once_and_for_all(direct_path, caplog):
     kernel = _Kernel()
     x = torch.zeros(8)
-    _launch.launch(kernel, (1,), x, 5, BLOCK=16)
-    (binary,) = _launch._BINARIES.values()
-
-    def refuse(*args):
-        raise TypeError("launcher takes 12 arguments")
-    binary.run = refuse
+    _launched_once(kernel, x).run = _raising(TypeError("launcher takes 12 arguments"))
     with caplog.at_level(logging.WARNING, logger="memgraph.kernels.launch"):
         _launch.launch(kernel, (1,), x, 5, BLOCK=16)
         _launch.launch(kernel, (1,), x, 5, BLOCK=16)
@@ -172,12 +180,7 @@ def test_arguments_triton_refuses_too_raise_and_keep_the_direct_path(direct_path
     """A caller's mistake (Triton's own launch raises as well) is the caller's error, not the path's."""
     kernel = _Kernel()
     x = torch.zeros(8)
-    _launch.launch(kernel, (1,), x, 5, BLOCK=16)
-    (binary,) = _launch._BINARIES.values()
-
-    def refuse(*args):
-        raise ValueError("pointer argument is a CPU tensor")
-    binary.run = kernel.error = refuse
+    _launched_once(kernel, x).run = kernel.error = _raising(ValueError("pointer argument is a CPU tensor"))
     with pytest.raises(ValueError, match="CPU tensor"):
         _launch.launch(kernel, (1,), x, 5, BLOCK=16)
     assert _launch.fast_launch_enabled()
