@@ -562,9 +562,16 @@ def run_in_process(args, recipe: str) -> dict:
         if error is None:
             return json.loads(Path(row_file.name).read_text())
         lines = [line for line in output.splitlines() if line.strip()]
-        reason = next((line for line in reversed(lines) if "Error" in line or "error" in line), "")
         print(f"[{recipe}] failed: {error}\n" + "\n".join(lines[-15:]), flush=True)
-        return {"recipe": recipe, "seq": args.seq, "error": f"{error}: {reason[-300:]}".strip(": ")}
+        return {"recipe": recipe, "seq": args.seq, "error": f"{error}: {failure_reason(output)}".strip(": ")}
+
+
+def failure_reason(output: str, limit: int = 400) -> str:
+    """The last line of a failed recipe's output that names an error, from its start (the error's type and
+    first sentences: an out-of-memory error says how much was asked for and how much was free)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if "Error" in line or "error" in line), "")
+    return reason if len(reason) <= limit else reason[:limit] + " ..."
 
 
 if __name__ == "__main__":

@@ -69,12 +69,8 @@ def run(args) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {model: [] for model in args.models}
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool, \
             tqdm(total=len(jobs), unit="recipe", desc="e2e") as bar:
-        futures = {}
-        for model, seq, recipe in jobs:
-            options = argparse.Namespace(model=model, seq=seq, steps=args.steps, layers=args.layers, cache_dir=None,
-                                         recipe_timeout=args.recipe_timeout, cap_gib=None, peak_report=None,
-                                         profile=args.profile, sync_report=args.sync_report)
-            futures[pool.submit(run_in_process, options, recipe)] = model
+        futures = {pool.submit(run_in_process, _recipe_options(args, model, seq), recipe): model
+                   for model, seq, recipe in jobs}
         for future in concurrent.futures.as_completed(futures):
             model = futures[future]
             row = future.result()
@@ -82,9 +78,32 @@ def run(args) -> dict[str, list[dict]]:
             bar.set_postfix_str(f"{model} {row['seq']} {label(row['recipe'])}: "
                                 + (f"{row['peak_gib']:.2f} GiB" if "peak_gib" in row else "failed"))
             bar.update()
-            write_results(f"e2e_{model}", sorted(rows[model], key=_order), model=model, batch=1,
-                          layers=args.layers or "all", lora="r16 alpha16 dropout0 on every projection")
+            _write(args, model, rows[model])
+    if args.parallel > 1:  # a recipe that ran out of memory beside others gets the card to itself
+        again = [(model, index) for model in rows for index, row in enumerate(rows[model])
+                 if out_of_memory(row)]
+        for model, index in tqdm(again, unit="recipe", desc="e2e: out of memory beside other recipes, alone now"):
+            first = rows[model][index]
+            row = run_in_process(_recipe_options(args, model, first["seq"]), first["recipe"])
+            rows[model][index] = {"model": model, **row, "shared_gpu_error": first["error"]}
+            _write(args, model, rows[model])
     return rows
+
+
+def out_of_memory(row: dict) -> bool:
+    error = row.get("error") or ""
+    return "OutOfMemoryError" in error or "out of memory" in error
+
+
+def _recipe_options(args, model: str, seq: int) -> argparse.Namespace:
+    return argparse.Namespace(model=model, seq=seq, steps=args.steps, layers=args.layers, cache_dir=None,
+                              recipe_timeout=args.recipe_timeout, cap_gib=None, peak_report=None,
+                              profile=args.profile, sync_report=args.sync_report)
+
+
+def _write(args, model: str, rows: list[dict]) -> None:
+    write_results(f"e2e_{model}", sorted(rows, key=_order), model=model, batch=1, layers=args.layers or "all",
+                  lora="r16 alpha16 dropout0 on every projection")
 
 
 def _order(row: dict) -> tuple:

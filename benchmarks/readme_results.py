@@ -145,6 +145,19 @@ def cross_entropy_section(folder: Path) -> Optional[str]:
             + "\n\n" + _table(["seq", "implementation", "fwd+bwd ms", "peak GiB", "grad rel. error"], rows))
 
 
+def launch_section(folder: Path) -> Optional[str]:
+    data = _load(folder, "launch.json")
+    if not data:
+        return None
+    triton = {r["op"]: r for r in data["rows"] if r.get("path") == "JITFunction.run"}
+    rows = [[r["op"], _number(triton.get(r["op"], {}).get("host_us"), 1), _number(r["host_us"], 1),
+             _number(r.get("speedup"), 2), {True: "yes", False: "no"}.get(r.get("identical"), "")]
+            for r in data["rows"] if r.get("path") == "direct"]
+    return ("### Host time per op: the direct launch path (`benchmarks/bench_launch.py`)\n\n"
+            + _source(data, "launch.json") + "\n\n"
+            + _table(["op", "µs, Triton's JITFunction.run", "µs, direct", "ratio", "same bits"], rows))
+
+
 def attention_section(folder: Path) -> Optional[str]:
     parts = []
     data = _load(folder, "attention.json")
@@ -271,7 +284,8 @@ def files_section(folder: Path) -> Optional[str]:
 
 
 SECTIONS: list[Callable[[Path], Optional[str]]] = [
-    e2e_section, steps_section, breakdown_section, max_context_section, fidelity_section, cross_entropy_section, attention_section,
+    e2e_section, steps_section, breakdown_section, max_context_section, fidelity_section, cross_entropy_section, launch_section,
+    attention_section,
     arch_sweep_section, options_guide_section, files_section]
 
 

@@ -18,6 +18,10 @@ from memgraph.units import parse_bytes
 __all__ = ["Options", "parse_bytes", "resolve_options", "ENV_PREFIX", "CODEGENS", "KV_BITS", "OFFLOAD_MODES"]
 
 ENV_PREFIX = "MEMGRAPH_"
+# MEMGRAPH_* variables that are process-wide switches, not Options fields (read where they act).
+ENV_SWITCHES = {
+    "MEMGRAPH_FAST_LAUNCH": "0: launch memgraph's Triton kernels through Triton's own path (kernels/_launch.py)",
+}
 CODEGENS = ("inductor", "eager")  # the first is the default
 OFFLOAD_MODES = ("auto", "on", "off")  # the first is the default
 
@@ -159,8 +163,10 @@ def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX):].lower()
+        if key in ENV_SWITCHES:
+            continue
         if name not in names:
-            valid = [ENV_PREFIX + n.upper() for n in names]
+            valid = [ENV_PREFIX + n.upper() for n in names] + sorted(ENV_SWITCHES)
             raise MemgraphError(f"unknown environment variable {key}; valid ones are {valid}")
         found[name] = _coerce_env(name, text)
     return found

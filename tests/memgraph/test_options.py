@@ -99,8 +99,15 @@ def test_environment_is_validated(monkeypatch):
         resolve_options()
     monkeypatch.delenv("MEMGRAPH_KV_BITS")
     monkeypatch.setenv("MEMGRAPH_SOLVERR", "none")
-    with pytest.raises(ValueError, match="unknown environment variable MEMGRAPH_SOLVERR"):
+    with pytest.raises(ValueError, match="unknown environment variable MEMGRAPH_SOLVERR.*MEMGRAPH_FAST_LAUNCH"):
         resolve_options()
+
+
+def test_process_switches_are_not_options(monkeypatch):
+    """MEMGRAPH_FAST_LAUNCH switches the kernels' launch path (kernels/_launch.py), not an Options field: a compile
+    with it set must not fail (a device run's A/B of the launch path did)."""
+    monkeypatch.setenv("MEMGRAPH_FAST_LAUNCH", "0")
+    assert resolve_options() == resolve_options({})
 
 
 def test_environment_reaches_a_compile_without_options(monkeypatch):

@@ -1,0 +1,59 @@
+"""benchmarks/e2e.py's bookkeeping on the CPU (the recipes themselves need a GPU): a recipe that ran out of memory
+while others shared the card is run again alone, and a failure's recorded reason keeps the error's head."""
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_e2e  # noqa: E402
+import e2e  # noqa: E402
+
+OOM = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1002.00 MiB. GPU 0 has a total capacity of "
+       "79.18 GiB of which 641.81 MiB is free. " + "Process 1 has 15.56 GiB memory in use. " * 20)
+
+
+def _args(tmp_path, parallel: int) -> argparse.Namespace:
+    return argparse.Namespace(models=["llama3-8b"], seqs=[2048], recipes="bnb/eager-gc,bnb/inductor", budgets=[],
+                              steps=1, layers=None, recipe_timeout=10, parallel=parallel, profile=None,
+                              sync_report=None)
+
+
+@pytest.fixture
+def recipes(monkeypatch, tmp_path):
+    """run_in_process stand-in: Inductor runs out of memory whenever another recipe is running beside it."""
+    monkeypatch.setenv("BENCH_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(e2e, "write_results", lambda *args, **kwargs: None)
+    calls = []
+
+    def run_in_process(options, recipe):
+        calls.append(recipe)
+        if recipe == "bnb/inductor" and len(calls) <= 2:
+            return {"recipe": recipe, "seq": options.seq, "error": f"exit code 1: {bench_e2e.failure_reason(OOM)}"}
+        return {"recipe": recipe, "seq": options.seq, "peak_gib": 1.0, "tok_s": 10.0, "compile_s": 0.0,
+                "first_loss": 1.0}
+
+    monkeypatch.setattr(bench_e2e, "run_in_process", run_in_process)
+    return calls
+
+
+def test_out_of_memory_beside_others_is_run_again_alone(recipes, tmp_path):
+    rows = e2e.run(_args(tmp_path, parallel=2))["llama3-8b"]
+    assert sorted(recipes) == ["bnb/eager-gc", "bnb/inductor", "bnb/inductor"]
+    inductor = next(row for row in rows if row["recipe"] == "bnb/inductor")
+    assert inductor["peak_gib"] == 1.0 and "Tried to allocate 1002.00 MiB" in inductor["shared_gpu_error"]
+
+
+def test_one_recipe_at_a_time_keeps_its_error(recipes, tmp_path):
+    rows = e2e.run(_args(tmp_path, parallel=1))["llama3-8b"]
+    assert sorted(recipes) == ["bnb/eager-gc", "bnb/inductor"]
+    assert e2e.out_of_memory(next(row for row in rows if row["recipe"] == "bnb/inductor"))
+
+
+def test_a_failures_reason_keeps_the_errors_head():
+    output = "compiling...\nTraceback (most recent call last):\n  File x\n" + OOM + "\n"
+    reason = bench_e2e.failure_reason(output)
+    assert reason.startswith("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1002.00 MiB")
+    assert len(reason) <= 404 and reason.endswith(" ...")
+    assert bench_e2e.failure_reason("all fine\n") == ""
