@@ -52,7 +52,7 @@ def _log_once(log: logging.Logger, reason: str) -> None:
 
 
 def device_guard(tensor: torch.Tensor):
-    if tensor.is_cuda and tensor.get_device() != torch.cuda.current_device():
+    if tensor.is_cuda and tensor.get_device() != _compat.current_cuda_device():
         return torch.cuda.device(tensor.device)
     return _SAME_DEVICE
 

@@ -41,6 +41,7 @@ log = logging.getLogger("memgraph.kernels.launch")
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _UINT64_FROM = 2**63
 _ALIGNMENT_MASK = 15  # Triton marks a pointer (and an int) divisible by 16 as aligned
+_TENSOR = torch.Tensor
 
 
 class _State:
@@ -68,7 +69,7 @@ def specialization_key(args: tuple, meta: dict, constexpr_positions: tuple = ())
     and its width beyond int32; a bool, float or None: its type; anything else, e.g. an int subclass: its type
     and value), the values of positional constexprs, and the keyword arguments' values (constexprs and options),
     each with its type. Only a tensor contributes a dtype, always followed by its alignment, so the tuple reads
-    back one way: two different specializations never give one key. ~3 µs for a 16-argument kernel."""
+    back one way: two different specializations never give one key. ~2.5 µs for a 16-argument kernel."""
     key = []
     append = key.append
     for value in args:
@@ -78,7 +79,7 @@ def specialization_key(args: tuple, meta: dict, constexpr_positions: tuple = ())
                 append(1 if value == 1 else (0 if value & _ALIGNMENT_MASK else 16))
             else:
                 append((value >= _UINT64_FROM, not value & _ALIGNMENT_MASK))
-        elif isinstance(value, torch.Tensor):
+        elif kind is _TENSOR or isinstance(value, _TENSOR):
             append(value.dtype)
             append(not value.data_ptr() & _ALIGNMENT_MASK)
         elif kind is bool or kind is float or value is None:  # u1, fp32, constexpr None: never by value
@@ -88,8 +89,12 @@ def specialization_key(args: tuple, meta: dict, constexpr_positions: tuple = ())
     for position in constexpr_positions:
         if position < len(args):
             append(("constexpr", _value_key(args[position])))
-    for name, value in meta.items():
-        append((name, _value_key(value)))
+    kinds = tuple(map(type, meta.values()))
+    if float in kinds:  # 0.0 == -0.0: floats by their text
+        append(tuple((name, _value_key(value)) for name, value in meta.items()))
+    else:  # values and their types (True == 1 but compiles apart)
+        append(tuple(meta.items()))
+        append(kinds)
     return tuple(key)
 
 
@@ -107,15 +112,32 @@ class _Binary:
         self.tail = tail
 
 
-_BINARIES: dict = {}  # (kernel, device, key) -> _Binary
-_CONSTEXPR_POSITIONS: dict = {}  # kernel -> indices of its constexpr parameters
+class _KernelCache:
+    """One kernel's binaries by (device, specialization key), and the positions of its constexpr parameters."""
+
+    __slots__ = ("kernel", "constexpr_positions", "binaries")
+
+    def __init__(self, kernel):
+        self.kernel = kernel  # held: the id this cache is found under is never reused
+        self.constexpr_positions = tuple(i for i, p in enumerate(kernel.params) if p.is_constexpr)
+        self.binaries: dict = {}
 
 
-def _constexpr_positions(kernel) -> tuple:
-    positions = _CONSTEXPR_POSITIONS.get(kernel)
-    if positions is None:
-        positions = _CONSTEXPR_POSITIONS[kernel] = tuple(i for i, p in enumerate(kernel.params) if p.is_constexpr)
-    return positions
+# id(kernel) -> _KernelCache: a JITFunction hashes through its source's cache key (~0.4 µs a lookup)
+_KERNELS: dict = {}
+
+
+def _kernel_cache(kernel) -> _KernelCache:
+    cache = _KERNELS.get(id(kernel))
+    if cache is None:
+        cache = _KERNELS[id(kernel)] = _KernelCache(kernel)
+    return cache
+
+
+def cached_binaries() -> dict:
+    """Every kept binary by (kernel, device, specialization key)."""
+    return {(cache.kernel, *device_and_key): binary for cache in _KERNELS.values()
+            for device_and_key, binary in cache.binaries.items()}
 
 
 def _tail(kernel, args: tuple, meta: dict) -> tuple:
@@ -162,9 +184,10 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
         kernel[grid](*args, **meta)
         return
     device = _compat.current_cuda_device()
-    cache_key = (kernel, device, specialization_key(args, meta, _constexpr_positions(kernel)))
+    cache = _kernel_cache(kernel)
+    cache_key = (device, specialization_key(args, meta, cache.constexpr_positions))
     try:
-        binary = _BINARIES.get(cache_key)
+        binary = cache.binaries.get(cache_key)
     except TypeError:  # an unhashable argument (a list): Triton's path, uncached
         kernel[grid](*args, **meta)
         return
@@ -173,7 +196,7 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
         if getattr(kernel, "pre_run_hooks", None):
             return  # hooks that must see every launch
         try:
-            _BINARIES[cache_key] = _Binary(compiled, _tail(kernel, args, meta))
+            cache.binaries[cache_key] = _Binary(compiled, _tail(kernel, args, meta))
         except Exception as error:  # not the CompiledKernel layout this module knows: keep Triton's path
             _disable(error)
         return

@@ -5,8 +5,9 @@
   budget is spent;
 * ``with_offload(solver)``: a keep/recompute solver made to weigh offload against recompute. It solves at the
   budget, and at relaxed budgets whose extra bytes offload then takes back (each offload plan then keeps what
-  still fits); the plan with the least predicted added time (recompute seconds + transfer seconds not hidden
-  behind compute) wins;
+  still fits), then keeps-and-offloads recomputed values whose copies cost less time than their recompute
+  (``offload_what_spares_recompute``); the plan with the least predicted added time (recompute seconds +
+  transfer seconds not hidden behind compute) wins;
 * ``"offload-layers"``: Unsloth's fixed recipe on our graph: layer checkpointing with every layer's input
   hidden state offloaded, the rival our plans must beat.
 
@@ -31,6 +32,10 @@ from memgraph.units import gib
 log = logging.getLogger("memgraph.offload")
 
 RELAXATIONS = (0.25, 0.5, 1.0)  # shares of (fastest plan's peak - budget) the keep/recompute budget is raised by
+# Host time to issue one offloaded value's four ops (offload, wait, reload, wait), each a custom-op call like
+# nf4_dequantize's (19.9 µs on an H100 host, benchmarks/results/launch.json). A short step is host-bound: moving a
+# value must spare more GPU time than this, or it only lengthens the step.
+HOST_SECONDS_PER_OFFLOADED_VALUE = 4 * 20e-6
 
 
 def offload_until_fits(costs: GraphCosts, saved: set[int], budget: int, *, seed: Iterable[int] = (),
@@ -150,6 +155,11 @@ def with_offload(solve: Callable[..., Plan]) -> Callable[..., Plan]:
             if len(kept) > len(saved):
                 plans.append(costs.plan(base.solver, kept, budget, estimate=kept_estimate, offloaded=offloaded,
                                         **details))
+            # ... and where what is still recomputed costs more time than copying it out and back, offloaded too
+            spared, moved, spared_estimate = offload_what_spares_recompute(costs, kept, offloaded, budget)
+            if len(moved) > len(offloaded):
+                plans.append(costs.plan(base.solver, spared, budget, estimate=spared_estimate, offloaded=moved,
+                                        **details))
         if not plans:  # name the lowest peak offload reached
             raise costs.infeasible(getattr(solve, "__name__", "solver"), budget, best=lowest)
         return min(plans, key=added_seconds)
@@ -168,18 +178,10 @@ def keep_what_fits(costs: GraphCosts, saved: set[int], offloaded: set[int], budg
     best first; each is kept only if the simulated peak still fits."""
     estimate = costs.simulate(saved, offloaded=offloaded)
     recomputed = costs.recomputed(saved)
-    seconds = costs.seconds
     candidates = [i for i in recomputed if i not in costs.unsaveable and i not in costs.views
                   and i in costs.forward_set and costs.recomputable(i) and costs.weight[i] > 0]
-    scored = []
-    for group in _by_block_position(costs, candidates):
-        spared = recomputed - costs.recomputed(saved | {group[0]})
-        gain = float(sum(seconds[i] for i in spared))
-        if gain > 0:
-            scored.append((gain / int(costs.weight[group[0]]), group))
-    scored.sort(key=lambda item: -item[0])
     simulations = 0
-    for _, group in scored:
+    for group in _most_time_spared_per_byte(costs, saved, candidates):
         if simulations >= max_simulations:
             break
         if not recomputed.intersection(group):
@@ -191,6 +193,61 @@ def keep_what_fits(costs: GraphCosts, saved: set[int], offloaded: set[int], budg
             saved, estimate = trial, trial_estimate
             recomputed = costs.recomputed(saved)
     return saved, estimate
+
+
+def offload_what_spares_recompute(costs: GraphCosts, saved: set[int], offloaded: set[int], budget: int, *,
+                                  max_simulations: int = 12) -> tuple[set[int], set[int], MemoryEstimate]:
+    """``saved`` and ``offloaded`` plus recomputed values that backward reloads from the host instead: (saved,
+    offloaded, estimate).
+
+    Keeping a value on the device costs memory all the way to backward; offloading it costs only a copy each way,
+    hidden behind compute while the host link keeps up. Recomputed values are weighed by recompute time spared
+    per byte moved (a base projection's output spares backward its NF4 matmul), one decision per place in the
+    repeated block, the best first; each is taken only if the predicted peak stays within ``budget`` and the
+    time the step adds (recompute, and copies compute cannot hide) falls by more than the host time the new
+    transfer ops take to issue (``HOST_SECONDS_PER_OFFLOADED_VALUE`` each)."""
+    def added(saved_: set[int], estimate_: MemoryEstimate) -> float:
+        placed = getattr(estimate_, "transfers", None)
+        return costs.recompute_seconds(saved_) + (placed.stall_seconds if placed is not None else 0.0)
+
+    estimate = costs.simulate(saved, offloaded=offloaded)
+    best = added(saved, estimate)
+    recomputed = costs.recomputed(saved)
+    host_left = (costs.offload_budget or 0) - sum(int(costs.weight[i]) for i in offloaded)
+    candidates = [i for i in recomputed if i in costs.offloadable and i not in costs.unsaveable
+                  and costs.recomputable(i) and costs.weight[i] > 0]
+    simulations = 0
+    for group in _most_time_spared_per_byte(costs, saved, candidates):
+        if simulations >= max_simulations:
+            break
+        group = [i for i in group if i in recomputed]  # an earlier choice may have spared some
+        moved = sum(int(costs.weight[i]) for i in group)
+        if not group or moved > host_left:
+            continue
+        simulations += 1
+        trial_saved, trial_offloaded = saved | set(group), offloaded | set(group)
+        trial = costs.simulate(trial_saved, offloaded=trial_offloaded)
+        if trial.peak_bytes_hint > budget:
+            continue
+        trial_added = added(trial_saved, trial)
+        if trial_added + len(group) * HOST_SECONDS_PER_OFFLOADED_VALUE < best:
+            saved, offloaded, estimate, best = trial_saved, trial_offloaded, trial, trial_added
+            recomputed = costs.recomputed(saved)
+            host_left -= moved
+    return saved, offloaded, estimate
+
+
+def _most_time_spared_per_byte(costs: GraphCosts, saved: set[int], candidates: list[int]) -> list[list[int]]:
+    """``candidates`` grouped by their place in the repeated block, the groups that spare backward the most
+    recompute time per byte of their first value first (groups sparing nothing left out)."""
+    now = costs.recompute_seconds(saved)
+    scored = []
+    for group in _by_block_position(costs, candidates):
+        spared = now - costs.recompute_seconds(saved | {group[0]})
+        if spared > 0:
+            scored.append((spared / int(costs.weight[group[0]]), group))
+    scored.sort(key=lambda item: -item[0])
+    return [group for _, group in scored]
 
 
 def _by_block_position(costs: GraphCosts, values: list[int]) -> list[list[int]]:

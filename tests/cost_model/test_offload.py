@@ -153,6 +153,36 @@ def test_offload_plans_are_completed_before_they_are_compared(captured):
     assert plan.offloaded and added_seconds(plan) <= added_seconds(completed) + 1e-12
 
 
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(room=st.floats(min_value=0.05, max_value=0.5))
+def test_recomputed_values_are_offloaded_where_copies_cost_less(captured, room, monkeypatch):
+    """From an offload plan, recomputed values move to the host (saved and offloaded) only where that lowers the
+    predicted added time within the budget by more than the new ops' host time: over a fast host link some
+    recompute is spared; over a link too slow to hide a copy, or where issuing the copies costs the host more than
+    the recompute they spare, nothing moves; the plans stay valid and their transfers ordered."""
+    from memgraph.cost_model.runtime import DeviceSpec
+    from memgraph.cost_model.solvers import offload as solver
+    from memgraph.cost_model.solvers.offload import added_seconds, offload_what_spares_recompute
+
+    start = captured.partitions["offload-layers"].plan
+    for link, host_seconds, moves in ((1e15, 0.0, True), (1e3, 0.0, False), (1e15, 1.0, False)):
+        monkeypatch.setattr(solver, "HOST_SECONDS_PER_OFFLOADED_VALUE", host_seconds)
+        costs = cost_model.graph_costs(captured.graph, offload_budget=1 << 30,
+                                       device=DeviceSpec(host_link_bytes_per_s=link))
+        saved, offloaded = costs.indices(start.saved), costs.indices(start.offloaded)
+        budget = int(costs.simulate(saved, offloaded=offloaded).peak_bytes_hint * (1 + room))
+        before = costs.plan("start", saved, budget, offloaded=offloaded)
+        new_saved, new_offloaded, estimate = offload_what_spares_recompute(costs, saved, offloaded, budget)
+        assert new_saved >= saved and new_offloaded >= offloaded
+        assert new_offloaded - offloaded == new_saved - saved  # everything added waits on the host
+        assert costs.is_valid(new_saved) and estimate.peak_bytes_hint <= budget
+        plan = costs.plan("moved", new_saved, budget, estimate=estimate, offloaded=new_offloaded)
+        assert added_seconds(plan) <= added_seconds(before)
+        assert (added_seconds(plan) < added_seconds(before)) == moves and bool(new_offloaded - offloaded) == moves
+        fw, bw = partition(captured.graph.private_copy(), plan)
+        assert_transfers_are_ordered(plan, fw, bw, captured.graph.num_fwd_outputs)
+
+
 def test_host_budget_bounds_what_is_offloaded(captured):
     one_value = captured.partitions["offload-layers"].plan.details["transfers"][0]["nbytes"]
     costs = cost_model.graph_costs(captured.graph, offload_budget=one_value)

@@ -122,8 +122,7 @@ class _Kernel:
 @pytest.fixture
 def direct_path(monkeypatch):
     monkeypatch.setattr(_launch._State, "enabled", True)
-    monkeypatch.setattr(_launch, "_BINARIES", {})
-    monkeypatch.setattr(_launch, "_CONSTEXPR_POSITIONS", {})
+    monkeypatch.setattr(_launch, "_KERNELS", {})
     monkeypatch.setattr(_launch._compat, "current_cuda_device", lambda: 0, raising=False)
     monkeypatch.setattr(_launch._compat, "current_raw_stream", lambda device: 1234, raising=False)
 
@@ -160,7 +159,7 @@ def _raising(error: BaseException):
 def _launched_once(kernel, x):
     """Launch once (Triton's path) and return the binary kept for later launches."""
     _launch.launch(kernel, (1,), x, 5, BLOCK=16)
-    (binary,) = _launch._BINARIES.values()
+    (binary,) = _launch.cached_binaries().values()
     return binary
 
 
@@ -190,7 +189,7 @@ def test_unhashable_arguments_take_tritons_path(direct_path):
     kernel = _Kernel()
     _launch.launch(kernel, (1,), torch.zeros(8), [1, 2], BLOCK=16)
     _launch.launch(kernel, (1,), torch.zeros(8), [1, 2], BLOCK=16)
-    assert [call[0] for call in kernel.calls] == ["triton", "triton"] and not _launch._BINARIES
+    assert [call[0] for call in kernel.calls] == ["triton", "triton"] and not _launch.cached_binaries()
 
 
 def test_an_installed_launch_hook_gets_every_launch(direct_path, monkeypatch):
@@ -206,7 +205,7 @@ def test_a_missing_parameter_keeps_tritons_path(direct_path):
     kernel = _Kernel()
     kernel.params[3].has_default = False  # FLAG now required, and not given: Triton's own call decides
     _launch.launch(kernel, (1,), torch.zeros(8), 5, BLOCK=16)
-    assert not _launch._BINARIES and not _launch.fast_launch_enabled()
+    assert not _launch.cached_binaries() and not _launch.fast_launch_enabled()
 
 
 def test_hook_chains_count_only_when_they_hold_hooks():
@@ -239,6 +238,6 @@ def test_gpu_direct_launch_runs_tritons_binary():
         assert torch.equal(first, x * 2) and torch.equal(second, x * 2)
         key = (scaled_copy, torch.cuda.current_device(),
                _launch.specialization_key((x, second, n, 2.0), {"BLOCK": 128}, (4,)))
-        binary = _launch._BINARIES[key]
+        binary = _launch.cached_binaries()[key]
         compiled = scaled_copy.warmup(x, second, n, 2.0, BLOCK=128, grid=grid)
         assert binary.function == compiled.function  # the binary Triton selects for these arguments
