@@ -95,9 +95,17 @@ def _copy_on_transfer_stream(destination: torch.Tensor, source: torch.Tensor, de
     _pending[destination.data_ptr()] = event
 
 
-@torch.library.custom_op("memgraph::offload", mutates_args=())
-def offload(value: torch.Tensor) -> torch.Tensor:
-    """Start copying ``value`` to (pinned) host memory; pair with ``wait_transfer(host, keepalive=value)``."""
+# Registered with torch.library's low-level API (define / impl / register_fake), as the LoRA, NF4 and attention ops
+# are: torch.library.custom_op's generic per-call Python costs tens of µs, and a plan may offload a hundred values
+# a step, each an offload and a reload. Schemas and tags are those custom_op produced. wait_transfer's output
+# aliases ``tensor`` (custom_op forbids aliasing outputs), so its schema is written by hand in any case.
+_library = torch.library.Library("memgraph", "FRAGMENT")
+_library.define("offload(Tensor value) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_library.define("reload(Tensor host, Device device) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
+
+
+def _offload(value: torch.Tensor) -> torch.Tensor:
     if value.device.type != "cuda":
         return value.detach().clone()
     host = _pinned_buffer(value.numel(), value.dtype).view(value.shape)
@@ -105,14 +113,7 @@ def offload(value: torch.Tensor) -> torch.Tensor:
     return host
 
 
-@offload.register_fake
-def _(value: torch.Tensor) -> torch.Tensor:
-    return torch.empty(value.shape, dtype=value.dtype, device="cpu")
-
-
-@torch.library.custom_op("memgraph::reload", mutates_args=())
-def reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Start copying ``host`` back to ``device``; pair with ``wait_transfer(value, keepalive=host)``."""
+def _reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.detach().clone().to(device)
     value = torch.empty(host.shape, dtype=host.dtype, device=device)  # allocated on the compute stream
@@ -120,14 +121,28 @@ def reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return value
 
 
-@reload.register_fake
+_library.impl("offload", _offload, "CompositeExplicitAutograd")
+_library.impl("reload", _reload, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("memgraph::offload")
+def _(value: torch.Tensor) -> torch.Tensor:
+    return torch.empty(value.shape, dtype=value.dtype, device="cpu")
+
+
+@torch.library.register_fake("memgraph::reload")
 def _(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.empty(host.shape, dtype=host.dtype, device=device)
 
 
-# The output aliases ``tensor`` (custom_op forbids aliasing outputs, so the schema is written by hand).
-_library = torch.library.Library("memgraph", "FRAGMENT")
-_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
+def offload(value: torch.Tensor) -> torch.Tensor:
+    """Start copying ``value`` to (pinned) host memory; pair with ``wait_transfer(host, keepalive=value)``."""
+    return torch.ops.memgraph.offload(value)
+
+
+def reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Start copying ``host`` back to ``device``; pair with ``wait_transfer(value, keepalive=host)``."""
+    return torch.ops.memgraph.reload(host, device)
 
 
 @torch.library.impl("memgraph::wait_transfer", "CompositeExplicitAutograd")
