@@ -20,7 +20,7 @@ import functools
 import logging
 from typing import Any, Callable, Iterable
 
-from memgraph.cost_model.graph_costs import GraphCosts
+from memgraph.cost_model.graph_costs import GraphCosts, InvalidSavedSet
 from memgraph.cost_model.memory import MemoryEstimate
 from memgraph.cost_model.solvers import register
 from memgraph.cost_model.solvers.checkpoint import checkpoint_saved
@@ -224,9 +224,14 @@ def offload_what_spares_recompute(costs: GraphCosts, saved: set[int], offloaded:
         moved = sum(int(costs.weight[i]) for i in group)
         if not group or moved > host_left:
             continue
-        simulations += 1
         trial_saved, trial_offloaded = saved | set(group), offloaded | set(group)
-        trial = costs.simulate(trial_saved, offloaded=trial_offloaded)
+        if not costs.is_valid(trial_saved):
+            continue
+        simulations += 1
+        try:
+            trial = costs.simulate(trial_saved, offloaded=trial_offloaded)
+        except InvalidSavedSet:  # backward could not be scheduled from it: not a choice
+            continue
         if trial.peak_bytes_hint > budget:
             continue
         trial_added = added(trial_saved, trial)

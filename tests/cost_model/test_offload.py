@@ -234,6 +234,45 @@ def test_offloaded_step_gives_eager_gradients(solver, codegen, device):
         assert error < tolerance, name
 
 
+def test_values_offloaded_instead_of_recomputed_give_eager_gradients(monkeypatch):
+    """A plan in which ``offload_what_spares_recompute`` moved recomputed values to the host (given a fast host link
+    and no host cost per transfer) compiles to a step with eager's gradients: backward reads those values from
+    their reloads instead of recomputing them."""
+    from memgraph.cost_model import solvers
+    from memgraph.cost_model.runtime import DeviceSpec
+    from memgraph.cost_model.solvers import offload as solver
+    from memgraph.cost_model.solvers.offload import offload_what_spares_recompute
+
+    monkeypatch.setattr(solver, "HOST_SECONDS_PER_OFFLOADED_VALUE", 0.0)
+    monkeypatch.setattr(solvers, "_REGISTRY", dict(solvers._REGISTRY))
+    moved = []
+
+    @solvers.register("offload-layers-then-spare-recompute", uses_budget=False)
+    def spare_recompute(graph, costs=None, budget=None, **_):
+        costs = cost_model.graph_costs(graph, codegen="eager", offload_budget=1 << 30,
+                                       device=DeviceSpec(host_link_bytes_per_s=1e15))
+        start = get("offload-layers").function(graph, costs, None)
+        saved, offloaded = costs.indices(start.saved), costs.indices(start.offloaded)
+        room = 2 * costs.simulate(saved, offloaded=offloaded).peak_bytes_hint
+        saved, more, estimate = offload_what_spares_recompute(costs, saved, offloaded, room)
+        moved.append(costs.names_of(more - offloaded))
+        return costs.plan("offload-layers-then-spare-recompute", saved, None, estimate=estimate, offloaded=more)
+
+    model = four_layer_llama()
+    reference = copy.deepcopy(model)
+    ids = token_ids(SEQ)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memgraph", options={
+        **OFFLOAD_ON, "solver": "offload-layers-then-spare-recompute", "cache": False})
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    plan = compiled_graphs()[-1].plan
+    assert moved and moved[-1] and set(moved[-1]) <= set(plan.offloaded), plan.summary()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        error = ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
+        assert error < 1e-5, name
+
+
 def test_offload_options():
     assert resolve_options({"offload_budget": "2GiB"}).offload_budget == 2 * 2**30
     with pytest.raises(ValueError, match="offload_budget"):
