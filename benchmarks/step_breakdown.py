@@ -95,6 +95,8 @@ def run(args) -> list[dict]:
     from memgraph.pipeline import costs_under, plan_training_graph
     from memgraph.sources import example_batch, training_model
 
+    if args.host_link:
+        plan_with_host_link(args.host_link)
     rows = []
     for seq in args.seqs:
         model = training_model(args.model, weights="bnb", lora=16)
@@ -130,6 +132,17 @@ def run(args) -> list[dict]:
     return rows
 
 
+def plan_with_host_link(bytes_per_s: float) -> None:
+    """Plan as the GPU would: on a CUDA machine the backend plans with the host link it measured (55 GB/s on the
+    H100 of the e2e rows); on the meta device it would take ``DeviceSpec``'s default."""
+    import memgraph.pipeline as pipeline
+    from memgraph.cost_model.runtime import DeviceSpec
+
+    setting = pipeline.offload_setting
+    pipeline.offload_setting = lambda graph, options: (setting(graph, options)[0],
+                                                       DeviceSpec(host_link_bytes_per_s=bytes_per_s))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3-8b")
@@ -138,6 +151,8 @@ def main(argv=None) -> int:
                         help="solver or solver@budget, comma-separated")
     parser.add_argument("--host-embedding", action=argparse.BooleanOptionalAction, default=True,
                         help="the frozen input embedding in host memory, as the e2e recipe has it")
+    parser.add_argument("--host-link", type=float, default=None,
+                        help="host<->device bytes/s to plan with, e.g. 55e9 (default: DeviceSpec's)")
     parser.add_argument("--results", default=str(RESULTS_DIR), help="where e2e_MODEL.json and profiles/ are read")
     parser.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
     args = parser.parse_args(argv)
@@ -153,7 +168,7 @@ def main(argv=None) -> int:
                   "measured ms": round(r.get("measured_step_ms", 0), 1),
                   "GPU busy ms": round(r.get("profiled_gpu_busy_ms", 0), 1)} for r in rows])
     write_results(f"step_breakdown_{args.model}", rows, model=args.model, options=OPTIONS,
-                  host_embedding=args.host_embedding,
+                  host_embedding=args.host_embedding, host_link_bytes_per_s=args.host_link,
                   note="predicted: the cost model's roofline time per node (DeviceSpec defaults), planned on the "
                        "meta device; measured: e2e rows and profiles of the same recipe where they exist")
     return 0
