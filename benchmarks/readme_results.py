@@ -284,9 +284,8 @@ def files_section(folder: Path) -> Optional[str]:
 
 
 SECTIONS: list[Callable[[Path], Optional[str]]] = [
-    e2e_section, steps_section, breakdown_section, max_context_section, fidelity_section, cross_entropy_section, launch_section,
-    attention_section,
-    arch_sweep_section, options_guide_section, files_section]
+    e2e_section, steps_section, breakdown_section, max_context_section, fidelity_section, cross_entropy_section,
+    launch_section, attention_section, arch_sweep_section, options_guide_section, files_section]
 
 
 def results_markdown(folder: Path = RESULTS_DIR) -> str:
