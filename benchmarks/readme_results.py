@@ -158,6 +158,19 @@ def launch_section(folder: Path) -> Optional[str]:
             + _table(["op", "µs, Triton's JITFunction.run", "µs, direct", "ratio", "same bits"], rows))
 
 
+def cudagraphs_section(folder: Path) -> Optional[str]:
+    data = _load(folder, "cudagraphs.json")
+    if not data:
+        return None
+    failed = any(r.get("error") for r in data["rows"])
+    rows = [[r["layers"], r["recipe"].split("?", 1)[1].replace("kv_bits=4&drop_logits=true&host_embedding=true&", ""),
+             "yes" if r["cudagraphs"] else "no", r.get("peak_gib"), r.get("step_ms"), r.get("enqueue_ms"),
+             r.get("offloaded")] + ([(r.get("error") or "")[:80]] if failed else []) for r in data["rows"]]
+    header = ["layers", "recipe options", "CUDA graphs", "peak GiB", "step ms", "host ms to issue", "values offloaded"]
+    return ("### CUDA graphs (`cudagraphs=True`), Llama-3-8B QLoRA at 2,048 tokens\n\n" + _source(data, "cudagraphs.json")
+            + "\n\n" + _table(header + (["error"] if failed else []), rows))
+
+
 def attention_section(folder: Path) -> Optional[str]:
     parts = []
     data = _load(folder, "attention.json")
@@ -285,7 +298,7 @@ def files_section(folder: Path) -> Optional[str]:
 
 SECTIONS: list[Callable[[Path], Optional[str]]] = [
     e2e_section, steps_section, breakdown_section, max_context_section, fidelity_section, cross_entropy_section,
-    launch_section, attention_section, arch_sweep_section, options_guide_section, files_section]
+    launch_section, cudagraphs_section, attention_section, arch_sweep_section, options_guide_section, files_section]
 
 
 def results_markdown(folder: Path = RESULTS_DIR) -> str:

@@ -40,13 +40,15 @@ def _semantics(semantics: StepSemantics | None, codegen: str | None) -> StepSema
 
 
 def graph_costs(graph, *, device: DeviceSpec | None = None, semantics: StepSemantics | None = None,
-                codegen: str | None = None, sizes=None, offload_budget: int | None = None) -> GraphCosts:
+                codegen: str | None = None, sizes=None, offload_budget: int | None = None,
+                cudagraphs: bool = False) -> GraphCosts:
     """The cost model's view of a joint graph, handed to every solver (see ``GraphCosts``). ``codegen``
     ("eager" or "inductor") overrides ``semantics.codegen``: what will run the graphs. ``sizes``: values of a
     dynamic-shape graph's size symbols, by name (default: those it was traced with). ``offload_budget``: host
-    bytes solvers may offload saved values into (None: offload is not a choice)."""
+    bytes solvers may offload saved values into (None: offload is not a choice). ``cudagraphs``: the step
+    replays from CUDA graphs (``Options.cudagraphs``)."""
     return GraphCosts(graph, device=device, semantics=_semantics(semantics, codegen), sizes=sizes,
-                      offload_budget=offload_budget)
+                      offload_budget=offload_budget, cudagraphs=cudagraphs)
 
 
 def estimate_partitioned(graph, fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, *,

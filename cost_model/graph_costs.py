@@ -72,12 +72,16 @@ class GraphCosts:
     """The cost model's view of one ``TrainingGraph``; every solver reads it (see the module docstring)."""
 
     def __init__(self, graph, *, device: DeviceSpec | None = None, semantics: StepSemantics | None = None,
-                 sizes: Mapping[str, int] | None = None, offload_budget: int | None = None):
+                 sizes: Mapping[str, int] | None = None, offload_budget: int | None = None,
+                 cudagraphs: bool = False):
         """``sizes``: values for the size symbols of a dynamic-shape graph (by name, e.g. ``{"s27": 8192}``);
         every figure is then for those sizes instead of the ones the graph was traced with.
-        ``offload_budget``: host bytes offloaded values may occupy; None: offload is not a choice."""
+        ``offload_budget``: host bytes offloaded values may occupy; None: offload is not a choice.
+        ``cudagraphs``: the step replays from CUDA graphs, which every offloaded value splits (its copies run
+        between captured parts, and the reloaded value is copied into the next part's input)."""
         self.graph = graph
         self.offload_budget = offload_budget
+        self.cudagraphs = cudagraphs
         self.device = device or DeviceSpec()
         self.semantics = semantics or StepSemantics()
         self.nodes: list[fx.Node] = [n for n in graph.joint.graph.nodes if n.op != "output"]

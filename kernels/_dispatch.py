@@ -16,7 +16,8 @@ import contextlib
 import functools
 import logging
 import os
-from typing import Optional
+import threading
+from typing import Callable, Optional
 
 import torch
 
@@ -86,3 +87,29 @@ def without_derivative(op, forward_op: str) -> type:
                                f"{forward_op} has no double backward")
 
     return WithoutDerivative
+
+
+def persistent_tensor(make: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``make()`` for a tensor the kernels keep between steps (a table, arrival counters), made outside any CUDA
+    graph memory pool. Inductor's cudagraph trees send the step's allocations to their pool (those of the thread
+    in torch 2.13, of the warm-up stream in 2.11), whose memory each replay rewrites; they refuse a step that
+    leaves a tensor there that is not an output. A helper thread on its own stream allocates from the ordinary
+    pool, also while a graph is being captured, and waits for its stream so the tensor is ready when returned."""
+    if device.type != "cuda":
+        return make()
+    made: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+                made["tensor"] = make()
+                torch.cuda.current_stream().synchronize()
+        except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
+            made["error"] = error
+
+    helper = threading.Thread(target=run, name="memgraph-persistent-tensor")
+    helper.start()
+    helper.join()
+    if "error" in made:
+        raise made["error"]
+    return made["tensor"]

@@ -21,6 +21,7 @@ import types
 import torch
 from torch import Tensor
 
+from memgraph._compat import CUDAGRAPH_UNSAFE_TAGS
 from memgraph.kernels._dispatch import HAS_TRITON, INTERPRET, device_guard
 from memgraph.kernels._launch import launch
 
@@ -70,7 +71,8 @@ def _note_once(reason: str) -> None:
     log.warning("memgraph.host_embedding: %s; gathering on the host (the step waits for its ids)", reason)
 
 
-@torch.library.custom_op("memgraph::host_embedding", mutates_args=())
+# A graph input in host memory: the op stays out of CUDA graphs (``Options.cudagraphs``).
+@torch.library.custom_op("memgraph::host_embedding", mutates_args=(), tags=CUDAGRAPH_UNSAFE_TAGS)
 def _host_embedding_op(ids: Tensor, table: Tensor) -> Tensor:
     """``table[ids]`` on the ids' device, for a ``table`` [V, D] in host memory."""
     _check(ids, table)

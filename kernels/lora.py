@@ -43,7 +43,7 @@ from torch import Tensor
 
 from memgraph import _compat
 from memgraph.kernels._dispatch import (HAS_TRITON, INTERPRET, builds_graph, device_guard, direct_eager,
-                                        use_triton, without_derivative)
+                                        persistent_tensor, use_triton, without_derivative)
 from memgraph.kernels._launch import launch
 
 if HAS_TRITON:
@@ -257,6 +257,7 @@ def _split_shape(blocks: int, length: int, block: int, programs: int, min_steps:
 # run one after another; another stream gets its own counters. (Captured in CUDA graphs, the capture stream's
 # counters are shared by every graph captured on it: replay those graphs one at a time, as one training loop does.)
 _COUNTERS: dict = {}
+_RETIRED_COUNTERS: list = []
 MIN_COUNTERS = 4096
 
 
@@ -264,7 +265,10 @@ def _arrival_counters(device: torch.device, blocks: int) -> Tensor:
     stream = _compat.current_raw_stream(device.index) if device.type == "cuda" else 0
     counters = _COUNTERS.get((device, stream))
     if counters is None or counters.numel() < blocks:
-        counters = torch.zeros(max(blocks, MIN_COUNTERS), dtype=torch.int32, device=device)
+        size = max(blocks, MIN_COUNTERS)
+        if counters is not None:  # launches already queued may still use the smaller one: never freed
+            _RETIRED_COUNTERS.append(counters)
+        counters = persistent_tensor(lambda: torch.zeros(size, dtype=torch.int32, device=device), device)
         _COUNTERS[(device, stream)] = counters
     return counters
 

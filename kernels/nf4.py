@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from memgraph import _compat
-from memgraph.kernels._dispatch import HAS_TRITON, INTERPRET, device_guard, direct_eager, use_triton
+from memgraph.kernels._dispatch import (HAS_TRITON, INTERPRET, device_guard, direct_eager, persistent_tensor,
+                                        use_triton)
 from memgraph.kernels._launch import launch
 
 log = logging.getLogger("memgraph.kernels.nf4")
@@ -113,7 +114,8 @@ def _nf4_code(device: torch.device) -> torch.Tensor:
     """The NF4 table on ``device`` (a constant of the kernels, not an op input)."""
     code = _CODE_CACHE.get(device)
     if code is None:
-        code = _CODE_CACHE[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+        code = _CODE_CACHE[device] = persistent_tensor(
+            lambda: torch.tensor(NF4_CODE, dtype=torch.float32, device=device), device)
     return code
 
 

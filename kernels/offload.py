@@ -28,6 +28,8 @@ import logging
 
 import torch
 
+from memgraph._compat import CUDAGRAPH_UNSAFE_TAGS
+
 log = logging.getLogger("memgraph.offload")
 
 __all__ = ["offload", "reload", "wait_transfer", "release_host_buffers", "host_pool_bytes"]
@@ -100,9 +102,11 @@ def _copy_on_transfer_stream(destination: torch.Tensor, source: torch.Tensor, de
 # a step, each an offload and a reload. Schemas and tags are those custom_op produced. wait_transfer's output
 # aliases ``tensor`` (custom_op forbids aliasing outputs), so its schema is written by hand in any case.
 _library = torch.library.Library("memgraph", "FRAGMENT")
-_library.define("offload(Tensor value) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
-_library.define("reload(Tensor host, Device device) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
-_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
+# Host copies on a side stream with events stay out of CUDA graphs (``Options.cudagraphs``).
+_library.define("offload(Tensor value) -> Tensor", tags=(torch.Tag.pt2_compliant_tag, *CUDAGRAPH_UNSAFE_TAGS))
+_library.define("reload(Tensor host, Device device) -> Tensor",
+                tags=(torch.Tag.pt2_compliant_tag, *CUDAGRAPH_UNSAFE_TAGS))
+_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)", tags=CUDAGRAPH_UNSAFE_TAGS)
 
 
 def _offload(value: torch.Tensor) -> torch.Tensor:

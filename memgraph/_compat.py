@@ -146,6 +146,23 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, parti
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+# Ops Inductor must leave out of CUDA graphs (host copies, host-memory inputs): it runs them between the graphed
+# partitions. The tag is absent from releases without graph partitioning.
+CUDAGRAPH_UNSAFE_TAGS: tuple = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
+
+def cudagraph_config_patches() -> dict[str, Any]:
+    """Inductor settings that replay each compiled graph from CUDA graphs (cudagraph trees), split around ops
+    that cannot be captured where the release can split (``graph_partition``); otherwise such a graph runs
+    without CUDA graphs (Inductor logs why)."""
+    from torch._inductor import config as inductor_config
+
+    patches: dict[str, Any] = {"triton.cudagraphs": True}
+    if hasattr(inductor_config, "graph_partition"):
+        patches["graph_partition"] = True
+    return patches
+
+
 def inductor_cache_dir() -> str:
     """Where Inductor keeps its caches (``TORCHINDUCTOR_CACHE_DIR`` or its per-user default)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir

@@ -58,6 +58,8 @@ def demo(args: argparse.Namespace) -> int:
     options = {"solver": args.solver, "codegen": args.codegen, "kv_bits": args.kv_bits}
     if args.memory_budget:
         options["memory_budget"] = args.memory_budget
+    if args.cudagraphs:
+        options["cudagraphs"] = True
     resolve_options(options)  # bad options: a clear error now, not one wrapped by Dynamo at the first step
     print(f"memgraph demo: tiny {args.model}{' + LoRA' if args.lora else ''} on {device}, batch {args.batch}, "
           f"seq {args.seq}, {args.steps} SGD steps, options {options}")
@@ -152,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--lr", type=float, default=1e-2)
     demo_parser.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
     demo_parser.add_argument("--kv-bits", type=int, default=16, choices=[16, 8, 4])
+    demo_parser.add_argument("--cudagraphs", action="store_true",
+                             help="replay the compiled graphs from CUDA graphs (on a GPU; needs --codegen inductor)")
     demo_parser.set_defaults(run=demo)
     from memgraph.fit import GPU_PRESETS, OPTIMIZERS
     from memgraph.sources import add_training_arguments

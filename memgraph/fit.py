@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from memgraph.errors import InfeasibleBudgetError, MemgraphError
+from memgraph.options import OPTIMIZER_STATES
 from memgraph.progress import progress_bar
 from memgraph.units import GIB, gib, parse_bytes
 
@@ -38,7 +39,8 @@ GPU_PRESETS: dict[str, int] = {name: mib * 2**20 - _CONTEXT_BYTES for name, mib 
     "A6000-48GB": 49140, "RTX4090-24GB": 24564, "RTX3090-24GB": 24576, "L4-24GB": 23034, "A10G-24GB": 23028,
     "RTX4080-16GB": 16376, "T4-16GB": 15360,
 }.items()}
-OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}  # state tensors per trainable parameter
+# State tensors per trainable parameter, by optimizer (those of the backend's ``optimizer`` option).
+OPTIMIZERS = {name: count for name, count in OPTIMIZER_STATES.items() if name != "none"}
 CAPTURE_BATCH, CAPTURE_SEQ = 2, 256  # the dynamic capture's sizes (distinct, so each symbol is known by its hint)
 
 

@@ -66,6 +66,14 @@ class TrainingGraph:
         return [n for n in self.placeholders if _compat.is_primal(n)]
 
     @functools.cached_property
+    def trainable_bytes(self) -> int:
+        """Bytes of the primals the joint graph computes a gradient for (the trainable parameters)."""
+        output = next(iter(self.joint.graph.find_nodes(op="output")))
+        gradients = list(output.args[0])[self.num_fwd_outputs:]
+        values = [p.meta.get("val") for p, g in zip(self.primals, gradients) if g is not None]
+        return sum(_compat.concrete_int(v.numel()) * v.element_size() for v in values if v is not None)
+
+    @functools.cached_property
     def tangents(self) -> list[fx.Node]:
         return [n for n in self.placeholders if _compat.is_tangent(n)]
 

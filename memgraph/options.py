@@ -15,7 +15,8 @@ from memgraph.errors import MemgraphError
 from memgraph.kernels.kv_quant import KV_BITS
 from memgraph.units import parse_bytes
 
-__all__ = ["Options", "parse_bytes", "resolve_options", "ENV_PREFIX", "CODEGENS", "KV_BITS", "OFFLOAD_MODES"]
+__all__ = ["Options", "parse_bytes", "resolve_options", "ENV_PREFIX", "CODEGENS", "KV_BITS", "OFFLOAD_MODES",
+           "OPTIMIZER_STATES"]
 
 ENV_PREFIX = "MEMGRAPH_"
 # MEMGRAPH_* variables that are process-wide switches, not Options fields (read where they act).
@@ -24,6 +25,8 @@ ENV_SWITCHES = {
 }
 CODEGENS = ("inductor", "eager")  # the first is the default
 OFFLOAD_MODES = ("auto", "on", "off")  # the first is the default
+# State tensors an optimizer keeps per trainable parameter (in the parameter's dtype); "none": not counted.
+OPTIMIZER_STATES = {"none": 0, "adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -46,6 +49,11 @@ class Options:
     "auto" (on CUDA graphs), "on" (also on a CPU, where the copies are plain host copies: for tests), "off".
     offload_budget: host bytes offloaded values may occupy (a size); None: half the host memory available
     when the graph is planned.
+    cudagraphs: replay the compiled graphs from CUDA graphs (Inductor's cudagraph trees; needs
+    codegen="inductor"): a step costs the host a few launches instead of one Python call per op. Ops that
+    cannot be captured (offload copies, host-memory embeddings) run between the captured parts.
+    optimizer: the optimizer whose state (per trainable parameter of the graph) ``memory_budget`` also holds:
+    one of ``OPTIMIZER_STATES``; "none" (default): the budget is the compiled step's alone.
     """
 
     memory_budget: int | None = None
@@ -58,6 +66,8 @@ class Options:
     cache: bool = True
     offload: str = OFFLOAD_MODES[0]
     offload_budget: int | None = None
+    cudagraphs: bool = False
+    optimizer: str = "none"
 
     def __post_init__(self) -> None:
         from memgraph.cost_model import solvers as registry
@@ -76,9 +86,15 @@ class Options:
         if self.report is not None and not isinstance(self.report, (str, os.PathLike)):
             raise MemgraphError(f"report must be a path or None; got {self.report!r}")
         object.__setattr__(self, "rewrites", _rewrite_names(self.rewrites))
-        for name in ("drop_logits", "cache"):
+        for name in ("drop_logits", "cache", "cudagraphs"):
             if not isinstance(getattr(self, name), bool):
                 raise MemgraphError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZER_STATES:
+            raise MemgraphError(f"optimizer={self.optimizer!r} is not supported; choose one of "
+                                f"{list(OPTIMIZER_STATES)}")
+        if self.cudagraphs and self.codegen != "inductor":
+            raise MemgraphError(f"cudagraphs=True needs codegen='inductor' (CUDA graphs capture Inductor's code); "
+                                f"got codegen={self.codegen!r}")
         if self.memory_budget is not None:
             if not registry.uses_budget(self.solver):
                 budgeted = [n for n in solvers if registry.uses_budget(n)]
@@ -136,7 +152,7 @@ def _coerce_env(name: str, text: str) -> Any:
             return int(text)
         except ValueError:
             raise MemgraphError(f"{ENV_PREFIX}KV_BITS={text!r} is not supported; choose one of {list(KV_BITS)}") from None
-    if name in ("rewrites", "drop_logits", "cache"):
+    if name in ("rewrites", "drop_logits", "cache", "cudagraphs"):
         lowered = text.strip().lower()
         if lowered in _TRUE:
             return True

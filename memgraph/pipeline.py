@@ -18,10 +18,11 @@ import torch.fx as fx
 from memgraph import _compat, compile_cache
 from memgraph.errors import MemgraphError
 from memgraph.graph import TrainingGraph
-from memgraph.options import Options
+from memgraph.options import OPTIMIZER_STATES, Options
 from memgraph.passes import REWRITE_NOTES, RUNTIME_CHECKS, apply_rewrites
 from memgraph.passes.partition import partition
 from memgraph.plan import Plan
+from memgraph.units import gib
 
 log = logging.getLogger("memgraph")
 
@@ -75,10 +76,13 @@ def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Trainin
     from memgraph.cost_model import solvers
 
     costs = costs_under(graph, options)
+    budget, budget_note = graph_budget(graph, options)
     started = time.perf_counter()
-    plan = solvers.get(options.solver).function(graph, costs, options.memory_budget)
+    plan = solvers.get(options.solver).function(graph, costs, budget)
     plan.solve_seconds = time.perf_counter() - started
-    plan.budget_bytes = options.memory_budget
+    plan.budget_bytes = budget
+    if budget_note:
+        plan.notes.append(budget_note)
     graph, plan, costs = with_exact_recomputed_attention(graph, plan, costs, options,
                                                          lambda g: costs_under(g, options))
     return graph, plan, costs.estimate(plan)
@@ -102,12 +106,29 @@ def with_exact_recomputed_attention(graph: TrainingGraph, plan: Plan, costs, opt
     return exact if exact is not None else (graph, plan, costs)
 
 
+def graph_budget(graph: TrainingGraph, options: Options) -> tuple[int | None, str | None]:
+    """(the bytes the graph's plan may use, a note saying how they were found): ``options.memory_budget`` less
+    the state ``options.optimizer`` keeps for the parameters this graph trains (resident beside every step)."""
+    per_parameter = OPTIMIZER_STATES[options.optimizer]
+    if options.memory_budget is None or per_parameter == 0:
+        return options.memory_budget, None
+    state = per_parameter * graph.trainable_bytes
+    if state >= options.memory_budget:
+        raise MemgraphError(f"memory_budget={gib(options.memory_budget)} does not hold the {options.optimizer} "
+                            f"state of this graph's trainable parameters ({gib(state)}); raise it or set "
+                            f"optimizer='none'")
+    return options.memory_budget - state, (f"memory_budget {gib(options.memory_budget)} less {gib(state)} of "
+                                           f"{options.optimizer} state: the graph plans within "
+                                           f"{gib(options.memory_budget - state)}")
+
+
 def costs_under(graph: TrainingGraph, options: Options):
     """The graph's cost model as ``options`` set it up: their codegen, and offload where they allow it."""
     from memgraph.cost_model import graph_costs
 
     offload_budget, device = offload_setting(graph, options)
-    return graph_costs(graph, codegen=options.codegen, offload_budget=offload_budget, device=device)
+    return graph_costs(graph, codegen=options.codegen, offload_budget=offload_budget, device=device,
+                       cudagraphs=options.cudagraphs)
 
 
 def offload_setting(graph: TrainingGraph, options: Options):
@@ -234,9 +255,10 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, options: Options, record
     the plan stored beside the compiled code (a hit loads both)."""
     key = compile_cache.graph_key(partitioner.uuid(), gm, example_inputs) if options.cache else None
     # fallback_random: random ops use eager's generator, so dropout masks equal eager's under one seed.
+    patches = {"fallback_random": True, **(_compat.cudagraph_config_patches() if options.cudagraphs else {})}
     compiled = _compat.inductor_compile(gm, example_inputs, partitioner=partitioner,
                                         cache_key=partitioner.uuid() if options.cache else None,
-                                        config_patches={"fallback_random": True})
+                                        config_patches=patches)
     if key is None:
         return compiled
     if partitioner.called:

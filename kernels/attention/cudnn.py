@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from memgraph import _compat
+from memgraph.kernels._dispatch import persistent_tensor
 
 log = logging.getLogger("memgraph.kernels.attention")
 
@@ -108,4 +109,4 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 @functools.lru_cache(maxsize=None)
 def _unused_random_state(device: torch.device) -> Tensor:
     """The dropout seed/offset argument (a 0-d int64, as the forward returns it): read by no kernel at p = 0."""
-    return torch.zeros((), dtype=torch.int64, device=device)
+    return persistent_tensor(lambda: torch.zeros((), dtype=torch.int64, device=device), device)

@@ -316,3 +316,22 @@ def test_transfer_ops_round_trip_on_cuda_behind_compute():
     torch.cuda.synchronize()
     assert torch.equal(back.cpu(), expected) and busy.isfinite().all()
     assert host_pool_bytes() >= expected.numel() * expected.element_size()
+
+
+def test_cuda_graph_steps_offload_nothing_to_spare_recompute(captured, monkeypatch):
+    """Under ``cudagraphs`` each offloaded value splits the captured step, so ``with_offload`` offloads what the
+    budget needs and no more: ``offload_what_spares_recompute`` runs only for steps that are not graphed."""
+    from memgraph.cost_model.runtime import DeviceSpec
+    from memgraph.cost_model.solvers import offload as solver
+
+    calls = []
+    original = solver.offload_what_spares_recompute
+    monkeypatch.setattr(solver, "offload_what_spares_recompute", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for graphed in (False, True):
+        costs = cost_model.graph_costs(captured.graph, offload_budget=1 << 30, cudagraphs=graphed,
+                                       device=DeviceSpec(host_link_bytes_per_s=1e15))
+        low, high = lowest_offload_peak(costs), costs.peak(costs.save_all)
+        calls.clear()
+        plan = get("greedy").function(captured.graph, costs, int(low + 0.2 * (high - low)))
+        assert plan.offloaded and plan.peak_bytes <= int(low + 0.2 * (high - low))
+        assert bool(calls) != graphed, graphed

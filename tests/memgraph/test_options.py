@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import memgraph
+from memgraph.errors import MemgraphError
 from memgraph.options import Options, parse_bytes, resolve_options
 
 
@@ -120,3 +121,31 @@ def test_environment_reaches_a_compile_without_options(monkeypatch):
     torch.compile(linear, backend="memgraph")(torch.randn(2, 4)).sum().backward()
     record = memgraph.compiled_graphs()[-1]
     assert record.options.solver == "none" and record.plan.solver == "none"
+
+
+def test_optimizer_state_comes_out_of_the_memory_budget():
+    """``optimizer``: the budget also holds that optimizer's state for the graph's trainable parameters (here
+    LoRA's), so the graph plans within the rest; a budget the state alone fills is a clear error."""
+    import torch
+
+    from memgraph import models
+    from memgraph.capture import capture
+    from memgraph.pipeline import graph_budget
+
+    model = models.build("llama", lora=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    (record,) = capture(model, input_ids=ids, labels=ids, solvers=())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert record.graph.trainable_bytes == trainable
+    budget = 1 << 30
+    assert graph_budget(record.graph, resolve_options({"memory_budget": budget, "solver": "greedy"})) == (budget, None)
+    for optimizer, states in (("adamw", 2), ("sgd-momentum", 1), ("sgd", 0)):
+        options = resolve_options({"memory_budget": budget, "solver": "greedy", "optimizer": optimizer})
+        planned, note = graph_budget(record.graph, options)
+        assert planned == budget - states * trainable
+        assert (note is None) == (states == 0)
+    with pytest.raises(MemgraphError, match="adamw state"):
+        graph_budget(record.graph, resolve_options({"memory_budget": trainable, "solver": "greedy",
+                                                    "optimizer": "adamw"}))
+    with pytest.raises(MemgraphError, match="choose one of"):
+        resolve_options({"optimizer": "lion"})
