@@ -9,8 +9,8 @@ a fresh compile cache, its own allocator), N at a time with their timed steps ta
             activation_memory_budget 0.3
   memgraph  every feature on (NF4 matmuls, 4-bit K/V attention, fused LoRA sums, chunked cross-entropy with
             dropped logits, the frozen input embedding in host memory where it is not tied) with
-            the Unsloth-like ``offload-layers`` plan (alone and replayed from CUDA graphs) and the ``ilp`` planner
-            at each ``--budgets`` size (offload on; the budget holds AdamW's state too)
+            the Unsloth-like ``offload-layers`` plan and the ``ilp`` planner at each ``--budgets`` size (offload on;
+            the budget holds AdamW's state too), each alone and replayed from CUDA graphs
 
 A recipe that fails (out of memory, an import error, a time-out) gives a row with its ``error``; the run goes on.
 Writes ``e2e_MODEL.json`` (rows: recipe, seq, peak_gib, tok_s, compile_s, first_loss), ``e2e_MODEL.md`` (a table)
@@ -44,10 +44,11 @@ RECIPE_NAMES = {  # how the table and the plot name a recipe
 
 
 def memgraph_recipes(budgets_gib: list[float]) -> list[str]:
-    """offload-layers, alone and replayed from CUDA graphs; the ilp planner at each budget, which then holds the
-    AdamW state the benchmark's step keeps too (so a budget is the measured peak it aims at)."""
-    return [f"{MEMGRAPH}&solver=offload-layers", f"{MEMGRAPH}&solver=offload-layers&cudagraphs=true"] + [
+    """offload-layers and the ilp planner at each budget (which then holds the AdamW state the benchmark's step
+    keeps too, so a budget is the measured peak it aims at), each alone and replayed from CUDA graphs."""
+    plans = [f"{MEMGRAPH}&solver=offload-layers"] + [
         f"{MEMGRAPH}&solver=ilp&memory_budget={budget:g}GiB&optimizer=adamw" for budget in budgets_gib]
+    return [recipe for plan in plans for recipe in (plan, f"{plan}&cudagraphs=true")]
 
 
 def label(recipe: str) -> str:

@@ -57,3 +57,19 @@ def test_a_failures_reason_keeps_the_errors_head():
     assert reason.startswith("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1002.00 MiB")
     assert len(reason) <= 404 and reason.endswith(" ...")
     assert bench_e2e.failure_reason("all fine\n") == ""
+
+
+def test_memgraph_recipes_are_valid_options_and_named_apart():
+    """Every default memgraph recipe parses into Options the backend accepts (bench_e2e hands it all but its
+    own keys), once alone and once replayed from CUDA graphs, and the table names each differently."""
+    from memgraph.options import resolve_options
+
+    recipes = e2e.memgraph_recipes([6.5, 8])
+    assert len(recipes) == 6 and len({e2e.label(r) for r in recipes}) == 6
+    for recipe in recipes:
+        weights, compiler, options = bench_e2e.parse_recipe(recipe)
+        assert (weights, compiler) == ("bnb", "memgraph")
+        options.pop("host_embedding")  # bench_e2e's own: memgraph.offload_embeddings_ before compiling
+        resolved = resolve_options(options)
+        assert resolved.cudagraphs == recipe.endswith("cudagraphs=true")
+        assert resolved.optimizer == ("adamw" if resolved.memory_budget else "none")
