@@ -153,11 +153,19 @@ def _plan_functions(solvers: Sequence[str], plan_fn: PlanFunction | None, option
         return {"custom": plan_fn}
     from memgraph.cost_model import solvers as registry
 
-    budget = options.memory_budget if options is not None else None
+    from memgraph.pipeline import graph_budget
 
     def solver_plan(name: str) -> PlanFunction:
         entry = registry.get(name)
-        return lambda graph, costs: entry.function(graph, costs, budget if entry.uses_budget else None)
+
+        def plan(graph: TrainingGraph, costs: GraphCosts) -> Plan:
+            # the backend's budget: memory_budget less the optimizer's state
+            budget, note = graph_budget(graph, options) if options is not None and entry.uses_budget else (None, None)
+            made = entry.function(graph, costs, budget)
+            made.notes.extend([note] if note else [])
+            return made
+
+        return plan
 
     return {name: solver_plan(name) for name in solvers}
 
@@ -170,15 +178,17 @@ def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction],
     def partition_fn(joint, joint_inputs, **kwargs):
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
         offload_budget, device = offload_setting(graph, options) if options is not None else (None, None)
+        graphed = options.cudagraphs if options is not None else False
         record = CapturedGraph(graph, graph_costs(graph, offload_budget=offload_budget, device=device,
-                                                  codegen=codegen), {}, list(rewrites))
+                                                  codegen=codegen, cudagraphs=graphed), {}, list(rewrites))
         captured.append(record)
         for name, plan_fn in plans.items():
             plan = plan_fn(graph, record.costs)
             # as the backend plans; a custom plan function's plan is taken as it is
             own, plan, _ = (graph, plan, None) if name == "custom" else with_exact_recomputed_attention(
                 graph, plan, record.costs, options,
-                lambda g: graph_costs(g, offload_budget=offload_budget, device=device, codegen=codegen))
+                lambda g: graph_costs(g, offload_budget=offload_budget, device=device, codegen=codegen,
+                                      cudagraphs=graphed))
             # each partition on its own copy of the joint graph (a changed graph is a copy already)
             own = graph.private_copy() if own is graph else own
             fw, bw = partition(own, plan)

@@ -149,3 +149,25 @@ def test_optimizer_state_comes_out_of_the_memory_budget():
                                                     "optimizer": "adamw"}))
     with pytest.raises(MemgraphError, match="choose one of"):
         resolve_options({"optimizer": "lion"})
+
+
+def test_memgraph_plan_plans_within_the_budget_less_the_optimizer_state():
+    """``memgraph.plan`` plans as the backend does: with ``optimizer``, within the budget less that state."""
+    import torch
+
+    from memgraph import models
+
+    model = models.build("llama", lora=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    state = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    fastest = memgraph.plan(model, example_kwargs={"input_ids": ids, "labels": ids}, solver="none").peak_bytes
+    budget = fastest + state  # the fastest plan's graph and AdamW's state, exactly
+    alone = memgraph.plan(model, example_kwargs={"input_ids": ids, "labels": ids}, solver="greedy",
+                          memory_budget=budget)
+    with_state = memgraph.plan(model, example_kwargs={"input_ids": ids, "labels": ids}, solver="greedy",
+                               memory_budget=budget, optimizer="adamw")
+    assert alone.budget_bytes == budget and with_state.budget_bytes == fastest
+    assert with_state.peak_bytes <= fastest and any("adamw state" in n for n in with_state.notes)
+    with pytest.raises(Exception, match="cannot be met"):  # Dynamo wraps the planner's InfeasibleBudgetError
+        memgraph.plan(model, example_kwargs={"input_ids": ids, "labels": ids}, solver="greedy",
+                      memory_budget=fastest, optimizer="adamw")
