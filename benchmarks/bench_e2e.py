@@ -290,8 +290,12 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
                            predicted_peak_gib=(max(peaks) + state) / 2**30)
             offloaded = [r.plan for r in records if r.plan.offloaded]
             if offloaded:
+                from memgraph.cost_model.runtime import measured_host_link
                 from memgraph.kernels.offload import host_pool_bytes
 
+                # the link the plans were made with (measured once per machine, cached): what their transfer
+                # times, and so what they chose to offload, rest on
+                row["host_link_gb_s"] = (measured_host_link() or 0) / 1e9
                 row.update(offloaded=sum(len(p.offloaded) for p in offloaded),
                            predicted_host_gib=sum(p.host_bytes or 0 for p in offloaded) / 2**30,
                            host_gib=host_pool_bytes() / 2**30,  # pinned buffers held between steps

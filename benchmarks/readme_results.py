@@ -112,7 +112,8 @@ def breakdown_section(folder: Path) -> Optional[str]:
     kinds = list(dict.fromkeys(kind for r in data["rows"] for phase in r["predicted_ms"].values() for kind in phase))
     rows = []
     for r in data["rows"]:
-        plan = r["solver"] + (f" @ {r['memory_budget']}" if r.get("memory_budget") else "")
+        plan = (r["solver"] + (f" @ {r['memory_budget']}" if r.get("memory_budget") else "")
+                + (f" ({r['plan_options'].replace('&', ', ')})" if r.get("plan_options") else ""))
         by_kind = {kind: sum(phase.get(kind, 0.0) for phase in r["predicted_ms"].values()) for kind in kinds}
         busy = r.get("profiled_gpu_busy_ms")
         step = r.get("measured_step_ms")

@@ -59,15 +59,24 @@ def breakdown(costs, plan) -> dict[str, dict[str, float]]:
     return table
 
 
-def parse_plan(text: str) -> tuple[str, str | None]:
-    solver, _, budget = text.partition("@")
-    return solver, budget or None
+def parse_plan(text: str) -> tuple[str, str | None, str]:
+    """``solver[@budget][&option=value...]`` (the e2e recipe's own spelling of the options after the budget,
+    e.g. ``ilp@6.5GiB&optimizer=adamw&cudagraphs=true``) -> (solver, budget or None, the options' text)."""
+    head, _, extra = text.partition("&")
+    solver, _, budget = head.partition("@")
+    return solver, budget or None, extra
 
 
-def measured(model: str, seq: int, solver: str, budget: str | None, host_embedding: bool, results: Path) -> dict:
+def extra_options(extra: str) -> dict:
+    values = dict(pair.partition("=")[::2] for pair in filter(None, extra.split("&")))
+    return {key: {"true": True, "false": False}.get(value, value) for key, value in values.items()}
+
+
+def measured(model: str, seq: int, solver: str, budget: str | None, host_embedding: bool, results: Path,
+             extra: str = "") -> dict:
     """The e2e row of the same recipe (the latest, if several) and its profile, where they exist."""
     recipe = (f"bnb/memgraph?{E2E_OPTIONS}" + ("&host_embedding=true" if host_embedding else "")
-              + f"&solver={solver}" + (f"&memory_budget={budget}" if budget else ""))
+              + f"&solver={solver}" + (f"&memory_budget={budget}" if budget else "") + (f"&{extra}" if extra else ""))
     path = results / f"e2e_{model}.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     mine = [r for r in rows if r.get("recipe") == recipe and r.get("seq") == seq and r.get("tok_s")]
@@ -108,8 +117,9 @@ def run(args) -> list[dict]:
         graphs = [r.graph for r in capture(model, example_kwargs=batch, options=OPTIONS, solvers=("none",),
                                            backward=False)]
         for text in args.plans:
-            solver, budget = parse_plan(text)
-            options = resolve_options({**OPTIONS, "offload": "on", "solver": solver, "memory_budget": budget})
+            solver, budget, extra = parse_plan(text)
+            options = resolve_options({**OPTIONS, "offload": "on", "solver": solver, "memory_budget": budget,
+                                       **extra_options(extra)})
             for captured_graph in graphs:
                 # as the backend plans (a recomputed attention at 16 bits where it fits)
                 graph, plan, _ = plan_training_graph(captured_graph, options)
@@ -117,6 +127,7 @@ def run(args) -> list[dict]:
                 table = breakdown(graph_costs, plan)
                 total = sum(sum(kinds.values()) for kinds in table.values())
                 row = {"model": args.model, "seq": seq, "solver": solver, "memory_budget": budget,
+                       "plan_options": extra,
                        "exact_recomputed_attention": any("at 16 bits" in note for note in plan.notes),
                        "predicted_peak_gib": plan.peak_bytes / 2**30 if plan.peak_bytes else None,
                        "predicted_step_ms": total, "predicted_exposed_transfer_ms": (plan.transfer_seconds or 0) * 1e3,
@@ -125,7 +136,7 @@ def run(args) -> list[dict]:
                 target = TARGET_TOK_S.get(seq) if args.model == "llama3-8b" else None
                 if target:
                     row.update(target_tok_s=target, target_step_ms=seq / target * 1e3)
-                row.update(measured(args.model, seq, solver, budget, args.host_embedding, Path(args.results)))
+                row.update(measured(args.model, seq, solver, budget, args.host_embedding, Path(args.results), extra))
                 rows.append(row)
         del model
         torch._dynamo.reset()
@@ -148,7 +159,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="llama3-8b")
     parser.add_argument("--seqs", default="2048,8192", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--plans", default="offload-layers", type=lambda s: s.split(","),
-                        help="solver or solver@budget, comma-separated")
+                        help="solver[@budget][&option=value...], comma-separated (e.g. "
+                             "ilp@6.5GiB&optimizer=adamw&cudagraphs=true)")
     parser.add_argument("--host-embedding", action=argparse.BooleanOptionalAction, default=True,
                         help="the frozen input embedding in host memory, as the e2e recipe has it")
     parser.add_argument("--host-link", type=float, default=None,
@@ -161,7 +173,8 @@ def main(argv=None) -> int:
 
         os.environ["OUT"] = args.out
     rows = run(args)
-    print_table([{"seq": r["seq"], "plan": r["solver"] + (f"@{r['memory_budget']}" if r["memory_budget"] else ""),
+    print_table([{"seq": r["seq"], "plan": r["solver"] + (f"@{r['memory_budget']}" if r["memory_budget"] else "")
+                  + (f"&{r['plan_options']}" if r["plan_options"] else ""),
                   "predicted ms": round(r["predicted_step_ms"], 1),
                   "recompute ms": round(sum(r["predicted_ms"]["recompute"].values()), 1),
                   "target ms": round(r.get("target_step_ms", 0), 1),

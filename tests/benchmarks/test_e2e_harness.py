@@ -73,3 +73,16 @@ def test_memgraph_recipes_are_valid_options_and_named_apart():
         resolved = resolve_options(options)
         assert resolved.cudagraphs == recipe.endswith("cudagraphs=true")
         assert resolved.optimizer == ("adamw" if resolved.memory_budget else "none")
+
+
+def test_step_breakdown_plans_name_the_e2e_recipe():
+    """A breakdown plan ``solver@budget&options`` plans with those options and finds the e2e row of the same
+    recipe string."""
+    import step_breakdown
+
+    solver, budget, extra = step_breakdown.parse_plan("ilp@6.5GiB&optimizer=adamw&cudagraphs=true")
+    assert (solver, budget) == ("ilp", "6.5GiB")
+    assert step_breakdown.extra_options(extra) == {"optimizer": "adamw", "cudagraphs": True}
+    recipe = f"{e2e.MEMGRAPH}&solver=ilp&memory_budget=6.5GiB&{extra}"
+    assert recipe in e2e.memgraph_recipes([6.5])
+    assert step_breakdown.parse_plan("offload-layers") == ("offload-layers", None, "")
