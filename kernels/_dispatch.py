@@ -91,11 +91,14 @@ def without_derivative(op, forward_op: str) -> type:
 
 def persistent_tensor(make: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
     """``make()`` for a tensor the kernels keep between steps (a table, arrival counters), made outside any CUDA
-    graph memory pool. Inductor's cudagraph trees send the step's allocations to their pool (those of the thread
-    in torch 2.13, of the warm-up stream in 2.11), whose memory each replay rewrites; they refuse a step that
+    graph memory pool. Inductor's cudagraph trees send the step's allocations to their pool (by thread or by
+    stream, depending on the release), whose memory each replay rewrites; they refuse a step that
     leaves a tensor there that is not an output. A helper thread on its own stream allocates from the ordinary
-    pool, also while a graph is being captured, and waits for its stream so the tensor is ready when returned."""
-    if device.type != "cuda":
+    pool and waits for its stream, so the tensor is ready when returned. While the caller's stream captures a
+    graph, the tensor is made in place, in the capture's pool: a capture in torch.cuda.graph's default "global"
+    mode forbids other threads' allocations, and a graph the caller captures itself owns what it made (the
+    cudagraph trees warm up on their capture stream first, so every such tensor exists before they capture)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return make()
     made: dict[str, object] = {}
 

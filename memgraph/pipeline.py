@@ -256,6 +256,9 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, options: Options, record
     key = compile_cache.graph_key(partitioner.uuid(), gm, example_inputs) if options.cache else None
     # fallback_random: random ops use eager's generator, so dropout masks equal eager's under one seed.
     patches = {"fallback_random": True, **(_compat.cudagraph_config_patches() if options.cudagraphs else {})}
+    if options.cudagraphs and not any(getattr(v, "is_cuda", False) for v in example_inputs):
+        _log_once("memgraph: cudagraphs=True has nothing to capture: the graph is not on a CUDA device "
+                  "(it runs as compiled, without CUDA graphs)")
     compiled = _compat.inductor_compile(gm, example_inputs, partitioner=partitioner,
                                         cache_key=partitioner.uuid() if options.cache else None,
                                         config_patches=patches)

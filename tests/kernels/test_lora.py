@@ -293,3 +293,25 @@ def test_backward_adds_into_another_gradient_as_autograd_sums(dtype):
     assert torch.equal(grad_a, grad_a2) and torch.equal(grad_b, grad_b2)
     with pytest.raises(ValueError, match="accumulate must be x's gradient"):
         torch.ops.memgraph.lora_linear_backward(grad, x, xa, a, b, 2.0, True, True, True, accumulate=other[:1])
+
+
+@pytest.mark.cuda
+def test_split_reductions_capture_in_a_cuda_graph_of_the_callers():
+    """A graph the caller captures (torch.cuda.graph's default "global" mode) on a stream with no arrival
+    counters yet: they are made in the capture's own pool (another thread may not allocate during such a
+    capture), and replays give eager's gradients (at bf16 tolerance: cuBLAS may pick another algorithm inside
+    a capture)."""
+    base, x, a, b = _inputs((1, 2048), 4096, 4096, 16, torch.bfloat16, seed=8, device="cuda")
+    g = torch.randn(base.shape, generator=torch.Generator().manual_seed(3)).to(base)
+    step = lambda: torch.autograd.grad(lora.lora_linear(base, x, a, b, 2.0), (x, a, b), g)  # noqa: E731
+    expected = step()
+    warm = torch.cuda.Stream()  # the capture stream below is a new one: its counters do not exist yet
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=warm):
+        captured = step()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        for ours, reference in zip(captured, expected):
+            error = float((ours.double() - reference.double()).norm() / reference.double().norm())
+            assert error < 1e-2, error
