@@ -295,7 +295,8 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
 
                 # the link the plans were made with (measured once per machine, cached): what their transfer
                 # times, and so what they chose to offload, rest on
-                row["host_link_gb_s"] = (measured_host_link() or 0) / 1e9
+                link = measured_host_link()
+                row["host_link_gb_s"] = link / 1e9 if link else None
                 row.update(offloaded=sum(len(p.offloaded) for p in offloaded),
                            predicted_host_gib=sum(p.host_bytes or 0 for p in offloaded) / 2**30,
                            host_gib=host_pool_bytes() / 2**30,  # pinned buffers held between steps

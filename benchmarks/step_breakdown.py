@@ -68,8 +68,11 @@ def parse_plan(text: str) -> tuple[str, str | None, str]:
 
 
 def extra_options(extra: str) -> dict:
-    values = dict(pair.partition("=")[::2] for pair in filter(None, extra.split("&")))
-    return {key: {"true": True, "false": False}.get(value, value) for key, value in values.items()}
+    """The options' text as bench_e2e reads a recipe's (numbers, true/false, lists joined by '+')."""
+    from bench_e2e import _option_value
+
+    pairs = (pair.partition("=") for pair in filter(None, extra.split("&")))
+    return {key: _option_value(value) for key, _, value in pairs}
 
 
 def measured(model: str, seq: int, solver: str, budget: str | None, host_embedding: bool, results: Path,

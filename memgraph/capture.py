@@ -117,11 +117,11 @@ def capture_backend(captured: list[CapturedGraph], *, options: Options | Mapping
     given = options.to_dict() if isinstance(options, Options) else dict(options or {})
     # The captured graphs run eagerly, but are planned for the codegen the options name (Inductor by default),
     # as the backend plans them: a plan made here equals the compiled step's.
-    planned_for = resolve_options(given).codegen
-    resolved = resolve_options({**given, "codegen": "eager"})
+    planned = resolve_options(given)
+    resolved = resolve_options({**given, "codegen": "eager", "cudagraphs": False})
     rewrites: list[str] = []  # of the Dynamo graph being compiled
     partition_fn = _partition_fn(captured, _plan_functions(solvers or (resolved.solver,), plan_fn, resolved),
-                                 rewrites, resolved, planned_for)
+                                 rewrites, resolved, planned.codegen, cudagraphs=planned.cudagraphs)
     forward_compiler, backward_compiler = _compilers(captured, run_under, observe_backward_inputs)
 
     def backend(gm, example_inputs):
@@ -171,16 +171,15 @@ def _plan_functions(solvers: Sequence[str], plan_fn: PlanFunction | None, option
 
 
 def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction], rewrites: list[str],
-                  options: Options | None = None, codegen: str | None = None):
+                  options: Options | None = None, codegen: str | None = None, *, cudagraphs: bool = False):
     from memgraph.passes.partition import partition
     from memgraph.pipeline import offload_setting, with_exact_recomputed_attention
 
     def partition_fn(joint, joint_inputs, **kwargs):
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
         offload_budget, device = offload_setting(graph, options) if options is not None else (None, None)
-        graphed = options.cudagraphs if options is not None else False
         record = CapturedGraph(graph, graph_costs(graph, offload_budget=offload_budget, device=device,
-                                                  codegen=codegen, cudagraphs=graphed), {}, list(rewrites))
+                                                  codegen=codegen, cudagraphs=cudagraphs), {}, list(rewrites))
         captured.append(record)
         for name, plan_fn in plans.items():
             plan = plan_fn(graph, record.costs)
@@ -188,7 +187,7 @@ def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction],
             own, plan, _ = (graph, plan, None) if name == "custom" else with_exact_recomputed_attention(
                 graph, plan, record.costs, options,
                 lambda g: graph_costs(g, offload_budget=offload_budget, device=device, codegen=codegen,
-                                      cudagraphs=graphed))
+                                      cudagraphs=cudagraphs))
             # each partition on its own copy of the joint graph (a changed graph is a copy already)
             own = graph.private_copy() if own is graph else own
             fw, bw = partition(own, plan)

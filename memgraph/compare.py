@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from memgraph import _compat
-from memgraph.errors import InfeasibleBudgetError
+from memgraph.errors import InfeasibleBudgetError, MemgraphError
 from memgraph.graph import TrainingGraph
 from memgraph.progress import progress_bar
 from memgraph.units import gib, parse_bytes
@@ -70,6 +70,22 @@ def _as_the_backend_runs(graph: TrainingGraph, plan, costs, options: Mapping[str
     return with_exact_recomputed_attention(graph, plan, costs, resolved, lambda g: costs_under(g, resolved))[1]
 
 
+def _graph_budget(graph: TrainingGraph, solver: str, budget: int | None, options: Mapping[str, Any] | None):
+    """The budget the backend plans ``graph`` within: with an ``optimizer`` option, ``budget`` less its state
+    (``pipeline.graph_budget``), so a row's prediction and its measured step are of one plan."""
+    if budget is None or not options or options.get("optimizer", "none") == "none":
+        return budget
+    from memgraph.options import resolve_options
+    from memgraph.pipeline import graph_budget
+
+    try:
+        return graph_budget(graph, resolve_options({**options, "solver": solver, "memory_budget": budget}))[0]
+    except InfeasibleBudgetError:
+        raise
+    except MemgraphError as error:  # the optimizer's state alone fills the budget: this cell is infeasible
+        raise InfeasibleBudgetError(str(error)) from None
+
+
 def plan_row(graphs: Sequence[TrainingGraph], costs: Sequence[Any], solver: str,
              budget: int | None, options: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
     """One (solver, budget) cell: predicted peak and times, or why the solver gives up. With ``options``, each
@@ -82,7 +98,8 @@ def plan_row(graphs: Sequence[TrainingGraph], costs: Sequence[Any], solver: str,
     plans, started = [], time.perf_counter()
     try:
         for graph, graph_costs in zip(graphs, costs):
-            plan = entry.function(graph, graph_costs, budget if entry.uses_budget else None)
+            plan = entry.function(graph, graph_costs, _graph_budget(graph, solver, budget, options)
+                                  if entry.uses_budget else None)
             if options is not None:
                 plan = _as_the_backend_runs(graph, plan, graph_costs, options)
             if plan.peak_bytes is None or plan.recompute_seconds is None:  # a solver that left them out

@@ -214,8 +214,8 @@ def fit(model: str, memory: Any = None, *, batches: Sequence[int] = (1, 2, 4, 8)
     bar.close()
     curves = _curves(estimates, graph, costs, seq_symbol, batch_symbol, state_bytes,
                      max(rows[0].max_seq if rows else 1024, 1024))
-    setup = {"weights": weights, "lora": lora, "optimizer": optimizer, "optimizer_state_bytes": state_bytes,
-             "embedding_in_host_memory_bytes": host_table, **resolved.to_dict()}
+    setup = {**resolved.to_dict(), "weights": weights, "lora": lora, "optimizer": optimizer,
+             "optimizer_state_bytes": state_bytes, "embedding_in_host_memory_bytes": host_table}
     return FitResult(model, budget, label, setup, rows, time.perf_counter() - started, curves)
 
 
@@ -273,7 +273,7 @@ def _check(row: FitRow, graph, options, budget: int, state_bytes: int, sizes: di
     (keep or recompute), or where the answer came from offloading the layer inputs, that plan itself (solving
     the offload search at every batch size would take minutes on an 8B graph)."""
     costs = graph_costs(graph, sizes=sizes, offload_budget=host.budget if host is not None else None,
-                        codegen=options.codegen)
+                        codegen=options.codegen, cudagraphs=options.cudagraphs)
     try:
         if host is not None:
             plan = solvers.get("offload-layers").function(graph, costs, budget - state_bytes)

@@ -67,10 +67,14 @@ class TrainingGraph:
 
     @functools.cached_property
     def trainable_bytes(self) -> int:
-        """Bytes of the primals the joint graph computes a gradient for (the trainable parameters)."""
+        """Bytes of the trainable parameters: the primals the joint graph computes a gradient for, of those that
+        are parameters or buffers (``static_input_indices``; an activation another graph hands this one after a
+        graph break gets a gradient too). A graph without that list counts every primal with a gradient."""
         output = next(iter(self.joint.graph.find_nodes(op="output")))
         gradients = list(output.args[0])[self.num_fwd_outputs:]
-        values = [p.meta.get("val") for p, g in zip(self.primals, gradients) if g is not None]
+        static = set(self.static_input_indices)
+        values = [p.meta.get("val") for k, (p, g) in enumerate(zip(self.primals, gradients))
+                  if g is not None and (not static or k in static)]
         return sum(_compat.concrete_int(v.numel()) * v.element_size() for v in values if v is not None)
 
     @functools.cached_property

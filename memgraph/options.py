@@ -46,14 +46,16 @@ class Options:
     cache: reuse compiled code and plans from torch's compile caches (keyed by these options and memgraph's
     version, see ``compile_cache.py``); False compiles and plans every time.
     offload: whether budget-aware solvers may keep saved values in host memory between forward and backward:
-    "auto" (on CUDA graphs), "on" (also on a CPU, where the copies are plain host copies: for tests), "off".
+    "auto" (for graphs on a CUDA device), "on" (also on a CPU, where the copies are plain host copies: for
+    tests), "off".
     offload_budget: host bytes offloaded values may occupy (a size); None: half the host memory available
     when the graph is planned.
     cudagraphs: replay the compiled graphs from CUDA graphs (Inductor's cudagraph trees; needs
     codegen="inductor"): a step costs the host a few launches instead of one Python call per op. Ops that
     cannot be captured (offload copies, host-memory embeddings) run between the captured parts.
     optimizer: the optimizer whose state (per trainable parameter of the graph) ``memory_budget`` also holds:
-    one of ``OPTIMIZER_STATES``; "none" (default): the budget is the compiled step's alone.
+    one of ``OPTIMIZER_STATES``; "none" (default): the budget is the compiled step's alone. Each graph leaves
+    out its own parameters' state: after a graph break, lower the budget by the other graphs' state.
     """
 
     memory_budget: int | None = None

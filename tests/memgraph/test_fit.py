@@ -31,6 +31,7 @@ def test_fit_answers_from_the_symbolic_peak_and_checks_it(answer):
     assert row.limited_by == "memory" and 0 < row.max_seq < 128 and row.checked
     assert row.peak_bytes <= MEMORY and row.tok_s > 0 and row.breakdown["weights"] > 0
     assert "| 4 |" in result.table() and result.seconds > 0
+    assert result.setup["optimizer"] == "sgd"  # fit's own, not the backend Options' field of that name
 
 
 @pytest.mark.parametrize("step_up", [0, 1])

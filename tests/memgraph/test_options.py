@@ -171,3 +171,44 @@ def test_memgraph_plan_plans_within_the_budget_less_the_optimizer_state():
     with pytest.raises(Exception, match="cannot be met"):  # Dynamo wraps the planner's InfeasibleBudgetError
         memgraph.plan(model, example_kwargs={"input_ids": ids, "labels": ids}, solver="greedy",
                       memory_budget=fastest, optimizer="adamw")
+
+
+def test_trainable_bytes_leave_out_activations_from_another_graph():
+    """After a graph break, the second graph's input activation gets a gradient too; only the parameters count."""
+    import torch
+
+    from memgraph.capture import capture
+
+    first, second = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def two_graphs(x):
+        hidden = first(x).relu()
+        torch._dynamo.graph_break()
+        return second(hidden).sum()
+
+    x = torch.randn(128, 64)
+    records = capture(two_graphs, x, solvers=())
+    assert len(records) == 2
+    per_linear = sum(p.numel() * p.element_size() for p in first.parameters())
+    assert [r.graph.trainable_bytes for r in records] == [per_linear, per_linear]
+
+
+def test_memgraph_plan_and_compare_take_the_backend_options():
+    """``cudagraphs`` (a compile setting) does not stop planning without compiling; ``compare`` with
+    ``optimizer`` plans each cell within the budget less that state, as the compiled step would."""
+    import torch
+
+    from memgraph import models
+
+    model = models.build("llama", lora=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "labels": ids}
+    assert memgraph.plan(model, example_kwargs=kwargs, solver="greedy", cudagraphs=True).peak_bytes > 0
+    state = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    fastest = memgraph.plan(model, example_kwargs=kwargs, solver="none").peak_bytes
+    (row,) = memgraph.compare(model, example_kwargs=kwargs, budgets=[fastest + state], solvers=["greedy"],
+                              options={"optimizer": "adamw"}, measure=False, progress=False, print_table=False)
+    assert row["feasible"] and row["predicted_peak_bytes"] <= fastest
+    (row,) = memgraph.compare(model, example_kwargs=kwargs, budgets=[state], solvers=["greedy"],
+                              options={"optimizer": "adamw"}, measure=False, progress=False, print_table=False)
+    assert not row["feasible"] and "adamw state" in row["error"]
