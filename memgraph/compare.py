@@ -78,10 +78,9 @@ def _graph_budget(graph: TrainingGraph, solver: str, budget: int | None, options
     from memgraph.options import resolve_options
     from memgraph.pipeline import graph_budget
 
+    resolved = resolve_options({**options, "solver": solver, "memory_budget": budget})  # bad options raise as such
     try:
-        return graph_budget(graph, resolve_options({**options, "solver": solver, "memory_budget": budget}))[0]
-    except InfeasibleBudgetError:
-        raise
+        return graph_budget(graph, resolved)[0]
     except MemgraphError as error:  # the optimizer's state alone fills the budget: this cell is infeasible
         raise InfeasibleBudgetError(str(error)) from None
 
