@@ -77,8 +77,8 @@ class GraphCosts:
         """``sizes``: values for the size symbols of a dynamic-shape graph (by name, e.g. ``{"s27": 8192}``);
         every figure is then for those sizes instead of the ones the graph was traced with.
         ``offload_budget``: host bytes offloaded values may occupy; None: offload is not a choice.
-        ``cudagraphs``: the step replays from CUDA graphs, which every offloaded value splits (its copies run
-        between captured parts, and the reloaded value is copied into the next part's input)."""
+        ``cudagraphs``: the step replays from CUDA graphs, whose captured copies (the slot transfer ops) take
+        no host time to issue."""
         self.graph = graph
         self.offload_budget = offload_budget
         self.cudagraphs = cudagraphs
@@ -447,7 +447,8 @@ class GraphCosts:
         return result
 
     def _transfer_values(self, i: int) -> dict[str, NodeValue]:
-        """The node values of value i's four transfer ops, as the offload pass builds them."""
+        """The node values of value i's four transfer ops, as the offload pass builds them (the captured ones
+        under CUDA graphs: a token of device storage instead of the host copy)."""
         key = ("transfer values", i)
         if key not in self.memo:
             from memgraph.passes.offload import transfer_nodes
@@ -455,7 +456,7 @@ class GraphCosts:
             graph = fx.Graph()
             source = graph.placeholder(self.names[i])
             source.meta["val"] = self.nodes[i].meta.get("val")
-            nodes = transfer_nodes(graph, source)
+            nodes = transfer_nodes(graph, source, slot="cost model" if self.cudagraphs else None)
             read = (lambda n: with_kernel(node_value(n), n)) if self.semantics.fuses else node_value
             self.memo[key] = {kind: read(node) for kind, node in nodes.items()}
         return self.memo[key]

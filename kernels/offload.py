@@ -20,6 +20,22 @@ pinned buffer handed back to the pool by a reload's wait is never overwritten by
 reload's copy ran. Host buffers come from a pool keyed by (numel, dtype): a step reuses the previous step's
 buffers instead of paying ``cudaHostAlloc`` per tensor.
 
+Under CUDA graphs (``Options.cudagraphs``) a replayed copy reads and writes the addresses it was captured with,
+and a host tensor handed from forward to backward would split the captured step. There the pass uses the slot
+ops instead::
+
+    token = memgraph.offload_to_slot(value, slot)       # D2H copy into the pinned buffer named ``slot``
+    token = memgraph.wait_transfer(token, keepalive=value)
+    ...
+    value = memgraph.reload_from_slot(token, slot)      # H2D copy from that buffer
+    value = memgraph.wait_transfer(value, keepalive=token)
+
+A slot is one pinned buffer per offloaded value of one compiled graph (the pass names it), kept for the life of
+the process: captured copies keep using it. Forward hands backward a token, a device tensor of the value's shape
+and dtype over one element of storage, so nothing on the host crosses a graph boundary and every op is captured.
+A slot holds one copy at a time: a graph's second forward before its first forward's backward overwrites it,
+which CUDA graphs forbid for the graph's own outputs too (cudagraph trees raise on reading an overwritten output).
+
 On a CPU the copies are real host copies (``clone``) and the waits are no-ops: CPU tests run the same graphs.
 """
 from __future__ import annotations
@@ -29,15 +45,19 @@ import logging
 import torch
 
 from memgraph._compat import CUDAGRAPH_UNSAFE_TAGS
+from memgraph.errors import MemgraphError
 
 log = logging.getLogger("memgraph.offload")
 
-__all__ = ["offload", "reload", "wait_transfer", "release_host_buffers", "host_pool_bytes"]
+__all__ = ["offload", "reload", "offload_to_slot", "reload_from_slot", "wait_transfer", "release_host_buffers",
+           "host_pool_bytes", "slot_bytes"]
 
 _transfer_streams: dict[torch.device, torch.cuda.Stream] = {}
 _pending: dict[int, torch.cuda.Event] = {}  # data_ptr of a copy's destination -> its completion event
 _pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
 _pooled: set[int] = set()  # data_ptrs of buffers the pool owns
+_slots: dict[str, torch.Tensor] = {}  # slot name -> its (flat, byte) host buffer
+_outgrown: list[torch.Tensor] = []  # slots' earlier, smaller buffers: graphs captured with them still copy there
 
 
 def _transfer_stream(device: torch.device) -> torch.cuda.Stream:
@@ -83,18 +103,57 @@ def release_host_buffers() -> None:
 
 
 def host_pool_bytes() -> int:
-    """Bytes of pinned host memory the pool holds between steps."""
+    """Bytes of pinned host memory the pool holds between steps (the slots' are ``slot_bytes``)."""
     return sum(b.numel() * b.element_size() for bucket in _pool.values() for b in bucket)
 
 
-def _copy_on_transfer_stream(destination: torch.Tensor, source: torch.Tensor, device: torch.device) -> None:
+def slot_bytes() -> int:
+    """Bytes of host memory the slots of CUDA-graphed steps hold (for the life of the process)."""
+    return sum(b.numel() for b in (*_slots.values(), *_outgrown))
+
+
+def _slot_buffer(slot: str, like: torch.Tensor) -> torch.Tensor:
+    """``slot``'s host buffer viewed as a contiguous tensor of ``like``'s shape and dtype; made (page-locked on a
+    CUDA machine) the first time, and made larger when a graph of larger shapes comes (the smaller one is kept)."""
+    nbytes = like.numel() * like.element_size()
+    buffer = _slots.get(slot)
+    if buffer is None or buffer.numel() < nbytes:
+        if buffer is not None:
+            _outgrown.append(buffer)
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if like.device.type == "cuda":
+            _page_lock(buffer)
+        _slots[slot] = buffer
+    return buffer[:nbytes].view(like.dtype).view(like.shape)
+
+
+def _page_lock(buffer: torch.Tensor) -> None:
+    """Page-lock a slot's buffer in place (cudaHostRegister) for good. Not from torch's pinned-memory pool: the
+    pool tracks each copy with events it later queries, which a copy captured into a CUDA graph never records;
+    and a captured copy may not touch pageable memory."""
+    error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    if int(error) != 0:
+        raise MemgraphError(f"memgraph: {buffer.numel() / 2**30:.2f} GiB of host memory for an offloaded value "
+                            f"could not be page-locked (cudaHostRegister error {int(error)}); lower offload_budget "
+                            "or set cudagraphs=False")
+
+
+def _token(value: torch.Tensor) -> torch.Tensor:
+    """A stand-in for ``value`` on its device: its shape and dtype over one element of storage."""
+    return value.new_empty([1] * value.dim()).expand(value.shape)
+
+
+def _copy_on_transfer_stream(destination: torch.Tensor, source: torch.Tensor, device: torch.device, *,
+                             key: int | None = None) -> None:
+    """Copy on the transfer stream; the event its ``wait_transfer`` waits on is found by ``key`` (the data_ptr
+    of the tensor the wait gets: by default the destination)."""
     stream = _transfer_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))  # the source is written, the destination free
     with torch.cuda.stream(stream):
         destination.copy_(source, non_blocking=True)
         event = torch.cuda.Event()
         event.record(stream)
-    _pending[destination.data_ptr()] = event
+    _pending[destination.data_ptr() if key is None else key] = event
 
 
 # Registered with torch.library's low-level API (define / impl / register_fake), as the LoRA, NF4 and attention ops
@@ -106,7 +165,11 @@ _library = torch.library.Library("memgraph", "FRAGMENT")
 _library.define("offload(Tensor value) -> Tensor", tags=(torch.Tag.pt2_compliant_tag, *CUDAGRAPH_UNSAFE_TAGS))
 _library.define("reload(Tensor host, Device device) -> Tensor",
                 tags=(torch.Tag.pt2_compliant_tag, *CUDAGRAPH_UNSAFE_TAGS))
-_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)", tags=CUDAGRAPH_UNSAFE_TAGS)
+# The slot ops are captured: their copies' addresses stay fixed, and only device tensors cross graph boundaries.
+_library.define("offload_to_slot(Tensor value, str slot) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_library.define("reload_from_slot(Tensor token, str slot) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+# A wait is captured with the copy it waits for: the pooled ops' waits run beside them, outside CUDA graphs.
+_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
 
 
 def _offload(value: torch.Tensor) -> torch.Tensor:
@@ -125,8 +188,30 @@ def _reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return value
 
 
+def _offload_to_slot(value: torch.Tensor, slot: str) -> torch.Tensor:
+    host = _slot_buffer(slot, value)
+    token = _token(value)
+    if value.device.type != "cuda":
+        host.copy_(value)
+    else:
+        _copy_on_transfer_stream(host, value, value.device, key=token.data_ptr())
+    return token
+
+
+def _reload_from_slot(token: torch.Tensor, slot: str) -> torch.Tensor:
+    host = _slot_buffer(slot, token)
+    value = torch.empty(token.shape, dtype=token.dtype, device=token.device)
+    if token.device.type != "cuda":
+        value.copy_(host)
+    else:
+        _copy_on_transfer_stream(value, host, token.device)
+    return value
+
+
 _library.impl("offload", _offload, "CompositeExplicitAutograd")
 _library.impl("reload", _reload, "CompositeExplicitAutograd")
+_library.impl("offload_to_slot", _offload_to_slot, "CompositeExplicitAutograd")
+_library.impl("reload_from_slot", _reload_from_slot, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("memgraph::offload")
@@ -137,6 +222,16 @@ def _(value: torch.Tensor) -> torch.Tensor:
 @torch.library.register_fake("memgraph::reload")
 def _(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.empty(host.shape, dtype=host.dtype, device=device)
+
+
+@torch.library.register_fake("memgraph::offload_to_slot")
+def _(value: torch.Tensor, slot: str) -> torch.Tensor:
+    return _token(value)
+
+
+@torch.library.register_fake("memgraph::reload_from_slot")
+def _(token: torch.Tensor, slot: str) -> torch.Tensor:
+    return torch.empty(token.shape, dtype=token.dtype, device=token.device)
 
 
 def offload(value: torch.Tensor) -> torch.Tensor:
@@ -163,6 +258,18 @@ def _wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) 
 @torch.library.register_fake("memgraph::wait_transfer")
 def _(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
     return tensor
+
+
+def offload_to_slot(value: torch.Tensor, slot: str) -> torch.Tensor:
+    """Start copying ``value`` into the host buffer ``slot``; returns its token. Pair with
+    ``wait_transfer(token, keepalive=value)``."""
+    return torch.ops.memgraph.offload_to_slot(value, slot)
+
+
+def reload_from_slot(token: torch.Tensor, slot: str) -> torch.Tensor:
+    """Start copying the host buffer ``slot`` back to ``token``'s device, in ``token``'s shape and dtype; pair with
+    ``wait_transfer(value, keepalive=token)``."""
+    return torch.ops.memgraph.reload_from_slot(token, slot)
 
 
 def wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:

@@ -171,7 +171,7 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
         try:
             planned, plan, estimate = plan_training_graph(graph, self.options)
-            fw, bw = partition(planned, plan)
+            fw, bw = partition(planned, plan, captured=self.options.cudagraphs)
         except MemgraphError:
             raise  # an infeasible budget is the user's to fix: say so
         except Exception as error:  # noqa: BLE001 - a planner bug must not stop training
@@ -180,7 +180,7 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
             planned, plan, estimate = plan_training_graph(graph, dataclasses.replace(self.options, solver="none",
                                                                                      memory_budget=None))
             plan.notes.append(f"fallback: solver {self.options.solver!r} failed: {error}")
-            fw, bw = partition(planned, plan)
+            fw, bw = partition(planned, plan, captured=self.options.cudagraphs)
             if self.record is not None:
                 self.record.fallback = str(error)
         log.info("memgraph: %s", plan.summary())

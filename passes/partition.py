@@ -17,7 +17,9 @@ class InvalidPlanError(RuntimeError):
     """The plan's saved set does not let backward compute its outputs."""
 
 
-def partition(graph: TrainingGraph, plan: Plan) -> tuple[fx.GraphModule, fx.GraphModule]:
+def partition(graph: TrainingGraph, plan: Plan, *, captured: bool = False) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """The forward and backward graphs of ``plan``; ``captured``: the step replays from CUDA graphs, so offloads
+    use the transfer ops those capture."""
     saved_nodes = [graph.node(name) for name in plan.saved]
     saved_values = [n for n in saved_nodes if not _compat.is_sym_node(n)]
     saved_sym_nodes = [n for n in saved_nodes if _compat.is_sym_node(n)]
@@ -34,7 +36,7 @@ def partition(graph: TrainingGraph, plan: Plan) -> tuple[fx.GraphModule, fx.Grap
     if plan.offloaded:
         from memgraph.passes.offload import apply_transfers
 
-        apply_transfers(fw, bw, plan, graph.num_fwd_outputs)
+        apply_transfers(fw, bw, plan, graph.num_fwd_outputs, captured=captured)
     return fw, bw
 
 

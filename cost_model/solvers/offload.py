@@ -34,8 +34,13 @@ log = logging.getLogger("memgraph.offload")
 RELAXATIONS = (0.25, 0.5, 1.0)  # shares of (fastest plan's peak - budget) the keep/recompute budget is raised by
 # Host time to issue one offloaded value's four ops (offload, wait, reload, wait), each a custom-op call like
 # nf4_dequantize's (19.9 µs on an H100 host, benchmarks/results/launch.json). A short step is host-bound: moving a
-# value must spare more GPU time than this, or it only lengthens the step.
+# value must spare more GPU time than this, or it only lengthens the step. A step replayed from CUDA graphs
+# issues its captured copies at no host cost.
 HOST_SECONDS_PER_OFFLOADED_VALUE = 4 * 20e-6
+
+
+def host_seconds_per_offloaded_value(costs: GraphCosts) -> float:
+    return 0.0 if costs.cudagraphs else HOST_SECONDS_PER_OFFLOADED_VALUE
 
 
 def offload_until_fits(costs: GraphCosts, saved: set[int], budget: int, *, seed: Iterable[int] = (),
@@ -156,10 +161,6 @@ def with_offload(solve: Callable[..., Plan]) -> Callable[..., Plan]:
                 plans.append(costs.plan(base.solver, kept, budget, estimate=kept_estimate, offloaded=offloaded,
                                         **details))
             # ... and where what is still recomputed costs more time than copying it out and back, offloaded too
-            # (not under CUDA graphs: there each offloaded value splits the captured step, and on an H100 a plan
-            # offloading 130 values stepped slower and 3 GiB larger with them than without)
-            if costs.cudagraphs:
-                continue
             spared, moved, spared_estimate = offload_what_spares_recompute(costs, kept, offloaded, budget)
             if len(moved) > len(offloaded):
                 plans.append(costs.plan(base.solver, spared, budget, estimate=spared_estimate, offloaded=moved,
@@ -209,7 +210,7 @@ def offload_what_spares_recompute(costs: GraphCosts, saved: set[int], offloaded:
     per byte moved (a base projection's output spares backward its NF4 matmul), one decision per place in the
     repeated block, the best first; each is taken only if the predicted peak stays within ``budget`` and the
     time the step adds (recompute, and copies compute cannot hide) falls by more than the host time the new
-    transfer ops take to issue (``HOST_SECONDS_PER_OFFLOADED_VALUE`` each)."""
+    transfer ops take to issue (``HOST_SECONDS_PER_OFFLOADED_VALUE`` each, none under CUDA graphs)."""
     def added(saved_: set[int], estimate_: MemoryEstimate) -> float:
         placed = getattr(estimate_, "transfers", None)
         return costs.recompute_seconds(saved_) + (placed.stall_seconds if placed is not None else 0.0)
@@ -239,7 +240,7 @@ def offload_what_spares_recompute(costs: GraphCosts, saved: set[int], offloaded:
         if trial.peak_bytes_hint > budget:
             continue
         trial_added = added(trial_saved, trial)
-        if trial_added + len(group) * HOST_SECONDS_PER_OFFLOADED_VALUE < best:
+        if trial_added + len(group) * host_seconds_per_offloaded_value(costs) < best:
             saved, offloaded, estimate, best = trial_saved, trial_offloaded, trial, trial_added
             recomputed = costs.recomputed(saved)
             host_left -= moved

@@ -81,8 +81,8 @@ def compiled_step(arch: str, solver: str):
     partitioned = []
     partition = pipeline.partition
 
-    def recording(graph, plan):
-        fw, bw = partition(graph, plan)
+    def recording(graph, plan, **options):
+        fw, bw = partition(graph, plan, **options)
         partitioned.append((graph, fw, bw))
         return fw, bw
 

@@ -40,8 +40,9 @@ def captured():
     return graph
 
 
-def assert_transfers_are_ordered(plan, fw, bw, num_fwd_outputs: int) -> None:
-    """Every offloaded value leaves forward as its host copy, and backward reads it only after its reload."""
+def assert_transfers_are_ordered(plan, fw, bw, num_fwd_outputs: int, *, reload_op: str = "reload") -> None:
+    """Every offloaded value leaves forward as its host copy (or slot token), and backward reads it only after
+    its reload."""
     fw_outputs = [n.name for n in fw.graph.find_nodes(op="output")[0].args[0][num_fwd_outputs:]]
     bw_order = {n.name: k for k, n in enumerate(bw.graph.nodes)}
     bw_nodes = {n.name: n for n in bw.graph.nodes}
@@ -49,7 +50,7 @@ def assert_transfers_are_ordered(plan, fw, bw, num_fwd_outputs: int) -> None:
         assert value not in fw_outputs and wait_offload_name(value) in fw_outputs
         host = bw_nodes[wait_offload_name(value)]
         assert host.op == "placeholder" and value not in bw_nodes
-        assert {u.target for u in host.users} == {torch.ops.memgraph.reload.default,
+        assert {u.target for u in host.users} == {getattr(torch.ops.memgraph, reload_op).default,
                                                   torch.ops.memgraph.wait_transfer.default}
         wait = bw_nodes[wait_reload_name(value)]
         reload = wait.args[0]
@@ -67,12 +68,49 @@ def test_offload_layers_offloads_each_layer_input(captured):
     assert_transfers_are_ordered(plan, part.fw, part.bw, part.graph.num_fwd_outputs)
 
 
+def test_captured_transfers_hand_backward_a_device_token(captured):
+    """For CUDA graphs, forward hands backward no host tensor: each offloaded value leaves as a token of its shape
+    and dtype over one element of device storage, and backward reloads it from the value's own slot."""
+    part = captured.partitions["offload-layers"]
+    fw, bw = partition(part.graph.private_copy(), part.plan, captured=True)
+    assert_transfers_are_ordered(part.plan, fw, bw, part.graph.num_fwd_outputs,
+                                 reload_op="reload_from_slot")
+    handed = {n.name: n for n in fw.graph.find_nodes(op="output")[0].args[0][part.graph.num_fwd_outputs:]}
+    slots = set()
+    for value in part.plan.offloaded:
+        token, original = handed[wait_offload_name(value)].meta["val"], part.graph.node(value).meta["val"]
+        assert token.device == original.device and token.dtype == original.dtype
+        assert token.shape == original.shape and token.untyped_storage().nbytes() == token.element_size()
+        offload = handed[wait_offload_name(value)].args[0]
+        assert offload.target is torch.ops.memgraph.offload_to_slot.default
+        slots.add(offload.args[1])
+    assert len(slots) == len(part.plan.offloaded)
+    ops = {n.target for g in (fw, bw) for n in g.graph.nodes}
+    assert not ops & {torch.ops.memgraph.offload.default, torch.ops.memgraph.reload.default}
+    again, _ = partition(part.graph.private_copy(), part.plan, captured=True)
+    assert again.code == fw.code  # slot names are the graph's: a recompile keeps its compile-cache key
+
+
+def test_slot_ops_round_trip_and_reuse_their_buffer():
+    from memgraph.kernels.offload import offload_to_slot, reload_from_slot, slot_bytes, wait_transfer
+
+    for shape in [(3, 5), (2, 3), (4, 8)]:  # a smaller graph reuses the buffer, a larger one outgrows it
+        value = torch.randn(shape)
+        token = wait_transfer(offload_to_slot(value, "test/round-trip"), value)
+        assert token.shape == value.shape and token.untyped_storage().nbytes() == value.element_size()
+        back = wait_transfer(reload_from_slot(token, "test/round-trip"), token)
+        assert torch.equal(back, value)
+    assert slot_bytes() >= 4 * 8 * 4
+
+
 @pytest.mark.parametrize("codegen", ["eager", "inductor"])
-def test_one_timeline_with_transfers(captured, codegen):
-    """The cost model's simulation of an offload plan is the estimate of the graphs the pass builds."""
-    costs = cost_model.graph_costs(captured.graph, codegen=codegen, offload_budget=1 << 30)
+@pytest.mark.parametrize("graphed", [False, True], ids=["pooled", "slots"])
+def test_one_timeline_with_transfers(captured, codegen, graphed):
+    """The cost model's simulation of an offload plan is the estimate of the graphs the pass builds (with the
+    captured transfer ops, each handing backward a token of device storage)."""
+    costs = cost_model.graph_costs(captured.graph, codegen=codegen, offload_budget=1 << 30, cudagraphs=graphed)
     plan = get("offload-layers").function(captured.graph, costs, None)
-    fw, bw = partition(captured.graph.private_copy(), plan)
+    fw, bw = partition(captured.graph.private_copy(), plan, captured=graphed)
     simulated = costs.estimate(plan)
     partitioned = cost_model.estimate_partitioned(captured.graph, fw, bw, codegen=codegen)
     assert simulated.peak_bytes_hint == partitioned.peak_bytes_hint == plan.peak_bytes
@@ -205,12 +243,14 @@ def test_simulated_peak_respects_the_budget(captured, fraction):
 
 
 # greedy's keep/recompute plans reach lower under Inductor's memory model: its offload case runs eager codegen
-@pytest.mark.parametrize("solver, codegen, device", [
-    ("offload-layers", "eager", "cpu"), ("offload-layers", "inductor", "cpu"), ("greedy", "eager", "cpu"),
+@pytest.mark.parametrize("solver, codegen, device, graphed", [
+    ("offload-layers", "eager", "cpu", False), ("offload-layers", "inductor", "cpu", False),
+    ("greedy", "eager", "cpu", False),
+    ("offload-layers", "inductor", "cpu", True),  # the slot ops, compiled (no CUDA graph on a CPU)
     # on CUDA the copies run on the side stream into pinned buffers, ordered by events under Inductor's codegen
-    pytest.param("offload-layers", "inductor", "cuda", marks=pytest.mark.cuda),
-    pytest.param("greedy", "eager", "cuda", marks=pytest.mark.cuda)])
-def test_offloaded_step_gives_eager_gradients(solver, codegen, device):
+    pytest.param("offload-layers", "inductor", "cuda", False, marks=pytest.mark.cuda),
+    pytest.param("greedy", "eager", "cuda", False, marks=pytest.mark.cuda)])
+def test_offloaded_step_gives_eager_gradients(solver, codegen, device, graphed):
     model = four_layer_llama().to(device)
     reference = copy.deepcopy(model)
     ids = token_ids(SEQ).to(device)
@@ -221,7 +261,8 @@ def test_offloaded_step_gives_eager_gradients(solver, codegen, device):
         budget = lowest_offload_peak(cost_model.graph_costs(graph.graph, codegen=codegen, offload_budget=1 << 30))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="memgraph", options={**OFFLOAD_ON, "solver": solver, "codegen": codegen,
-                                                                 "memory_budget": budget, "cache": False})
+                                                                 "memory_budget": budget, "cache": False,
+                                                                 "cudagraphs": graphed})
     for _ in range(2):  # the second step reuses the pinned buffers of the first
         model.zero_grad(set_to_none=True)
         loss = compiled(input_ids=ids, labels=ids).loss
@@ -318,20 +359,20 @@ def test_transfer_ops_round_trip_on_cuda_behind_compute():
     assert host_pool_bytes() >= expected.numel() * expected.element_size()
 
 
-def test_cuda_graph_steps_offload_nothing_to_spare_recompute(captured, monkeypatch):
-    """Under ``cudagraphs`` each offloaded value splits the captured step, so ``with_offload`` offloads what the
-    budget needs and no more: ``offload_what_spares_recompute`` runs only for steps that are not graphed."""
+def test_cuda_graph_steps_issue_offloads_at_no_host_cost(captured, monkeypatch):
+    """A step replayed from CUDA graphs issues its captured copies without the host: where each transfer's host
+    time outweighs the recompute it spares, only the graphed plan moves recomputed values to the host."""
     from memgraph.cost_model.runtime import DeviceSpec
     from memgraph.cost_model.solvers import offload as solver
 
-    calls = []
-    original = solver.offload_what_spares_recompute
-    monkeypatch.setattr(solver, "offload_what_spares_recompute", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(solver, "HOST_SECONDS_PER_OFFLOADED_VALUE", 1.0)
+    moved = {}
     for graphed in (False, True):
         costs = cost_model.graph_costs(captured.graph, offload_budget=1 << 30, cudagraphs=graphed,
                                        device=DeviceSpec(host_link_bytes_per_s=1e15))
-        low, high = lowest_offload_peak(costs), costs.peak(costs.save_all)
-        calls.clear()
-        plan = get("greedy").function(captured.graph, costs, int(low + 0.2 * (high - low)))
-        assert plan.offloaded and plan.peak_bytes <= int(low + 0.2 * (high - low))
-        assert bool(calls) != graphed, graphed
+        start = get("offload-layers").function(captured.graph, costs, None)
+        saved, offloaded = costs.indices(start.saved), costs.indices(start.offloaded)
+        room = 2 * costs.simulate(saved, offloaded=offloaded).peak_bytes_hint
+        _, more, _ = solver.offload_what_spares_recompute(costs, saved, offloaded, room)
+        moved[graphed] = more - offloaded
+    assert not moved[False] and moved[True]

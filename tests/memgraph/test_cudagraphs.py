@@ -32,9 +32,12 @@ def test_host_ops_stay_out_of_cuda_graphs():
     import memgraph.kernels.host_embedding  # noqa: F401 - registers the op
     import memgraph.kernels.offload  # noqa: F401
 
-    for op in (torch.ops.memgraph.offload, torch.ops.memgraph.reload, torch.ops.memgraph.wait_transfer,
-               torch.ops.memgraph.host_embedding):
+    for op in (torch.ops.memgraph.offload, torch.ops.memgraph.reload, torch.ops.memgraph.host_embedding):
         assert torch.Tag.cudagraph_unsafe in op.default.tags, op
+    # what the offload pass uses under cudagraphs is captured: fixed host slots, device tokens across graphs
+    for op in (torch.ops.memgraph.offload_to_slot, torch.ops.memgraph.reload_from_slot,
+               torch.ops.memgraph.wait_transfer):
+        assert torch.Tag.cudagraph_unsafe not in op.default.tags, op
 
 
 def test_cudagraph_patches_name_real_inductor_settings():
@@ -113,3 +116,27 @@ def test_graphed_qlora_steps_with_offload_train_like_eager():
     assert plan is not None and plan.offloaded, "the plan offloads nothing: the test misses the host ops"
     for step, (a, b) in enumerate(zip(graphed, expected)):
         assert abs(a - b) <= 2e-2 * abs(b), (step, a, b)  # bf16 model, NF4 matmuls in a different order
+
+
+@pytest.mark.cuda
+def test_offloads_are_captured_in_the_cuda_graphs(monkeypatch):
+    """Under cudagraphs the offloaded values' copies are part of the captured step: replays issue none from
+    Python, and the step still trains like eager (the reloaded values are the offloaded ones)."""
+    from memgraph.kernels import offload
+
+    model = models.build("llama", lora=True, device="cuda", dtype=torch.bfloat16)
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 256), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(1))
+    options = {"cudagraphs": True, "solver": "offload-layers", "offload": "on", "cache": False}
+    compiled = torch.compile(model, backend="memgraph", options=options)
+    graphed = _sgd_losses(model, compiled, ids, steps=2)  # warm-up, recording
+    copies = []
+    original = offload._copy_on_transfer_stream
+    monkeypatch.setattr(offload, "_copy_on_transfer_stream", lambda *a, **k: copies.append(1) or original(*a, **k))
+    graphed += _sgd_losses(model, compiled, ids, steps=3)  # replays
+    expected = _sgd_losses(reference, reference, ids, steps=5)
+    assert memgraph.compiled_graphs()[-1].plan.offloaded
+    assert not copies, f"{len(copies)} copies issued from Python during replays: the offloads were not captured"
+    for step, (a, b) in enumerate(zip(graphed, expected)):
+        assert abs(a - b) <= 2e-2 * abs(b), (step, a, b)
