@@ -15,8 +15,9 @@ state. ``--parallel N`` runs N recipes at once: their untimed phases (model buil
 their timed steps take a machine-wide lock in turn, and only while no recipe builds or compiles (a 2048-token
 step is host-bound: on an H100 one recipe timed 1,898 and 5,400 tokens/s beside different concurrent compiles;
 ``--noisy-timing`` allows the overlap). Measures compile time (first step minus a steady step),
-median step time of timed steps after a warm-up step, and peak memory (max_memory_allocated after reset
-following the warm-up step). ``--profile PATH`` adds one step under torch.profiler, alone on the GPU: GPU time by kind
+median step time of timed steps after a warm-up step, and peak memory (max_memory_allocated over the steps after
+the warm-up step: the second step included, which records the CUDA graphs of a cudagraphs=true recipe, whose
+replays allocate nothing; ``reserved_gib`` is max_memory_reserved beside it). ``--profile PATH`` adds one step under torch.profiler, alone on the GPU: GPU time by kind
 of kernel (matmul, nf4, lora, attention, copy, ...), the largest kernels, and the share of the step the GPU idles.
 
     python benchmarks/bench_e2e.py --name pipeline_overhead --recipes bf16/inductor,bf16/memgraph?solver=mincut
@@ -226,9 +227,13 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
     finally:
         untimed.close()
     with exclusive_gpu_timing():
-        step()
+        # The peak counts from the second step on. Replayed CUDA graphs (cudagraphs=true; the first step warms
+        # them up, the second records them) allocate nothing: the memory a replay uses is what the recording
+        # allocated in the graphs' pool, so a peak counted from the third step on misses every activation.
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
         times, enqueue = [], []
         for _ in range(args.steps):
             torch.cuda.synchronize()
@@ -238,6 +243,7 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
             torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
         peak_bytes = torch.cuda.max_memory_allocated()
+        reserved_bytes = torch.cuda.max_memory_reserved()
         if args.profile:  # one more step under the profiler (alone on the GPU): where its time goes, idle time
             Path(args.profile).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **profile_step(step)},
                                                      indent=1))
@@ -260,7 +266,7 @@ def _run_recipe(args, recipe: str, weights: str, compiler: str, options: dict) -
             Path(args.peak_report).write_text(json.dumps({"recipe": recipe, "seq": args.seq, **report},
                                                          indent=1))
     step_s = statistics.median(times)
-    row = {"recipe": recipe, "seq": args.seq, "peak_gib": peak_bytes / 2**30,
+    row = {"recipe": recipe, "seq": args.seq, "peak_gib": peak_bytes / 2**30, "reserved_gib": reserved_bytes / 2**30,
            "tok_s": ids.numel() / step_s, "step_ms": step_s * 1e3,
            # enqueue_ms close to step_ms: the host (launches, syncs) sets the pace, not the GPU
            "enqueue_ms": statistics.median(enqueue) * 1e3, "compile_s": first_step_s - step_s,

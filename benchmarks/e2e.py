@@ -118,14 +118,16 @@ def _order(row: dict) -> tuple:
 
 # --- report: table and plot from the results ---
 def markdown_table(rows: list[dict]) -> str:
-    """One line per row; a 'measured' column where the rows come from more than one run (merged files)."""
+    """One line per row; a 'measured' column where the rows come from more than one run (merged files). A row
+    whose ``peak_gib`` is None ran but its peak was not measured (its note says why)."""
     runs = len({row.get("measured") for row in rows}) > 1
     lines = ["| seq | recipe | peak GiB | tokens/s | compile s | first loss |" + (" measured (UTC) |" if runs else ""),
              "|---|---|---|---|---|---|" + ("---|" if runs else "")]
     for row in sorted(rows, key=_order):
         when = f" {str(row.get('measured', ''))[:16].replace('T', ' ')} |" if runs else ""
         if "peak_gib" in row:
-            lines.append(f"| {row['seq']} | {label(row['recipe'])} | {row['peak_gib']:.2f} | {row['tok_s']:,.0f} | "
+            peak = "not measured" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
+            lines.append(f"| {row['seq']} | {label(row['recipe'])} | {peak} | {row['tok_s']:,.0f} | "
                          f"{row['compile_s']:.0f} | {row['first_loss']:.4f} |{when}")
         else:
             lines.append(f"| {row['seq']} | {label(row['recipe'])} | failed: {row.get('error', '?')[:80]} | | | |{when}")
@@ -151,7 +153,7 @@ def plot(rows: list[dict], model: str, path: Path) -> None:
     seqs = sorted({row["seq"] for row in rows})
     figure, axes = plt.subplots(1, len(seqs), figsize=(6 * len(seqs), 4.5), squeeze=False)
     for axis, seq in zip(axes[0], seqs):
-        measured = [row for row in rows if row["seq"] == seq and "peak_gib" in row]
+        measured = [row for row in rows if row["seq"] == seq and row.get("peak_gib") is not None]
         for row in measured:
             ours = row["recipe"].startswith(MEMGRAPH)
             axis.scatter(row["peak_gib"], row["tok_s"], marker="o" if ours else "s", color="C0" if ours else "C1")

@@ -165,7 +165,8 @@ def cudagraphs_section(folder: Path) -> Optional[str]:
         return None
     failed = any(r.get("error") for r in data["rows"])
     rows = [[r["layers"], r["recipe"].split("?", 1)[1].replace("kv_bits=4&drop_logits=true&host_embedding=true&", ""),
-             "yes" if r["cudagraphs"] else "no", r.get("peak_gib"), r.get("step_ms"), r.get("enqueue_ms"),
+             "yes" if r["cudagraphs"] else "no", "not measured" if r.get("peak_gib", 0) is None else r.get("peak_gib"),
+             r.get("step_ms"), r.get("enqueue_ms"),
              r.get("offloaded")] + ([(r.get("error") or "")[:80]] if failed else []) for r in data["rows"]]
     header = ["layers", "recipe options", "CUDA graphs", "peak GiB", "step ms", "host ms to issue", "values offloaded"]
     return ("### CUDA graphs (`cudagraphs=True`), Llama-3-8B QLoRA at 2,048 tokens\n\n" + _source(data, "cudagraphs.json")

@@ -48,12 +48,13 @@ class DeviceSpec:
         """Measure this GPU's bf16 matmul FLOP/s and copy bandwidth (a few hundred ms)."""
         if not torch.cuda.is_available():
             raise RuntimeError("DeviceSpec.measure needs a CUDA device; use DeviceSpec() defaults on the CPU")
-        a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-        b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-        matmul_s = _time_cuda(lambda: a @ b, repeats)
-        src = torch.empty(copy_bytes // 2, device=device, dtype=torch.bfloat16)
-        dst = torch.empty_like(src)
-        copy_s = _time_cuda(lambda: dst.copy_(src), repeats)
+        with _compat.real_tensors():  # also when called while a graph is traced with fake tensors
+            a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+            b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+            matmul_s = _time_cuda(lambda: a @ b, repeats)
+            src = torch.empty(copy_bytes // 2, device=device, dtype=torch.bfloat16)
+            dst = torch.empty_like(src)
+            copy_s = _time_cuda(lambda: dst.copy_(src), repeats)
         name = torch.cuda.get_device_name(device)
         return cls(name=name, matmul_flops_per_s=2 * size**3 / matmul_s,
                    bandwidth_bytes_per_s=2 * copy_bytes / copy_s)
@@ -68,17 +69,22 @@ def measured_host_link(device: str = "cuda", *, copy_bytes: int = 2**28, repeats
     from pathlib import Path
 
     name = torch.cuda.get_device_name(device)
-    path = Path(_compat.inductor_cache_dir()) / "memgraph" / "host_link.json"
+    # host_link.json held figures timed on fake tensors (the partitioner runs inside a fake-tensor trace), 15-20x
+    # any PCIe link: a new file, so that no cached figure of that kind is read again
+    path = Path(_compat.inductor_cache_dir()) / "memgraph" / "host_link_bytes_per_s.json"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
     if name in cached:
         return float(cached[name])
-    host = torch.empty(copy_bytes, dtype=torch.uint8, pin_memory=True)
-    gpu = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
-    to_host = _time_cuda(lambda: host.copy_(gpu, non_blocking=True), repeats)
-    to_device = _time_cuda(lambda: gpu.copy_(host, non_blocking=True), repeats)
+    with _compat.real_tensors():
+        host = torch.empty(copy_bytes, dtype=torch.uint8, device="cpu", pin_memory=True)
+        gpu = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+        if _compat.is_fake_tensor(host) or _compat.is_fake_tensor(gpu):
+            raise RuntimeError("measured_host_link made fake tensors: the copies it would time do not run")
+        to_host = _time_cuda(lambda: host.copy_(gpu, non_blocking=True), repeats)
+        to_device = _time_cuda(lambda: gpu.copy_(host, non_blocking=True), repeats)
     bandwidth = copy_bytes / max(to_host, to_device)
     cached[name] = bandwidth
     try:

@@ -183,6 +183,14 @@ def fake_mode_of(values: Sequence[Any]):
     return detect_fake_mode(list(values))
 
 
+def real_tensors():
+    """A context in which factory functions make real tensors even inside a fake-tensor trace (the partitioner
+    runs under AOTAutograd's FakeTensorMode: a measurement there would time fake copies)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
 def new_fake_mode():
     """A fresh FakeTensorMode that accepts real tensors among its inputs (for graphs without one)."""
     from torch._subclasses.fake_tensor import FakeTensorMode

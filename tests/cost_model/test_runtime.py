@@ -120,3 +120,32 @@ def test_placeholder_and_output_have_no_cost():
     graph.output(x)
     (node,) = [n for n in graph.nodes if n.op == "placeholder"]
     assert runtime.node_seconds(node) == 0.0
+
+
+def test_real_tensors_inside_a_fake_tensor_trace():
+    """The partitioner runs inside AOTAutograd's FakeTensorMode: what the cost model measures there must run on
+    real tensors (a host-link figure timed on fake copies came out 15-20x any PCIe link)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memgraph import _compat
+
+    with FakeTensorMode():
+        assert _compat.is_fake_tensor(torch.empty(4))
+        with _compat.real_tensors():
+            made = torch.empty(4).fill_(1.0)
+            assert not _compat.is_fake_tensor(made) and float(made.sum()) == 4.0
+
+
+@pytest.mark.cuda
+def test_host_link_measured_inside_a_fake_tensor_trace_is_the_real_one(tmp_path, monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memgraph import _compat
+    from memgraph.cost_model.runtime import measured_host_link
+
+    monkeypatch.setattr(_compat, "inductor_cache_dir", lambda: str(tmp_path / "outside"))
+    outside = measured_host_link()
+    monkeypatch.setattr(_compat, "inductor_cache_dir", lambda: str(tmp_path / "inside"))
+    with FakeTensorMode():
+        inside = measured_host_link()
+    assert 0.5 < inside / outside < 2.0, (inside, outside)
