@@ -76,13 +76,16 @@ def extra_options(extra: str) -> dict:
 
 
 def measured(model: str, seq: int, solver: str, budget: str | None, host_embedding: bool, results: Path,
-             extra: str = "") -> dict:
-    """The e2e row of the same recipe (the latest, if several) and its profile, where they exist."""
+             extra: str = "", host_link: float | None = None) -> dict:
+    """The e2e row of the same recipe (the latest, if several) and its profile, where they exist. A row whose
+    plan saw a host link other than ``host_link`` (bytes/s; off by more than 1.5x either way, or not recorded)
+    measured another plan wherever the solver weighs offload, and is left out (``offload-layers`` does not)."""
     recipe = (f"bnb/memgraph?{E2E_OPTIONS}" + ("&host_embedding=true" if host_embedding else "")
               + f"&solver={solver}" + (f"&memory_budget={budget}" if budget else "") + (f"&{extra}" if extra else ""))
     path = results / f"e2e_{model}.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    mine = [r for r in rows if r.get("recipe") == recipe and r.get("seq") == seq and r.get("tok_s")]
+    mine = [r for r in rows if r.get("recipe") == recipe and r.get("seq") == seq and r.get("tok_s")
+            and (solver == "offload-layers" or _same_link(r.get("host_link_gb_s"), host_link))]
     found: dict = {}
     if mine:
         latest = max(mine, key=lambda r: str(r.get("measured", "")))
@@ -97,6 +100,14 @@ def measured(model: str, seq: int, solver: str, budget: str | None, host_embeddi
         found.update(profiled_gpu_busy_ms=data["gpu_busy_s"] * 1e3, profile=path.name,
                      profiled_gpu_ms_by_kind={k: v * 1e3 for k, v in data["kernel_s_by_kind"].items()})
     return found
+
+
+def _same_link(measured_gb_s: float | None, planned_bytes_per_s: float | None) -> bool:
+    if not planned_bytes_per_s:
+        return True
+    if not measured_gb_s:  # a row from before bench_e2e recorded the link (whose GPU plans timed it on fake tensors)
+        return False
+    return 1 / 1.5 < measured_gb_s * 1e9 / planned_bytes_per_s < 1.5
 
 
 def run(args) -> list[dict]:
@@ -139,7 +150,8 @@ def run(args) -> list[dict]:
                 target = TARGET_TOK_S.get(seq) if args.model == "llama3-8b" else None
                 if target:
                     row.update(target_tok_s=target, target_step_ms=seq / target * 1e3)
-                row.update(measured(args.model, seq, solver, budget, args.host_embedding, Path(args.results), extra))
+                row.update(measured(args.model, seq, solver, budget, args.host_embedding, Path(args.results), extra,
+                                    args.host_link))
                 rows.append(row)
         del model
         torch._dynamo.reset()

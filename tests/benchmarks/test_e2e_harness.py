@@ -86,3 +86,25 @@ def test_step_breakdown_plans_name_the_e2e_recipe():
     recipe = f"{e2e.MEMGRAPH}&solver=ilp&memory_budget=6.5GiB&{extra}"
     assert recipe in e2e.memgraph_recipes([6.5])
     assert step_breakdown.parse_plan("offload-layers") == ("offload-layers", None, "")
+
+
+def test_step_breakdown_pairs_a_plan_with_rows_whose_plan_saw_its_host_link(tmp_path):
+    """A budgeted plan weighs offload by the host link: a measured row whose plan saw another link (or did not
+    record one) measured another plan and is not set beside the prediction; offload-layers ignores the link."""
+    import json
+
+    import step_breakdown
+
+    def row(solver, link, step_ms):
+        budget = "&memory_budget=8GiB" if solver == "ilp" else ""
+        return {"recipe": f"bnb/memgraph?{step_breakdown.E2E_OPTIONS}&host_embedding=true&solver={solver}{budget}",
+                "seq": 2048, "tok_s": 1.0, "step_ms": step_ms, "peak_gib": 5.0, "measured": "2026-12-07T13:00",
+                **({"host_link_gb_s": link} if link else {})}
+
+    for link, expected in [(56.0, 300.0), (1127.7, None), (None, None)]:
+        (tmp_path / "e2e_llama3-8b.json").write_text(json.dumps({"rows": [row("ilp", link, 300.0)]}))
+        found = step_breakdown.measured("llama3-8b", 2048, "ilp", "8GiB", True, tmp_path, "", 55e9)
+        assert found.get("measured_step_ms") == expected, link
+    (tmp_path / "e2e_llama3-8b.json").write_text(json.dumps({"rows": [row("offload-layers", 1127.7, 240.0)]}))
+    assert step_breakdown.measured("llama3-8b", 2048, "offload-layers", None, True, tmp_path, "",
+                                   55e9)["measured_step_ms"] == 240.0
