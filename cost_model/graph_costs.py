@@ -456,7 +456,7 @@ class GraphCosts:
             graph = fx.Graph()
             source = graph.placeholder(self.names[i])
             source.meta["val"] = self.nodes[i].meta.get("val")
-            nodes = transfer_nodes(graph, source, slot="cost model" if self.cudagraphs else None)
+            nodes = transfer_nodes(graph, source, captured=self.cudagraphs)
             read = (lambda n: with_kernel(node_value(n), n)) if self.semantics.fuses else node_value
             self.memo[key] = {kind: read(node) for kind, node in nodes.items()}
         return self.memo[key]

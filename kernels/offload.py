@@ -24,17 +24,18 @@ Under CUDA graphs (``Options.cudagraphs``) a replayed copy reads and writes the 
 and a host tensor handed from forward to backward would split the captured step. There the pass uses the slot
 ops instead::
 
-    token = memgraph.offload_to_slot(value, slot)       # D2H copy into the pinned buffer named ``slot``
-    token = memgraph.wait_transfer(token, keepalive=value)
+    token = memgraph.offload_to_slot(value)             # D2H copy into a page-locked host buffer (a slot)
+    token = memgraph.wait_captured_transfer(token, keepalive=value)
     ...
-    value = memgraph.reload_from_slot(token, slot)      # H2D copy from that buffer
-    value = memgraph.wait_transfer(value, keepalive=token)
+    value = memgraph.reload_from_slot(token)            # H2D copy from the token's slot
+    value = memgraph.wait_captured_transfer(value, keepalive=token)
 
-A slot is one pinned buffer per offloaded value of one compiled graph (the pass names it), kept for the life of
-the process: captured copies keep using it. Forward hands backward a token, a device tensor of the value's shape
-and dtype over one element of storage, so nothing on the host crosses a graph boundary and every op is captured.
-A slot holds one copy at a time: a graph's second forward before its first forward's backward overwrites it,
-which CUDA graphs forbid for the graph's own outputs too (cudagraph trees raise on reading an overwritten output).
+Forward hands backward a token, a device tensor of the value's shape and dtype over one element of storage, so
+nothing on the host crosses a graph boundary and every op is captured. Each offload takes its own slot until its
+reload, so several forwards may wait for their backwards (a loss over two forwards; cudagraph trees record each
+as its own node). A slot taken while a CUDA graph is captured belongs to that graph for good: its replays copy
+there. Other slots go back to a free list at their reload and are reused (the one transfer stream orders a later
+offload's copy after the reload's).
 
 On a CPU the copies are real host copies (``clone``) and the waits are no-ops: CPU tests run the same graphs.
 """
@@ -49,15 +50,17 @@ from memgraph.errors import MemgraphError
 
 log = logging.getLogger("memgraph.offload")
 
-__all__ = ["offload", "reload", "offload_to_slot", "reload_from_slot", "wait_transfer", "release_host_buffers",
-           "host_pool_bytes", "slot_bytes"]
+__all__ = ["offload", "reload", "offload_to_slot", "reload_from_slot", "wait_transfer", "wait_captured_transfer",
+           "release_host_buffers", "host_pool_bytes", "slot_bytes"]
 
 _transfer_streams: dict[torch.device, torch.cuda.Stream] = {}
 _pending: dict[int, torch.cuda.Event] = {}  # data_ptr of a copy's destination -> its completion event
 _pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
 _pooled: set[int] = set()  # data_ptrs of buffers the pool owns
-_slots: dict[str, torch.Tensor] = {}  # slot name -> its (flat, byte) host buffer
-_outgrown: list[torch.Tensor] = []  # slots' earlier, smaller buffers: graphs captured with them still copy there
+_free_slots: list[torch.Tensor] = []  # page-locked byte buffers no captured graph uses, free for the next copy
+_held_slots: dict[int, torch.Tensor] = {}  # data_ptr of a token -> the slot holding its value until the reload
+_captured_slots: dict[int, torch.Tensor] = {}  # data_ptr -> a slot a CUDA graph captured copies with (for good)
+_page_locked: dict[int, torch.Tensor] = {}  # data_ptr -> a slot registered with cudaHostRegister
 
 
 def _transfer_stream(device: torch.device) -> torch.cuda.Stream:
@@ -97,9 +100,14 @@ def _give_back(buffer: torch.Tensor) -> None:
 
 
 def release_host_buffers() -> None:
-    """Free the pinned host buffers kept for the next step (e.g. when training ends)."""
+    """Free the pinned host buffers kept for the next step (e.g. when training ends); slots captured in CUDA
+    graphs stay (their graphs' replays copy there)."""
     _pool.clear()
     _pooled.clear()
+    for buffer in _free_slots:
+        if _page_locked.pop(buffer.data_ptr(), None) is not None:
+            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())  # before its memory goes back to the host
+    _free_slots.clear()
 
 
 def host_pool_bytes() -> int:
@@ -108,34 +116,62 @@ def host_pool_bytes() -> int:
 
 
 def slot_bytes() -> int:
-    """Bytes of host memory the slots of CUDA-graphed steps hold (for the life of the process)."""
-    return sum(b.numel() for b in (*_slots.values(), *_outgrown))
+    """Bytes of page-locked host memory the slot ops hold: free, holding a value, or captured in a CUDA graph."""
+    slots = {b.data_ptr(): b for b in (*_free_slots, *_held_slots.values(), *_captured_slots.values())}
+    return sum(b.numel() for b in slots.values())
 
 
-def _slot_buffer(slot: str, like: torch.Tensor) -> torch.Tensor:
-    """``slot``'s host buffer viewed as a contiguous tensor of ``like``'s shape and dtype; made (page-locked on a
-    CUDA machine) the first time, and made larger when a graph of larger shapes comes (the smaller one is kept)."""
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _take_slot(token: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A slot for ``like``'s bytes, held for ``token`` until its reload, viewed as a contiguous tensor like it: the
+    smallest free one that fits, else a new one (page-locked on a CUDA machine)."""
     nbytes = like.numel() * like.element_size()
-    buffer = _slots.get(slot)
-    if buffer is None or buffer.numel() < nbytes:
-        if buffer is not None:
-            _outgrown.append(buffer)
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    fitting = [k for k, b in enumerate(_free_slots) if b.numel() >= nbytes]
+    if fitting:
+        buffer = _free_slots.pop(min(fitting, key=lambda k: _free_slots[k].numel()))
+    else:
+        buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         if like.device.type == "cuda":
             _page_lock(buffer)
-        _slots[slot] = buffer
-    return buffer[:nbytes].view(like.dtype).view(like.shape)
+    if _capturing(like.device):
+        _captured_slots[buffer.data_ptr()] = buffer
+    _held_slots[token.data_ptr()] = buffer
+    return _viewed(buffer, like)
+
+
+def _give_slot_back(token: torch.Tensor) -> torch.Tensor:
+    """The slot holding ``token``'s value, viewed like it; free again unless a CUDA graph captured it."""
+    buffer = _held_slots.pop(token.data_ptr(), None)
+    if buffer is None:
+        raise RuntimeError("memgraph: reload_from_slot got a token no offload_to_slot holds a copy for (each "
+                           "offloaded value is reloaded once, by the backward of the forward that offloaded it)")
+    if _capturing(token.device):
+        _captured_slots[buffer.data_ptr()] = buffer
+    if buffer.data_ptr() not in _captured_slots:
+        _free_slots.append(buffer)
+    return _viewed(buffer, token)
+
+
+def _viewed(buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return buffer[:like.numel() * like.element_size()].view(like.dtype).view(like.shape)
+
+
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context, as torch pins memory
 
 
 def _page_lock(buffer: torch.Tensor) -> None:
     """Page-lock a slot's buffer in place (cudaHostRegister) for good. Not from torch's pinned-memory pool: the
     pool tracks each copy with events it later queries, which a copy captured into a CUDA graph never records;
     and a captured copy may not touch pageable memory."""
-    error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), _HOST_REGISTER_PORTABLE)
     if int(error) != 0:
         raise MemgraphError(f"memgraph: {buffer.numel() / 2**30:.2f} GiB of host memory for an offloaded value "
                             f"could not be page-locked (cudaHostRegister error {int(error)}); lower offload_budget "
                             "or set cudagraphs=False")
+    _page_locked[buffer.data_ptr()] = buffer
 
 
 def _token(value: torch.Tensor) -> torch.Tensor:
@@ -165,11 +201,12 @@ _library = torch.library.Library("memgraph", "FRAGMENT")
 _library.define("offload(Tensor value) -> Tensor", tags=(torch.Tag.pt2_compliant_tag, *CUDAGRAPH_UNSAFE_TAGS))
 _library.define("reload(Tensor host, Device device) -> Tensor",
                 tags=(torch.Tag.pt2_compliant_tag, *CUDAGRAPH_UNSAFE_TAGS))
+_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)", tags=CUDAGRAPH_UNSAFE_TAGS)
 # The slot ops are captured: their copies' addresses stay fixed, and only device tensors cross graph boundaries.
-_library.define("offload_to_slot(Tensor value, str slot) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
-_library.define("reload_from_slot(Tensor token, str slot) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
-# A wait is captured with the copy it waits for: the pooled ops' waits run beside them, outside CUDA graphs.
-_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
+# Their wait is captured with them (a wait inside a captured part for a copy outside it would be unordered).
+_library.define("offload_to_slot(Tensor value) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_library.define("reload_from_slot(Tensor token) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_library.define("wait_captured_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
 
 
 def _offload(value: torch.Tensor) -> torch.Tensor:
@@ -188,9 +225,9 @@ def _reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return value
 
 
-def _offload_to_slot(value: torch.Tensor, slot: str) -> torch.Tensor:
-    host = _slot_buffer(slot, value)
+def _offload_to_slot(value: torch.Tensor) -> torch.Tensor:
     token = _token(value)
+    host = _take_slot(token, value)
     if value.device.type != "cuda":
         host.copy_(value)
     else:
@@ -198,12 +235,12 @@ def _offload_to_slot(value: torch.Tensor, slot: str) -> torch.Tensor:
     return token
 
 
-def _reload_from_slot(token: torch.Tensor, slot: str) -> torch.Tensor:
-    host = _slot_buffer(slot, token)
+def _reload_from_slot(token: torch.Tensor) -> torch.Tensor:
+    host = _give_slot_back(token)
     value = torch.empty(token.shape, dtype=token.dtype, device=token.device)
     if token.device.type != "cuda":
         value.copy_(host)
-    else:
+    else:  # the slot may be taken again at once: the next copy into it queues behind this one
         _copy_on_transfer_stream(value, host, token.device)
     return value
 
@@ -225,12 +262,12 @@ def _(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.library.register_fake("memgraph::offload_to_slot")
-def _(value: torch.Tensor, slot: str) -> torch.Tensor:
+def _(value: torch.Tensor) -> torch.Tensor:
     return _token(value)
 
 
 @torch.library.register_fake("memgraph::reload_from_slot")
-def _(token: torch.Tensor, slot: str) -> torch.Tensor:
+def _(token: torch.Tensor) -> torch.Tensor:
     return torch.empty(token.shape, dtype=token.dtype, device=token.device)
 
 
@@ -244,7 +281,6 @@ def reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.ops.memgraph.reload(host, device)
 
 
-@torch.library.impl("memgraph::wait_transfer", "CompositeExplicitAutograd")
 def _wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
     event = _pending.pop(tensor.data_ptr(), None)
     if event is not None:
@@ -255,27 +291,41 @@ def _wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) 
     return tensor
 
 
+_library.impl("wait_transfer", _wait_transfer, "CompositeExplicitAutograd")
+_library.impl("wait_captured_transfer", _wait_transfer, "CompositeExplicitAutograd")
+
+
 @torch.library.register_fake("memgraph::wait_transfer")
 def _(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
     return tensor
 
 
-def offload_to_slot(value: torch.Tensor, slot: str) -> torch.Tensor:
-    """Start copying ``value`` into the host buffer ``slot``; returns its token. Pair with
-    ``wait_transfer(token, keepalive=value)``."""
-    return torch.ops.memgraph.offload_to_slot(value, slot)
+@torch.library.register_fake("memgraph::wait_captured_transfer")
+def _(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+    return tensor
 
 
-def reload_from_slot(token: torch.Tensor, slot: str) -> torch.Tensor:
-    """Start copying the host buffer ``slot`` back to ``token``'s device, in ``token``'s shape and dtype; pair with
-    ``wait_transfer(value, keepalive=token)``."""
-    return torch.ops.memgraph.reload_from_slot(token, slot)
+def offload_to_slot(value: torch.Tensor) -> torch.Tensor:
+    """Start copying ``value`` into a host slot; returns its token. Pair with
+    ``wait_captured_transfer(token, keepalive=value)``."""
+    return torch.ops.memgraph.offload_to_slot(value)
+
+
+def reload_from_slot(token: torch.Tensor) -> torch.Tensor:
+    """Start copying ``token``'s slot back to its device, in its shape and dtype; pair with
+    ``wait_captured_transfer(value, keepalive=token)``."""
+    return torch.ops.memgraph.reload_from_slot(token)
 
 
 def wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
     """Make the compute stream wait for the copy that produced ``tensor``; ``keepalive`` (the copy's source)
     stays referenced until here."""
     return torch.ops.memgraph.wait_transfer(tensor, keepalive)
+
+
+def wait_captured_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+    """``wait_transfer`` for the slot ops' copies, captured into CUDA graphs with them."""
+    return torch.ops.memgraph.wait_captured_transfer(tensor, keepalive)
 
 
 def _register() -> None:
@@ -285,6 +335,7 @@ def _register() -> None:
 
     # a wait is a sync point that must stay where the plan put it (dead-code elimination keeps it)
     has_side_effect(torch.ops.memgraph.wait_transfer.default)
+    has_side_effect(torch.ops.memgraph.wait_captured_transfer.default)
     register_host_output(torch.ops.memgraph.offload.default)
 
 

@@ -173,13 +173,14 @@ def _plan_functions(solvers: Sequence[str], plan_fn: PlanFunction | None, option
 def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction], rewrites: list[str],
                   options: Options | None = None, codegen: str | None = None, *, cudagraphs: bool = False):
     from memgraph.passes.partition import partition
-    from memgraph.pipeline import offload_setting, with_exact_recomputed_attention
+    from memgraph.pipeline import offload_setting, on_cuda, with_exact_recomputed_attention
 
     def partition_fn(joint, joint_inputs, **kwargs):
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
         offload_budget, device = offload_setting(graph, options) if options is not None else (None, None)
+        graphed = cudagraphs and on_cuda(graph)  # as the backend's step would replay (its slot ops included)
         record = CapturedGraph(graph, graph_costs(graph, offload_budget=offload_budget, device=device,
-                                                  codegen=codegen, cudagraphs=cudagraphs), {}, list(rewrites))
+                                                  codegen=codegen, cudagraphs=graphed), {}, list(rewrites))
         captured.append(record)
         for name, plan_fn in plans.items():
             plan = plan_fn(graph, record.costs)
@@ -187,10 +188,10 @@ def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction],
             own, plan, _ = (graph, plan, None) if name == "custom" else with_exact_recomputed_attention(
                 graph, plan, record.costs, options,
                 lambda g: graph_costs(g, offload_budget=offload_budget, device=device, codegen=codegen,
-                                      cudagraphs=cudagraphs))
+                                      cudagraphs=graphed))
             # each partition on its own copy of the joint graph (a changed graph is a copy already)
             own = graph.private_copy() if own is graph else own
-            fw, bw = partition(own, plan)
+            fw, bw = partition(own, plan, captured=graphed)
             record.partitions[name] = Partitioned(plan, fw, bw, own)
         return record.fw, record.bw
 

@@ -52,8 +52,8 @@ class Options:
     when the graph is planned.
     cudagraphs: replay the compiled graphs from CUDA graphs (Inductor's cudagraph trees; needs
     codegen="inductor"): a step costs the host a few launches instead of one Python call per op. Offloaded
-    values are captured too (each gets a fixed host buffer for the life of the process); the host-memory
-    embedding runs between captured parts.
+    values are captured too (host buffers a captured graph copies into stay allocated for the life of the
+    process); the host-memory embedding runs between captured parts.
     optimizer: the optimizer whose state (per trainable parameter of the graph) ``memory_budget`` also holds:
     one of ``OPTIMIZER_STATES``; "none" (default): the budget is the compiled step's alone. Each graph leaves
     out its own parameters' state: after a graph break, lower the budget by the other graphs' state.

@@ -128,7 +128,17 @@ def costs_under(graph: TrainingGraph, options: Options):
 
     offload_budget, device = offload_setting(graph, options)
     return graph_costs(graph, codegen=options.codegen, offload_budget=offload_budget, device=device,
-                       cudagraphs=options.cudagraphs)
+                       cudagraphs=replayed_from_cuda_graphs(graph, options))
+
+
+def on_cuda(graph: TrainingGraph) -> bool:
+    return any(getattr(n.meta.get("val"), "is_cuda", False) for n in graph.primals)
+
+
+def replayed_from_cuda_graphs(graph: TrainingGraph, options: Options) -> bool:
+    """Whether the compiled step replays from CUDA graphs: ``options.cudagraphs`` on a graph on a CUDA device
+    (elsewhere Inductor captures nothing, and the offload ops stay plain calls)."""
+    return options.cudagraphs and on_cuda(graph)
 
 
 def offload_setting(graph: TrainingGraph, options: Options):
@@ -138,13 +148,13 @@ def offload_setting(graph: TrainingGraph, options: Options):
 
     if options.offload == "off":
         return None, None
-    on_cuda = any(getattr(n.meta.get("val"), "is_cuda", False) for n in graph.primals)
-    if not on_cuda and options.offload == "auto":
+    cuda = on_cuda(graph)
+    if not cuda and options.offload == "auto":
         _log_once("memgraph: offload is not considered: the graph is not on a CUDA device "
                   "(offload='on' plans it anyway, as plain host copies)")
         return None, None
     budget = options.offload_budget if options.offload_budget is not None else default_offload_budget()
-    link = measured_host_link() if on_cuda else None
+    link = measured_host_link() if cuda else None
     return budget, DeviceSpec(host_link_bytes_per_s=link) if link else None
 
 
@@ -171,7 +181,7 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
         try:
             planned, plan, estimate = plan_training_graph(graph, self.options)
-            fw, bw = partition(planned, plan, captured=self.options.cudagraphs)
+            fw, bw = partition(planned, plan, captured=replayed_from_cuda_graphs(graph, self.options))
         except MemgraphError:
             raise  # an infeasible budget is the user's to fix: say so
         except Exception as error:  # noqa: BLE001 - a planner bug must not stop training
@@ -180,7 +190,7 @@ class MemgraphPartitioner(_compat.CustomPartitionerFn):
             planned, plan, estimate = plan_training_graph(graph, dataclasses.replace(self.options, solver="none",
                                                                                      memory_budget=None))
             plan.notes.append(f"fallback: solver {self.options.solver!r} failed: {error}")
-            fw, bw = partition(planned, plan, captured=self.options.cudagraphs)
+            fw, bw = partition(planned, plan, captured=replayed_from_cuda_graphs(graph, self.options))
             if self.record is not None:
                 self.record.fallback = str(error)
         log.info("memgraph: %s", plan.summary())

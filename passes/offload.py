@@ -7,12 +7,9 @@ forward gets ``offload_v`` after the value's last use and ``wait_offload_v`` whe
 reads it. The decisions stay visible in the graphs, and the node names are the ones the cost model simulated.
 
 With ``captured=True`` (the step replays from CUDA graphs) the same places get the slot ops instead: forward
-hands backward a device token, not the host copy, and each value's host buffer is a slot named after the graph
-and the value (a hash of the forward graph's code, so a recompile of the same graph keeps its compile-cache key).
+hands backward a device token, not the host copy (``kernels/offload.py``).
 """
 from __future__ import annotations
-
-import hashlib
 
 import torch
 import torch.fx as fx
@@ -27,6 +24,7 @@ RELOAD = torch.ops.memgraph.reload.default
 OFFLOAD_TO_SLOT = torch.ops.memgraph.offload_to_slot.default
 RELOAD_FROM_SLOT = torch.ops.memgraph.reload_from_slot.default
 WAIT = torch.ops.memgraph.wait_transfer.default
+WAIT_CAPTURED = torch.ops.memgraph.wait_captured_transfer.default
 
 
 def _call(graph: fx.Graph, target, args: tuple, name: str, value) -> fx.Node:
@@ -35,32 +33,36 @@ def _call(graph: fx.Graph, target, args: tuple, name: str, value) -> fx.Node:
     return node
 
 
-def forward_transfer_nodes(graph: fx.Graph, value: fx.Node, slot: str | None = None) -> tuple[fx.Node, fx.Node]:
-    """``offload_v`` and ``wait_offload_v`` for ``value`` (created at the graph's insertion point); into host
-    buffer ``slot`` when given (the captured form), else into a pooled buffer."""
-    op, args = (OFFLOAD, (value,)) if slot is None else (OFFLOAD_TO_SLOT, (value, slot))
-    handed = op(value.meta["val"], *args[1:])  # what backward gets: the host copy, or the slot's token
-    offload = _call(graph, op, args, offload_name(value.name), handed)
-    wait = _call(graph, WAIT, (offload, value), wait_offload_name(value.name), handed)
+def forward_transfer_nodes(graph: fx.Graph, value: fx.Node, captured: bool = False) -> tuple[fx.Node, fx.Node]:
+    """``offload_v`` and ``wait_offload_v`` for ``value`` (created at the graph's insertion point): into a pooled
+    host buffer, or with ``captured`` into a slot, handing backward its token."""
+    offload_op, wait_op = (OFFLOAD_TO_SLOT, WAIT_CAPTURED) if captured else (OFFLOAD, WAIT)
+    handed = offload_op(value.meta["val"])  # what backward gets: the host copy, or the slot's token
+    offload = _call(graph, offload_op, (value,), offload_name(value.name), handed)
+    wait = _call(graph, wait_op, (offload, value), wait_offload_name(value.name), handed)
     return offload, wait
 
 
 def backward_transfer_nodes(graph: fx.Graph, handed: fx.Node, value_name: str, device: torch.device,
-                            slot: str | None = None) -> tuple[fx.Node, fx.Node]:
+                            captured: bool = False) -> tuple[fx.Node, fx.Node]:
     """``reload_v`` and ``wait_reload_v`` bringing the value back to ``device`` from what forward handed over
-    (the host copy, or with ``slot`` the token of that host buffer)."""
-    op, args = (RELOAD, (handed, device)) if slot is None else (RELOAD_FROM_SLOT, (handed, slot))
-    fake = op(handed.meta["val"], *args[1:])
-    reload = _call(graph, op, args, reload_name(value_name), fake)
-    wait = _call(graph, WAIT, (reload, handed), wait_reload_name(value_name), fake)
+    (the host copy, or with ``captured`` a slot's token)."""
+    if captured:
+        reload_op, args, wait_op = RELOAD_FROM_SLOT, (handed,), WAIT_CAPTURED
+    else:
+        reload_op, args, wait_op = RELOAD, (handed, device), WAIT
+    fake = reload_op(handed.meta["val"], *args[1:])
+    reload = _call(graph, reload_op, args, reload_name(value_name), fake)
+    wait = _call(graph, wait_op, (reload, handed), wait_reload_name(value_name), fake)
     return reload, wait
 
 
-def transfer_nodes(graph: fx.Graph, value: fx.Node, slot: str | None = None) -> dict[str, fx.Node]:
+def transfer_nodes(graph: fx.Graph, value: fx.Node, captured: bool = False) -> dict[str, fx.Node]:
     """All four ops of one value in one scratch graph (what the cost model reads their memory from); the
-    captured form with ``slot``."""
-    offload, wait_offload = forward_transfer_nodes(graph, value, slot)
-    reload, wait_reload = backward_transfer_nodes(graph, wait_offload, value.name, value.meta["val"].device, slot)
+    captured form with ``captured``."""
+    offload, wait_offload = forward_transfer_nodes(graph, value, captured)
+    reload, wait_reload = backward_transfer_nodes(graph, wait_offload, value.name, value.meta["val"].device,
+                                                  captured)
     return {"offload": offload, "wait_offload": wait_offload, "reload": reload, "wait_reload": wait_reload}
 
 
@@ -75,23 +77,15 @@ def apply_transfers(fw: fx.GraphModule, bw: fx.GraphModule, plan: Plan, num_fwd_
     placed = plan_transfers(plan)
     if not placed.items:
         return
-    slots = _slot_names(fw, placed) if captured else {}
-    made = _forward(fw.graph, placed, num_fwd_outputs, slots)
-    _backward(bw.graph, placed, made, slots)
+    made = _forward(fw.graph, placed, num_fwd_outputs, captured)
+    _backward(bw.graph, placed, made, captured)
     fw.graph.lint()
     bw.graph.lint()
     fw.recompile()
     bw.recompile()
 
 
-def _slot_names(fw: fx.GraphModule, placed: Transfers) -> dict[str, str]:
-    """A host slot per transferred value, named by the forward graph's code and the value."""
-    graph_hash = hashlib.sha256(fw.code.encode()).hexdigest()[:16]
-    return {t.value: f"{graph_hash}/{t.value}" for t in placed.items}
-
-
-def _forward(graph: fx.Graph, placed: Transfers, num_fwd_outputs: int,
-             slots: dict[str, str]) -> dict[str, torch.device]:
+def _forward(graph: fx.Graph, placed: Transfers, num_fwd_outputs: int, captured: bool) -> dict[str, torch.device]:
     nodes = {n.name: n for n in graph.nodes}
     output = graph.find_nodes(op="output")[0]
     order = [n.name for n in graph.nodes if n.op not in ("placeholder", "output")]
@@ -102,7 +96,7 @@ def _forward(graph: fx.Graph, placed: Transfers, num_fwd_outputs: int,
         value = nodes[t.value]
         with graph.inserting_before(output):
             made["offload", t.value], made["wait_offload", t.value] = forward_transfer_nodes(graph, value,
-                                                                                              slots.get(t.value))
+                                                                                              captured)
         returns[num_fwd_outputs:] = [made["wait_offload", t.value] if r is value else r
                                      for r in returns[num_fwd_outputs:]]
         devices[t.value] = value.meta["val"].device
@@ -111,7 +105,7 @@ def _forward(graph: fx.Graph, placed: Transfers, num_fwd_outputs: int,
     return devices
 
 
-def _backward(graph: fx.Graph, placed: Transfers, devices: dict[str, torch.device], slots: dict[str, str]) -> None:
+def _backward(graph: fx.Graph, placed: Transfers, devices: dict[str, torch.device], captured: bool) -> None:
     nodes = {n.name: n for n in graph.nodes}
     order = [n.name for n in graph.nodes if n.op not in ("placeholder", "output")]
     output = graph.find_nodes(op="output")[0]
@@ -121,10 +115,9 @@ def _backward(graph: fx.Graph, placed: Transfers, devices: dict[str, torch.devic
         with graph.inserting_after(saved):
             host = graph.placeholder(wait_offload_name(t.value))
         host.meta.update(saved.meta)
-        slot = slots.get(t.value)
-        host.meta["val"] = OFFLOAD(saved.meta["val"]) if slot is None else OFFLOAD_TO_SLOT(saved.meta["val"], slot)
+        host.meta["val"] = (OFFLOAD_TO_SLOT if captured else OFFLOAD)(saved.meta["val"])
         with graph.inserting_before(output):
-            reload, wait = backward_transfer_nodes(graph, host, t.value, devices[t.value], slot)
+            reload, wait = backward_transfer_nodes(graph, host, t.value, devices[t.value], captured)
         saved.replace_all_uses_with(wait)
         graph.erase_node(saved)
         made["reload", t.value], made["wait_reload", t.value] = reload, wait

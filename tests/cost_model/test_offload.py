@@ -40,7 +40,8 @@ def captured():
     return graph
 
 
-def assert_transfers_are_ordered(plan, fw, bw, num_fwd_outputs: int, *, reload_op: str = "reload") -> None:
+def assert_transfers_are_ordered(plan, fw, bw, num_fwd_outputs: int, *, reload_op: str = "reload",
+                                 wait_op: str = "wait_transfer") -> None:
     """Every offloaded value leaves forward as its host copy (or slot token), and backward reads it only after
     its reload."""
     fw_outputs = [n.name for n in fw.graph.find_nodes(op="output")[0].args[0][num_fwd_outputs:]]
@@ -51,7 +52,7 @@ def assert_transfers_are_ordered(plan, fw, bw, num_fwd_outputs: int, *, reload_o
         host = bw_nodes[wait_offload_name(value)]
         assert host.op == "placeholder" and value not in bw_nodes
         assert {u.target for u in host.users} == {getattr(torch.ops.memgraph, reload_op).default,
-                                                  torch.ops.memgraph.wait_transfer.default}
+                                                  getattr(torch.ops.memgraph, wait_op).default}
         wait = bw_nodes[wait_reload_name(value)]
         reload = wait.args[0]
         assert bw_order[reload.name] < bw_order[wait.name] < min(bw_order[u.name] for u in wait.users)
@@ -70,37 +71,67 @@ def test_offload_layers_offloads_each_layer_input(captured):
 
 def test_captured_transfers_hand_backward_a_device_token(captured):
     """For CUDA graphs, forward hands backward no host tensor: each offloaded value leaves as a token of its shape
-    and dtype over one element of device storage, and backward reloads it from the value's own slot."""
+    and dtype over one element of device storage, and backward reloads it from the token's slot."""
     part = captured.partitions["offload-layers"]
     fw, bw = partition(part.graph.private_copy(), part.plan, captured=True)
-    assert_transfers_are_ordered(part.plan, fw, bw, part.graph.num_fwd_outputs,
-                                 reload_op="reload_from_slot")
+    assert_transfers_are_ordered(part.plan, fw, bw, part.graph.num_fwd_outputs, reload_op="reload_from_slot",
+                                 wait_op="wait_captured_transfer")
     handed = {n.name: n for n in fw.graph.find_nodes(op="output")[0].args[0][part.graph.num_fwd_outputs:]}
-    slots = set()
     for value in part.plan.offloaded:
         token, original = handed[wait_offload_name(value)].meta["val"], part.graph.node(value).meta["val"]
         assert token.device == original.device and token.dtype == original.dtype
         assert token.shape == original.shape and token.untyped_storage().nbytes() == token.element_size()
-        offload = handed[wait_offload_name(value)].args[0]
-        assert offload.target is torch.ops.memgraph.offload_to_slot.default
-        slots.add(offload.args[1])
-    assert len(slots) == len(part.plan.offloaded)
+        assert handed[wait_offload_name(value)].args[0].target is torch.ops.memgraph.offload_to_slot.default
     ops = {n.target for g in (fw, bw) for n in g.graph.nodes}
-    assert not ops & {torch.ops.memgraph.offload.default, torch.ops.memgraph.reload.default}
-    again, _ = partition(part.graph.private_copy(), part.plan, captured=True)
-    assert again.code == fw.code  # slot names are the graph's: a recompile keeps its compile-cache key
+    assert not ops & {torch.ops.memgraph.offload.default, torch.ops.memgraph.reload.default,
+                      torch.ops.memgraph.wait_transfer.default}
 
 
-def test_slot_ops_round_trip_and_reuse_their_buffer():
-    from memgraph.kernels.offload import offload_to_slot, reload_from_slot, slot_bytes, wait_transfer
+def test_each_offload_holds_its_own_slot_until_its_reload():
+    """Two copies of one value may wait at once (two forwards before their backwards); a slot goes back to the
+    free list at its reload and is reused by the next offload that fits."""
+    from memgraph.kernels import offload as ops
 
-    for shape in [(3, 5), (2, 3), (4, 8)]:  # a smaller graph reuses the buffer, a larger one outgrows it
-        value = torch.randn(shape)
-        token = wait_transfer(offload_to_slot(value, "test/round-trip"), value)
-        assert token.shape == value.shape and token.untyped_storage().nbytes() == value.element_size()
-        back = wait_transfer(reload_from_slot(token, "test/round-trip"), token)
-        assert torch.equal(back, value)
-    assert slot_bytes() >= 4 * 8 * 4
+    ops.release_host_buffers()
+    first, second = torch.randn(3, 5), torch.randn(3, 5)
+    tokens = [ops.wait_captured_transfer(ops.offload_to_slot(v), v) for v in (first, second)]
+    held = {ops._held_slots[t.data_ptr()].data_ptr() for t in tokens}
+    assert len(held) == 2 and all(t.untyped_storage().nbytes() == t.element_size() for t in tokens)
+    for token, value in zip(tokens, (first, second)):
+        assert torch.equal(ops.wait_captured_transfer(ops.reload_from_slot(token), token), value)
+    assert {b.data_ptr() for b in ops._free_slots} == held and not ops._held_slots
+    smaller = torch.randn(2, 3)
+    token = ops.offload_to_slot(smaller)
+    assert ops._held_slots[token.data_ptr()].data_ptr() in held  # reused: it fits
+    assert torch.equal(ops.reload_from_slot(token), smaller)
+    with pytest.raises(RuntimeError, match="no offload_to_slot holds"):
+        ops.reload_from_slot(token)  # reloaded once already
+
+
+def test_two_forwards_before_their_backwards_with_captured_transfers(monkeypatch):
+    """A loss over two forwards of one compiled model (DPO-style): each forward's offloaded values wait in their
+    own slots, so each backward reloads its own forward's values (eager's gradients)."""
+    model = four_layer_llama()
+    reference = copy.deepcopy(model)
+    a, b = token_ids(256), token_ids(256).flip(-1)
+    (reference(input_ids=a, labels=a).loss + reference(input_ids=b, labels=b).loss).backward()
+    torch._dynamo.reset()
+    options = {**OFFLOAD_ON, "solver": "offload-layers", "codegen": "inductor", "cache": False}
+    compiled = torch.compile(model, backend="memgraph", options=options)
+    as_if_replayed_from_cuda_graphs(monkeypatch)
+    (compiled(input_ids=a, labels=a).loss + compiled(input_ids=b, labels=b).loss).backward()
+    assert compiled_graphs()[-1].plan.offloaded
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        error = ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
+        assert error < 1e-5, name
+
+
+def as_if_replayed_from_cuda_graphs(monkeypatch) -> None:
+    """On a CPU, partition and plan as for a step replayed from CUDA graphs (the slot ops), which otherwise only a
+    graph on a CUDA device gets."""
+    from memgraph import pipeline
+
+    monkeypatch.setattr(pipeline, "replayed_from_cuda_graphs", lambda graph, options: True)
 
 
 @pytest.mark.parametrize("codegen", ["eager", "inductor"])
@@ -246,11 +277,11 @@ def test_simulated_peak_respects_the_budget(captured, fraction):
 @pytest.mark.parametrize("solver, codegen, device, graphed", [
     ("offload-layers", "eager", "cpu", False), ("offload-layers", "inductor", "cpu", False),
     ("greedy", "eager", "cpu", False),
-    ("offload-layers", "inductor", "cpu", True),  # the slot ops, compiled (no CUDA graph on a CPU)
+    ("offload-layers", "inductor", "cpu", True),  # the slot ops, compiled (without a CUDA graph on a CPU)
     # on CUDA the copies run on the side stream into pinned buffers, ordered by events under Inductor's codegen
     pytest.param("offload-layers", "inductor", "cuda", False, marks=pytest.mark.cuda),
     pytest.param("greedy", "eager", "cuda", False, marks=pytest.mark.cuda)])
-def test_offloaded_step_gives_eager_gradients(solver, codegen, device, graphed):
+def test_offloaded_step_gives_eager_gradients(solver, codegen, device, graphed, monkeypatch):
     model = four_layer_llama().to(device)
     reference = copy.deepcopy(model)
     ids = token_ids(SEQ).to(device)
@@ -261,8 +292,9 @@ def test_offloaded_step_gives_eager_gradients(solver, codegen, device, graphed):
         budget = lowest_offload_peak(cost_model.graph_costs(graph.graph, codegen=codegen, offload_budget=1 << 30))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="memgraph", options={**OFFLOAD_ON, "solver": solver, "codegen": codegen,
-                                                                 "memory_budget": budget, "cache": False,
-                                                                 "cudagraphs": graphed})
+                                                                 "memory_budget": budget, "cache": False})
+    if graphed:
+        as_if_replayed_from_cuda_graphs(monkeypatch)
     for _ in range(2):  # the second step reuses the pinned buffers of the first
         model.zero_grad(set_to_none=True)
         loss = compiled(input_ids=ids, labels=ids).loss
