@@ -295,14 +295,12 @@ _library.impl("wait_transfer", _wait_transfer, "CompositeExplicitAutograd")
 _library.impl("wait_captured_transfer", _wait_transfer, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("memgraph::wait_transfer")
-def _(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+def _waited(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
     return tensor
 
 
-@torch.library.register_fake("memgraph::wait_captured_transfer")
-def _(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
-    return tensor
+torch.library.register_fake("memgraph::wait_transfer", _waited)
+torch.library.register_fake("memgraph::wait_captured_transfer", _waited)
 
 
 def offload_to_slot(value: torch.Tensor) -> torch.Tensor:
