@@ -328,6 +328,21 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
 
 
+def _is_host_copy(name: str) -> bool:
+    lowered = name.lower()
+    return "memcpy" in lowered and ("dtoh" in lowered or "htod" in lowered)
+
+
+def _covered_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of intervals (streams that overlap count once)."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
+
+
 def profile_step(step, top: int = 40) -> dict:
     """One step under torch.profiler: the step's wall time, the GPU time per kind of kernel, the largest kernels,
     and the share of the step the GPU spent in no kernel (time a faster host side or CUDA graphs could win)."""
@@ -340,16 +355,14 @@ def profile_step(step, top: int = 40) -> dict:
         torch.cuda.synchronize()
         wall_s = time.perf_counter() - started
     kernels: dict[str, list[float]] = {}
-    intervals = []
+    intervals, host_copies = [], []
     for event in profiler.events():
         if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.elapsed_us() > 0:
             kernels.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e6)
-            intervals.append((event.time_range.start, event.time_range.end))
-    busy_us, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):  # union of kernel intervals: streams that overlap count once
-        if end > reach:
-            busy_us += end - max(start, reach)
-            reach = end
+            span = (event.time_range.start, event.time_range.end)
+            (host_copies if _is_host_copy(event.name) else intervals).append(span)
+    busy_us = _covered_us(intervals + host_copies)
+    compute_us = _covered_us(intervals)
     by_kind: dict[str, float] = {}
     for name, times in kernels.items():
         by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + sum(times)
@@ -359,6 +372,9 @@ def profile_step(step, top: int = 40) -> dict:
     host_ops = [event for event in profiler.key_averages() if event.cpu_time_total > 0]
     host_ops.sort(key=lambda event: -event.cpu_time_total)
     return {"wall_s": wall_s, "gpu_busy_s": busy_us / 1e6, "gpu_idle_share": 1 - busy_us / 1e6 / wall_s,
+            # host<->device copies: their time, and the part of it no kernel ran beside (a transfer not hidden)
+            "host_copy_s": sum(end - start for start, end in host_copies) / 1e6,
+            "host_copy_exposed_s": (busy_us - compute_us) / 1e6,
             "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
             "largest_kernels": [{"name": name[:160], "kind": kernel_kind(name), "calls": len(times),
                                  "total_s": sum(times)} for name, times in largest],
