@@ -37,6 +37,7 @@ Writing a solver (register it in ``memgraph.cost_model.solvers``)::
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from typing import Any, Iterable, Mapping, Sequence
@@ -436,15 +437,23 @@ class GraphCosts:
             return [self.values[i] for i in order]
         sequence = transfers.interleave([self.names[i] for i in order], placed, phase)
         renamed = {t.value: transfers.wait_reload_name(t.value) for t in placed.items} if phase == "backward" else {}
+        tied = transfers.tie_points(sequence, lambda name: self._writes_own_buffer[self.index[name]])
         result = []
         for kind, name in sequence:
             if kind != "node":
-                result.append(ops[name][kind])
+                op = ops[name][kind]
+                if (kind, name) in tied:  # the op reads the node the pass ties it to (``after=``)
+                    op = dataclasses.replace(op, inputs=op.inputs + (tied[kind, name],))
+                result.append(op)
             elif renamed:
                 result.append(_reading(self.values[self.index[name]], renamed))
             else:
                 result.append(self.values[self.index[name]])
         return result
+
+    @functools.cached_property
+    def _writes_own_buffer(self) -> list[bool]:
+        return [transfers.writes_own_buffer(node) for node in self.nodes]
 
     def _transfer_values(self, i: int) -> dict[str, NodeValue]:
         """The node values of value i's four transfer ops, as the offload pass builds them (the captured ones

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
 
 if TYPE_CHECKING:
     from memgraph.cost_model.graph_costs import GraphCosts
@@ -207,3 +210,28 @@ def interleave(order: Sequence[str], transfers: Transfers, phase: str) -> list[t
         sequence.extend(after.get(name, ()))
     sequence.extend(before.get(None, ()))
     return sequence
+
+
+TIED = ("reload", "wait_offload", "wait_reload")  # transfer ops Inductor's scheduler could run earlier than planned
+
+
+def tie_points(sequence: Sequence[tuple[str, str]], anchors: Callable[[str], bool]) -> dict[tuple[str, str], str]:
+    """For each reload and wait of an ``interleave`` sequence, the node the op reads as ``after=``: the nearest
+    one before it for which ``anchors(name)`` holds (``writes_own_buffer``). The data dependency keeps Inductor
+    from running the op earlier than planned (``kernels/offload.py``)."""
+    tied, anchor = {}, None
+    for kind, name in sequence:
+        if kind == "node":
+            anchor = name if anchors(name) else anchor
+        elif kind in TIED and anchor is not None:
+            tied[kind, name] = anchor
+    return tied
+
+
+def writes_own_buffer(node: fx.Node) -> bool:
+    """Whether Inductor's code writes ``node``'s tensor into a buffer of its own anyway (a matmul, a custom op):
+    a view orders nothing, and a transfer op reading a fused value would make Inductor store it."""
+    from memgraph.cost_model.inductor import EXTERN, kernel_info
+
+    return (node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor)
+            and kernel_info(node).kind == EXTERN)

@@ -37,6 +37,14 @@ as its own node). A slot taken while a CUDA graph is captured belongs to that gr
 there. Other slots go back to a free list at their reload and are reused (the one transfer stream orders a later
 offload's copy after the reload's).
 
+Where the plan puts a reload or a wait is a decision (how far ahead to prefetch; how long a copy runs behind
+compute), but Inductor's scheduler moves ops that nothing orders: its peak-memory reordering puts a wait right
+after its copy, and fusing two kernels on either side of a wait (two layers' rotary embeddings, which read the same
+tables) pulls the wait, and the copy's whole cost, ahead of the compute it was to hide behind. So the pass gives
+``reload``, ``reload_from_slot`` and the waits ``after=``: the tensor the plan put right before the op. That data
+dependency keeps the op from running earlier than planned, and a fusion across it would now form a cycle, which
+Inductor refuses. The ops never read it.
+
 On a CPU the copies are real host copies (``clone``) and the waits are no-ops: CPU tests run the same graphs.
 """
 from __future__ import annotations
@@ -199,14 +207,15 @@ def _copy_on_transfer_stream(destination: torch.Tensor, source: torch.Tensor, de
 _library = torch.library.Library("memgraph", "FRAGMENT")
 # Host copies on a side stream with events stay out of CUDA graphs (``Options.cudagraphs``).
 _library.define("offload(Tensor value) -> Tensor", tags=(torch.Tag.pt2_compliant_tag, *CUDAGRAPH_UNSAFE_TAGS))
-_library.define("reload(Tensor host, Device device) -> Tensor",
+_library.define("reload(Tensor host, Device device, Tensor? after=None) -> Tensor",
                 tags=(torch.Tag.pt2_compliant_tag, *CUDAGRAPH_UNSAFE_TAGS))
-_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)", tags=CUDAGRAPH_UNSAFE_TAGS)
+_library.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None, Tensor? after=None) -> Tensor(a)",
+                tags=CUDAGRAPH_UNSAFE_TAGS)
 # The slot ops are captured: their copies' addresses stay fixed, and only device tensors cross graph boundaries.
 # Their wait is captured with them (a wait inside a captured part for a copy outside it would be unordered).
 _library.define("offload_to_slot(Tensor value) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
-_library.define("reload_from_slot(Tensor token) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
-_library.define("wait_captured_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
+_library.define("reload_from_slot(Tensor token, Tensor? after=None) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_library.define("wait_captured_transfer(Tensor(a) tensor, Tensor? keepalive=None, Tensor? after=None) -> Tensor(a)")
 
 
 def _offload(value: torch.Tensor) -> torch.Tensor:
@@ -217,7 +226,7 @@ def _offload(value: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def _reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _reload(host: torch.Tensor, device: torch.device, after: torch.Tensor | None = None) -> torch.Tensor:
     if device.type != "cuda":
         return host.detach().clone().to(device)
     value = torch.empty(host.shape, dtype=host.dtype, device=device)  # allocated on the compute stream
@@ -235,7 +244,7 @@ def _offload_to_slot(value: torch.Tensor) -> torch.Tensor:
     return token
 
 
-def _reload_from_slot(token: torch.Tensor) -> torch.Tensor:
+def _reload_from_slot(token: torch.Tensor, after: torch.Tensor | None = None) -> torch.Tensor:
     host = _give_slot_back(token)
     value = torch.empty(token.shape, dtype=token.dtype, device=token.device)
     if token.device.type != "cuda":
@@ -257,7 +266,7 @@ def _(value: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("memgraph::reload")
-def _(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _(host: torch.Tensor, device: torch.device, after: torch.Tensor | None = None) -> torch.Tensor:
     return torch.empty(host.shape, dtype=host.dtype, device=device)
 
 
@@ -267,7 +276,7 @@ def _(value: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("memgraph::reload_from_slot")
-def _(token: torch.Tensor) -> torch.Tensor:
+def _(token: torch.Tensor, after: torch.Tensor | None = None) -> torch.Tensor:
     return torch.empty(token.shape, dtype=token.dtype, device=token.device)
 
 
@@ -281,7 +290,8 @@ def reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.ops.memgraph.reload(host, device)
 
 
-def _wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+def _wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None,
+                   after: torch.Tensor | None = None) -> torch.Tensor:
     event = _pending.pop(tensor.data_ptr(), None)
     if event is not None:
         device = keepalive.device if keepalive is not None and keepalive.is_cuda else tensor.device
@@ -295,7 +305,8 @@ _library.impl("wait_transfer", _wait_transfer, "CompositeExplicitAutograd")
 _library.impl("wait_captured_transfer", _wait_transfer, "CompositeExplicitAutograd")
 
 
-def _waited(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+def _waited(tensor: torch.Tensor, keepalive: torch.Tensor | None = None,
+            after: torch.Tensor | None = None) -> torch.Tensor:
     return tensor
 
 

@@ -163,6 +163,14 @@ def cudagraph_config_patches() -> dict[str, Any]:
     return patches
 
 
+def inductor_output_code(fn: Callable[[], Any]) -> list[str]:
+    """Run ``fn`` and return the Python code Inductor wrote for the graphs it compiled meanwhile (tests read the
+    order of the emitted calls)."""
+    from torch._inductor.utils import run_and_get_code
+
+    return run_and_get_code(fn)[1]
+
+
 def inductor_cache_dir() -> str:
     """Where Inductor keeps its caches (``TORCHINDUCTOR_CACHE_DIR`` or its per-user default)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from memgraph.cost_model.transfers import (Transfer, Transfers, interleave, offload_name, reload_name,
-                                           wait_offload_name, wait_reload_name)
+from memgraph.cost_model.transfers import (Transfer, Transfers, interleave, offload_name, reload_name, tie_points,
+                                           wait_offload_name, wait_reload_name, writes_own_buffer)
 from memgraph.kernels import offload as _ops  # noqa: F401 - registers memgraph::offload/reload/wait_transfer
 from memgraph.plan import Plan
 
@@ -126,11 +126,15 @@ def _backward(graph: fx.Graph, placed: Transfers, devices: dict[str, torch.devic
 
 def _reorder(graph: fx.Graph, order: list[str], placed: Transfers, phase: str, nodes: dict[str, fx.Node],
              made: dict[tuple[str, str], fx.Node]) -> None:
-    """Move every node before the output in the sequence ``interleave`` gives."""
+    """Move every node before the output in the sequence ``interleave`` gives, and tie each reload and wait to
+    the nearest matmul or custom op before it (``after=``, ``transfers.tie_points``)."""
     output = graph.find_nodes(op="output")[0]
     sequence = interleave(order, placed, phase)
     missing = sorted(set(made) - {(kind, name) for kind, name in sequence if kind != "node"})
     if missing:
         raise RuntimeError(f"the {phase} graph lacks the nodes the plan placed transfer ops at: {missing[:4]}")
+    tied = tie_points(sequence, lambda name: writes_own_buffer(nodes[name]))
     for kind, name in sequence:
+        if (kind, name) in tied:
+            made[kind, name].update_kwarg("after", nodes[tied[kind, name]])
         output.prepend(nodes[name] if kind == "node" else made[kind, name])

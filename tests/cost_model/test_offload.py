@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -305,6 +306,51 @@ def test_offloaded_step_gives_eager_gradients(solver, codegen, device, graphed, 
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         error = ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
         assert error < tolerance, name
+
+
+_CALL = re.compile(r"^\s*(?:(\w+) = )?([\w.]+)\((.*)\)\s*$")
+_TRANSFER = re.compile(r"torch\.ops\.memgraph\.(offload|reload|offload_to_slot|reload_from_slot|wait_transfer|"
+                       r"wait_captured_transfer)\.default")
+
+
+def calls_between_copies_and_waits(code: str) -> list[int]:
+    """For each copy op in one graph's emitted code, how many other calls run between it and its wait (paired by
+    the copy's source, which the wait keeps alive)."""
+    calls = [m.groups() for m in map(_CALL.match, code.splitlines()) if m and not m.group(2).startswith(
+        ("assert_", "reinterpret_tensor", "empty_strided", "del", "torch.empty"))]
+    started: dict[str, int] = {}
+    between = []
+    for index, (_, function, args) in enumerate(calls):
+        transfer = _TRANSFER.search(function)
+        if transfer is None:
+            continue
+        first, *rest = [a.strip() for a in args.split(",")]
+        if transfer.group(1).startswith("wait"):
+            between.append(index - started.pop(rest[0]) - 1)
+        else:
+            started[first] = index
+    assert not started, f"copies without a wait in the emitted code: {started}"
+    return between
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_inductor_runs_transfers_where_the_plan_put_them(graphed, monkeypatch):
+    """Inductor's scheduler moves what nothing orders: its peak-memory reordering put each wait right after its
+    copy, and fusing two layers' rotary embeddings pulled a reload's wait a layer early. The pass ties each reload
+    and wait to the node the plan put before it, so a copy keeps the compute it was to hide behind."""
+    from memgraph import _compat
+
+    if graphed:
+        as_if_replayed_from_cuda_graphs(monkeypatch)
+    model, ids = four_layer_llama(), token_ids(SEQ)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memgraph", options={**OFFLOAD_ON, "solver": "offload-layers",
+                                                                 "codegen": "inductor", "cache": False})
+    codes = _compat.inductor_output_code(lambda: compiled(input_ids=ids, labels=ids).loss.backward())
+    assert len(codes) == 2 and compiled_graphs()[-1].plan.offloaded
+    for code in codes:  # each layer input's copy runs behind a layer's worth of kernels, in forward and backward
+        between = calls_between_copies_and_waits(code)
+        assert len(between) == len(compiled_graphs()[-1].plan.offloaded) and min(between) >= 3, between
 
 
 def test_values_offloaded_instead_of_recomputed_give_eager_gradients(monkeypatch):
