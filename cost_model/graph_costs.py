@@ -416,11 +416,14 @@ class GraphCosts:
         ops = {t.value: self._transfer_values(self.index[t.value]) for t in placed.items}
         step = StepGraphs(
             primals=[values[i] for i in self._primal_order],
-            forward=self._sequence(forward, placed, "forward", ops),
+            forward=self._sequence(forward, placed, "forward", ops,
+                                   outputs=[transfers.wait_offload_name(self.names[i]) if self.names[i] in ops
+                                            else self.names[i] for i in (*saved_used, *self.forward_outputs)]),
             user_outputs=[self.names[i] for i in self.forward_outputs],
             saved=[ops[self.names[i]]["wait_offload"] if self.names[i] in ops else values[i] for i in saved_used],
             tangents=[values[i] for i in self.tangents],
-            backward=self._sequence(backward, placed, "backward", ops),
+            backward=self._sequence(backward, placed, "backward", ops,
+                                    outputs=[self.names[i] for i in self.gradients if i is not None]),
             grads=[self.names[i] if i is not None else None for i in self.gradients],
             static_indices=frozenset(self.graph.static_input_indices),
             grad_clones=self._grad_clones,
@@ -430,30 +433,31 @@ class GraphCosts:
         return estimate
 
     def _sequence(self, order: list[int], placed: transfers.Transfers, phase: str,
-                  ops: dict[str, dict[str, NodeValue]]) -> list[NodeValue]:
+                  ops: dict[str, dict[str, NodeValue]], outputs: Sequence[str]) -> list[NodeValue]:
         """One graph's node values in order with the transfer ops placed; in backward, readers of an offloaded
-        value read its reload."""
+        value read its reload; each tied op also reads its tie (``transfers.tie_points``), as the pass builds it."""
         if not placed.items:
             return [self.values[i] for i in order]
         sequence = transfers.interleave([self.names[i] for i in order], placed, phase)
         renamed = {t.value: transfers.wait_reload_name(t.value) for t in placed.items} if phase == "backward" else {}
-        tied = transfers.tie_points(sequence, lambda name: self._writes_own_buffer[self.index[name]])
         result = []
         for kind, name in sequence:
             if kind != "node":
-                op = ops[name][kind]
-                if (kind, name) in tied:  # the op reads the node the pass ties it to (``after=``)
-                    op = dataclasses.replace(op, inputs=op.inputs + (tied[kind, name],))
-                result.append(op)
+                result.append(ops[name][kind])
             elif renamed:
                 result.append(_reading(self.values[self.index[name]], renamed))
             else:
                 result.append(self.values[self.index[name]])
+        tied = transfers.tie_points(sequence, placed, lambda name: self._anchor_bytes[self.index[name]],
+                                    lambda position: result[position].inputs, outputs)
+        for position, key in enumerate(sequence):
+            if key in tied and tied[key] not in result[position].inputs:
+                result[position] = dataclasses.replace(result[position], inputs=result[position].inputs + (tied[key],))
         return result
 
     @functools.cached_property
-    def _writes_own_buffer(self) -> list[bool]:
-        return [transfers.writes_own_buffer(node) for node in self.nodes]
+    def _anchor_bytes(self) -> list[int | None]:
+        return [transfers.anchor_bytes(node) for node in self.nodes]
 
     def _transfer_values(self, i: int) -> dict[str, NodeValue]:
         """The node values of value i's four transfer ops, as the offload pass builds them (the captured ones

@@ -20,10 +20,9 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-import torch
-import torch.fx as fx
-
 if TYPE_CHECKING:
+    import torch.fx as fx
+
     from memgraph.cost_model.graph_costs import GraphCosts
 
 HOST_MEMORY_FRACTION = 0.5  # default offload_budget: this share of the host memory available when planning
@@ -213,25 +212,54 @@ def interleave(order: Sequence[str], transfers: Transfers, phase: str) -> list[t
 
 
 TIED = ("reload", "wait_offload", "wait_reload")  # transfer ops Inductor's scheduler could run earlier than planned
+# How much larger than the transferred value a tie may be kept a few ops longer: an MLP's up-projection output is
+# 3.5x a Llama layer input (the usual nearest matmul); logits (30x and more) are not held for a tie.
+TIE_BYTES_PER_BYTE = 4
 
 
-def tie_points(sequence: Sequence[tuple[str, str]], anchors: Callable[[str], bool]) -> dict[tuple[str, str], str]:
-    """For each reload and wait of an ``interleave`` sequence, the node the op reads as ``after=``: the nearest
-    one before it for which ``anchors(name)`` holds (``writes_own_buffer``). The data dependency keeps Inductor
-    from running the op earlier than planned (``kernels/offload.py``)."""
-    tied, anchor = {}, None
-    for kind, name in sequence:
+def tie_points(sequence: Sequence[tuple[str, str]], transfers: Transfers, anchor_bytes: Callable[[str], int | None],
+               reads: Callable[[int], Iterable[str]], outputs: Iterable[str]) -> dict[tuple[str, str], str]:
+    """For each reload and wait of an ``interleave`` sequence, the node the op reads as ``after=`` (the data
+    dependency keeps Inductor from running the op earlier than planned, ``kernels/offload.py``): the nearest node
+    before it that Inductor writes to a buffer of its own (``anchor_bytes``: its bytes, None for other nodes), if
+    it is at most ``TIE_BYTES_PER_BYTE`` times the transferred value (it lives a few ops longer, which the cost
+    model counts); else the nearest one alive past the op anyway (a later element ``reads`` it, or it is one of the graph's ``outputs``), which costs
+    nothing. Neither: the op is not tied."""
+    last_read = {}
+    for position in range(len(sequence)):
+        for name in reads(position):
+            last_read[name] = position
+    last_read.update(dict.fromkeys(outputs, len(sequence)))
+    nbytes = {t.value: t.nbytes for t in transfers.items}
+    tied, candidates = {}, []
+    for position, (kind, name) in enumerate(sequence):
         if kind == "node":
-            anchor = name if anchors(name) else anchor
-        elif kind in TIED and anchor is not None:
-            tied[kind, name] = anchor
+            if anchor_bytes(name) is not None:
+                candidates.append(name)
+        elif kind in TIED and candidates:
+            nearest = candidates[-1]
+            alive = [c for c in candidates[:-1] if last_read.get(c, -1) > position]  # the dead stay dead
+            if anchor_bytes(nearest) <= TIE_BYTES_PER_BYTE * nbytes[name] or last_read.get(nearest, -1) > position:
+                tied[kind, name] = nearest
+            elif alive:
+                tied[kind, name] = alive[-1]
+            candidates = alive + [nearest]  # the nearest stays a candidate for the next ops by its size
     return tied
 
 
-def writes_own_buffer(node: fx.Node) -> bool:
-    """Whether Inductor's code writes ``node``'s tensor into a buffer of its own anyway (a matmul, a custom op):
-    a view orders nothing, and a transfer op reading a fused value would make Inductor store it."""
+def anchor_bytes(node: fx.Node) -> int | None:
+    """The bytes of ``node``'s tensor if Inductor's code writes it into a buffer of its own anyway (a matmul, a
+    custom op), else None: a view orders nothing, and a transfer op reading a fused value would make Inductor
+    store it."""
+    import torch
+
+    from memgraph import _compat
     from memgraph.cost_model.inductor import EXTERN, kernel_info
 
-    return (node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor)
-            and kernel_info(node).kind == EXTERN)
+    value = node.meta.get("val")
+    if node.op != "call_function" or not isinstance(value, torch.Tensor) or kernel_info(node).kind != EXTERN:
+        return None
+    numel = 1
+    for size in value.shape:
+        numel *= _compat.concrete_int(size)
+    return numel * value.element_size()

@@ -41,9 +41,10 @@ Where the plan puts a reload or a wait is a decision (how far ahead to prefetch;
 compute), but Inductor's scheduler moves ops that nothing orders: its peak-memory reordering puts a wait right
 after its copy, and fusing two kernels on either side of a wait (two layers' rotary embeddings, which read the same
 tables) pulls the wait, and the copy's whole cost, ahead of the compute it was to hide behind. So the pass gives
-``reload``, ``reload_from_slot`` and the waits ``after=``: the tensor the plan put right before the op. That data
-dependency keeps the op from running earlier than planned, and a fusion across it would now form a cycle, which
-Inductor refuses. The ops never read it.
+``reload``, ``reload_from_slot`` and the waits ``after=``: the nearest matmul or custom op output before the op's
+planned place (``transfers.tie_points``). That data dependency keeps the op from running earlier than that
+output, and a fusion across it would form a cycle, which Inductor refuses. The ops never read ``after`` (so a
+gradient summed in place into it stays correct). It does not stop a reload from running later than planned.
 
 On a CPU the copies are real host copies (``clone``) and the waits are no-ops: CPU tests run the same graphs.
 """

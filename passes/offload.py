@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from memgraph.cost_model.transfers import (Transfer, Transfers, interleave, offload_name, reload_name, tie_points,
-                                           wait_offload_name, wait_reload_name, writes_own_buffer)
+                                           wait_offload_name, wait_reload_name, anchor_bytes)
 from memgraph.kernels import offload as _ops  # noqa: F401 - registers memgraph::offload/reload/wait_transfer
 from memgraph.plan import Plan
 
@@ -127,14 +127,18 @@ def _backward(graph: fx.Graph, placed: Transfers, devices: dict[str, torch.devic
 def _reorder(graph: fx.Graph, order: list[str], placed: Transfers, phase: str, nodes: dict[str, fx.Node],
              made: dict[tuple[str, str], fx.Node]) -> None:
     """Move every node before the output in the sequence ``interleave`` gives, and tie each reload and wait to
-    the nearest matmul or custom op before it (``after=``, ``transfers.tie_points``)."""
+    the nearest matmul or custom op before it that stays alive past it anyway (``after=``,
+    ``transfers.tie_points``)."""
     output = graph.find_nodes(op="output")[0]
     sequence = interleave(order, placed, phase)
     missing = sorted(set(made) - {(kind, name) for kind, name in sequence if kind != "node"})
     if missing:
         raise RuntimeError(f"the {phase} graph lacks the nodes the plan placed transfer ops at: {missing[:4]}")
-    tied = tie_points(sequence, lambda name: writes_own_buffer(nodes[name]))
-    for kind, name in sequence:
+    elements = [nodes[name] if kind == "node" else made[kind, name] for kind, name in sequence]
+    tied = tie_points(sequence, placed, lambda name: anchor_bytes(nodes[name]),
+                      lambda position: (n.name for n in elements[position].all_input_nodes),
+                      (n.name for n in output.all_input_nodes))
+    for (kind, name), element in zip(sequence, elements):
         if (kind, name) in tied:
-            made[kind, name].update_kwarg("after", nodes[tied[kind, name]])
-        output.prepend(nodes[name] if kind == "node" else made[kind, name])
+            element.update_kwarg("after", nodes[tied[kind, name]])
+        output.prepend(element)

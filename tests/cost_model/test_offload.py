@@ -333,6 +333,22 @@ def calls_between_copies_and_waits(code: str) -> list[int]:
     return between
 
 
+def test_transfer_ops_are_tied_to_the_nearest_buffer_that_costs_little_to_hold():
+    """A reload or wait reads the nearest matmul-like output before it when holding that a few ops longer is cheap
+    (at most TIE_BYTES_PER_BYTE times the value), else the nearest one alive past it anyway, else nothing."""
+    from memgraph.cost_model.transfers import TIE_BYTES_PER_BYTE, Transfer, Transfers, tie_points
+
+    value = 1 << 20
+    placed = Transfers(tuple(Transfer(v, value, 0.0, "", None, "", "") for v in ("v", "w", "x")))
+    sizes = {"mm_small": value, "mm_kept": 64 * value, "mm_logits": (TIE_BYTES_PER_BYTE + 1) * value, "add": None}
+    sequence = [("node", "mm_small"), ("wait_offload", "v"), ("node", "mm_kept"), ("node", "mm_logits"),
+                ("node", "add"), ("wait_offload", "w"), ("reload", "x")]
+    reads = {4: ["mm_logits"], 6: ["mm_small"]}  # mm_kept is an output: alive to the end
+    tied = tie_points(sequence, placed, sizes.get, lambda position: reads.get(position, ()), ["mm_kept"])
+    assert tied == {("wait_offload", "v"): "mm_small", ("wait_offload", "w"): "mm_kept", ("reload", "x"): "mm_kept"}
+    assert tie_points(sequence, placed, sizes.get, lambda position: (), []) == {("wait_offload", "v"): "mm_small"}
+
+
 @pytest.mark.parametrize("graphed", [False, True])
 def test_inductor_runs_transfers_where_the_plan_put_them(graphed, monkeypatch):
     """Inductor's scheduler moves what nothing orders: its peak-memory reordering put each wait right after its
