@@ -11,6 +11,7 @@ optionally with PEFT LoRA on every linear layer. Verdicts per architecture:
   skipped   the tiny model cannot be built or does not train eagerly (not counted)
 
     python benchmarks/arch_sweep.py --codegen eager --out benchmarks/results/arch_sweep.json
+    python benchmarks/arch_sweep.py --options '{"offload": "on", "solver": "offload-layers"}' --only llama,qwen2
 """
 from __future__ import annotations
 
@@ -325,7 +326,8 @@ def sweep_one(model_type: str, args) -> dict:
     except Exception as error:  # noqa: BLE001 - an architecture the tiny config does not build or train
         return {**row, "verdict": "skipped", "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="memgraph", options={"codegen": args.codegen, "cache": False})
+    options = {"codegen": args.codegen, "cache": False, **json.loads(args.options)}
+    compiled = torch.compile(model, backend="memgraph", options=options)
     try:
         with time_limit(args.timeout):
             for length, (loss_ref, grads_ref) in zip(args.lengths, references):
@@ -360,6 +362,8 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="relative error (float32 eager vs memgraph)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per architecture")
     parser.add_argument("--only", default=None, help="comma-separated model types")
+    parser.add_argument("--options", default="{}", help='JSON of more backend options, e.g. \'{"offload": "on", '
+                        '"solver": "offload-layers"}\' (offload is off on a CPU unless "on")')
     parser.add_argument("--out", default=None, help="JSON report path")
     args = parser.parse_args()
     args.lengths = [int(x) for x in args.lengths.split(",")]
