@@ -451,8 +451,9 @@ class GraphCosts:
         tied = transfers.tie_points(sequence, placed, lambda name: self._anchor_bytes[self.index[name]],
                                     lambda position: result[position].inputs, outputs)
         for position, key in enumerate(sequence):
-            if key in tied and tied[key] not in result[position].inputs:
-                result[position] = dataclasses.replace(result[position], inputs=result[position].inputs + (tied[key],))
+            op = result[position]
+            if key in tied and tied[key] not in op.inputs:
+                result[position] = dataclasses.replace(op, inputs=op.inputs + (tied[key],))
         return result
 
     @functools.cached_property

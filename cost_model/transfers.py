@@ -223,8 +223,8 @@ def tie_points(sequence: Sequence[tuple[str, str]], transfers: Transfers, anchor
     dependency keeps Inductor from running the op earlier than planned, ``kernels/offload.py``): the nearest node
     before it that Inductor writes to a buffer of its own (``anchor_bytes``: its bytes, None for other nodes), if
     it is at most ``TIE_BYTES_PER_BYTE`` times the transferred value (it lives a few ops longer, which the cost
-    model counts); else the nearest one alive past the op anyway (a later element ``reads`` it, or it is one of the graph's ``outputs``), which costs
-    nothing. Neither: the op is not tied."""
+    model counts); else the nearest one alive past the op anyway (a later element ``reads`` it, or it is one of
+    the graph's ``outputs``), which costs nothing. Neither: the op is not tied."""
     last_read = {}
     for position in range(len(sequence)):
         for name in reads(position):

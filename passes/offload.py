@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from memgraph.cost_model.transfers import (Transfer, Transfers, interleave, offload_name, reload_name, tie_points,
-                                           wait_offload_name, wait_reload_name, anchor_bytes)
+from memgraph.cost_model.transfers import (Transfer, Transfers, anchor_bytes, interleave, offload_name, reload_name,
+                                           tie_points, wait_offload_name, wait_reload_name)
 from memgraph.kernels import offload as _ops  # noqa: F401 - registers memgraph::offload/reload/wait_transfer
 from memgraph.plan import Plan
 
@@ -126,9 +126,8 @@ def _backward(graph: fx.Graph, placed: Transfers, devices: dict[str, torch.devic
 
 def _reorder(graph: fx.Graph, order: list[str], placed: Transfers, phase: str, nodes: dict[str, fx.Node],
              made: dict[tuple[str, str], fx.Node]) -> None:
-    """Move every node before the output in the sequence ``interleave`` gives, and tie each reload and wait to
-    the nearest matmul or custom op before it that stays alive past it anyway (``after=``,
-    ``transfers.tie_points``)."""
+    """Move every node before the output in the sequence ``interleave`` gives, and tie each reload and wait to a
+    matmul or custom op before it (``after=``; which one: ``transfers.tie_points``)."""
     output = graph.find_nodes(op="output")[0]
     sequence = interleave(order, placed, phase)
     missing = sorted(set(made) - {(kind, name) for kind, name in sequence if kind != "node"})
