@@ -17,8 +17,9 @@ step is host-bound: on an H100 one recipe timed 1,898 and 5,400 tokens/s beside 
 ``--noisy-timing`` allows the overlap). Measures compile time (first step minus a steady step),
 median step time of timed steps after a warm-up step, and peak memory (max_memory_allocated over the steps after
 the warm-up step: the second step included, which records the CUDA graphs of a cudagraphs=true recipe, whose
-replays allocate nothing; ``reserved_gib`` is max_memory_reserved beside it). ``--profile PATH`` adds one step under torch.profiler, alone on the GPU: GPU time by kind
-of kernel (matmul, nf4, lora, attention, copy, ...), the largest kernels, and the share of the step the GPU idles.
+replays allocate nothing; ``reserved_gib`` is max_memory_reserved beside it). ``--profile PATH`` adds one step
+under torch.profiler, alone on the GPU: GPU time by kind of kernel (matmul, nf4, lora, attention, copy, ...), the
+largest kernels, the share of the step the GPU idles, and the host copies' time with the part no kernel ran beside.
 
     python benchmarks/bench_e2e.py --name pipeline_overhead --recipes bf16/inductor,bf16/memgraph?solver=mincut
 """

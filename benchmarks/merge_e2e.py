@@ -47,7 +47,8 @@ def merge(target: dict, run: dict, notes: list[tuple[str, int | None, str]], ski
     meta = target["meta"]
     for key, value in (("date", run["meta"]["date"]), ("command", clean_recipe(run["meta"]["command"]))):
         listed = meta[key] if isinstance(meta.get(key), list) else [meta[key]] if key in meta else []
-        meta[key] = listed + [value]
+        if merged and value not in listed:  # a run merged twice (other rows, another file) is listed once
+            meta[key] = listed + [value]
     return merged
 
 
