@@ -29,7 +29,7 @@ E2E_OPTIONS = "kv_bits=4&drop_logits=true"  # + "&host_embedding=true" with --ho
 # A node's kind of work, by its op (first match on the op's qualified name wins).
 WORK_KINDS = (
     ("nf4 matmul", ("memgraph.nf4_linear",)),
-    ("lora", ("memgraph.lora_linear",)),
+    ("lora", ("memgraph.lora_",)),
     ("attention", ("memgraph.attention", "memgraph.quantize_kv")),
     ("lm_head + cross-entropy", ("memgraph.linear_cross_entropy",)),
     ("transfers", ("memgraph.offload", "memgraph.reload", "memgraph.wait_transfer", "memgraph.host_embedding")),

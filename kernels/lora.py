@@ -21,14 +21,20 @@ holds several at once: the largest temporaries of a QLoRA step. Here:
   x's dtype (``_small_times_cols_kernel``); ``dL/dbase = g`` (exact: the float32 round trip of a 16-bit value).
   Saved for backward: x (its 16-bit self, not PEFT's float32 copy) and ``xa``.
 
-Every product is exact in float32, as in cuBLAS's float32 matmul (no TF32); only the summation order differs from
-eager. The two long reductions read a bfloat16 operand (x, or the gradient g) against a float32 one (A, B, xa,
-gxa): they split the float32 operand into three bfloat16 parts whose sum is exactly it (8 + 8 + 8 significant
+The reductions' products are exact in float32, as in cuBLAS's float32 matmul (no TF32); only the summation order
+differs from eager. The two long reductions read a bfloat16 operand (x, or the gradient g) against a float32 one
+(A, B, xa, gxa): they split the float32 operand into three bfloat16 parts whose sum is exactly it (8 + 8 + 8 significant
 bits; bfloat16 has float32's exponent range) and run three bfloat16 tensor-core dots accumulating in float32:
 each bfloat16 x bfloat16 product is exact in float32, so the result is a float32 dot's at tensor-core speed (an
 ``ieee`` float32 dot runs on the CUDA cores: 7 TFLOP/s measured on an H100). float16 and float32 operands keep
-the ``ieee`` dot. Without Triton (a CPU without ``TRITON_INTERPRET=1``) the same math runs in plain torch
+the ``ieee`` dot. The [M, N] output kernel multiplies two float32 operands (xa by B, gxa by A) over the rank
+only: both split into bfloat16 parts, and the six pairs of parts down to 2^-16 of the leading one run on the tensor
+cores (``PRODUCT_DOTS``); the three pairs left out are below float32's own rounding, so the product is a float32
+one to its last bit or two. Without Triton (a CPU without ``TRITON_INTERPRET=1``) the same math runs in plain torch
 over chunks of ``TORCH_CHUNK_ROWS`` rows, so its float32 temporaries stay bounded too.
+
+Compiled graphs hold the forward as two ops, ``lora_project`` (xa) and ``lora_apply`` (out): a backward that needs
+xa alone then recomputes it from x, without the base layer under ``out`` (``passes.lora.split_forward``).
 """
 from __future__ import annotations
 
@@ -61,16 +67,22 @@ ADAPTER_DTYPES = (torch.float32,)  # PEFT's default for 16-bit models; 16-bit ad
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_RANK = 256  # the rank lives in registers, padded to a power of two (tl.dot needs >= 16)
 MIN_DOT = 16  # tl.dot's smallest dimension
-# Tiles: rows x columns of the [M, N] output (each reads BLOCK_M x R of xa and R x BLOCK_N of B), and the
-# reduction's step over the long dimension. The interpreter runs the same kernels on small tiles.
-BLOCK_M = 16 if INTERPRET else 64
-BLOCK_N = 32 if INTERPRET else 128
-BLOCK_K = 32 if INTERPRET else 64
-NUM_WARPS = 4
+# Tiles and launch options per kernel; the interpreter runs the same kernels on small tiles.
+# xa = x @ A.T and gxa = g @ B: BLOCK_M rows of X per program, reduced over K in BLOCK_K steps.
+# GPU tiles: the best of benchmarks/bench_lora_kernels.py --sweep on an H100 (benchmarks/results/lora_kernels.json).
+ROWS_TIMES_SMALL = (dict(BLOCK_M=16, BLOCK_K=32) if INTERPRET else
+                    dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3))
+# dB and dA: BLOCK_N columns of X per program, reduced over the rows in BLOCK_M steps.
+COLS_REDUCED = (dict(BLOCK_M=16, BLOCK_N=32) if INTERPRET else
+                dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4))
+# out = base + xa @ B.T and dx = gxa @ A: [BLOCK_M, BLOCK_N] tiles of the output, one pass over memory; the
+# rank-deep product runs on bfloat16 parts (PRODUCT_DOTS: see _split_product).
+SMALL_TIMES_COLS = (dict(BLOCK_M=16, BLOCK_N=32, PRODUCT_DOTS=6) if INTERPRET else
+                    dict(BLOCK_M=64, BLOCK_N=128, PRODUCT_DOTS=6, num_warps=4))
 # The two reductions (over K for xa and gxa, over the rows for dA and dB) split their long dimension so that a
 # short other dimension still fills the GPU: 2048 rows are 32 row blocks, a quarter of an H100's 132
 # multiprocessors. The last program of each kept block adds up the splits' float32 partials in a fixed order.
-PROGRAMS_PER_MULTIPROCESSOR = 4
+PROGRAMS_PER_MULTIPROCESSOR = 2
 # Block steps per split at least: fewer, and summing the partials outweighs the work (1 in the interpreter, and
 # 2 multiprocessors: its small test shapes split too).
 MIN_STEPS_PER_SPLIT = 1 if INTERPRET else 4
@@ -99,23 +111,55 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _bf16_parts(w):
+    """float32 w as three bfloat16 parts whose sum is exactly w (8 + 8 + 8 significant bits)."""
+    high = w.to(tl.bfloat16)
+    rest = w - high.to(tl.float32)  # exact: the bits below high's last one
+    middle = rest.to(tl.bfloat16)
+    low = (rest - middle.to(tl.float32)).to(tl.bfloat16)  # the last 8 bits: exact in bfloat16
+    return high, middle, low
+
+
+@triton.jit
+def _bf16_dot(x, w, acc):
+    """acc + x @ w for bfloat16 x and w, products exact and summed in float32 (tensor cores; under the
+    interpreter the same products in float32 dots)."""
+    if BF16_DOT_BY_HAND:
+        return tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(x, w, acc)
+
+
+@triton.jit
 def _exact_dot(x, w, acc, BF16_PARTS: tl.constexpr):
     """acc + x @ w with float32 products: x bfloat16 against w float32 split into three exact bfloat16 parts
     (BF16_PARTS, tensor cores), else float32 ``ieee`` dots of x cast to float32."""
     if BF16_PARTS:
-        high = w.to(tl.bfloat16)
-        rest = w - high.to(tl.float32)  # exact: the bits below high's last one
-        middle = rest.to(tl.bfloat16)
-        low = (rest - middle.to(tl.float32)).to(tl.bfloat16)  # the last 8 bits: exact in bfloat16
-        if BF16_DOT_BY_HAND:  # the same exact products, in float32
-            x = x.to(tl.float32)
-            acc = tl.dot(x, low.to(tl.float32), acc, input_precision="ieee")
-            acc = tl.dot(x, middle.to(tl.float32), acc, input_precision="ieee")
-            return tl.dot(x, high.to(tl.float32), acc, input_precision="ieee")
-        acc = tl.dot(x, low, acc)  # smallest first
-        acc = tl.dot(x, middle, acc)
-        return tl.dot(x, high, acc)
+        high, middle, low = _bf16_parts(w)
+        acc = _bf16_dot(x, low, acc)  # smallest first
+        acc = _bf16_dot(x, middle, acc)
+        return _bf16_dot(x, high, acc)
     return tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+
+
+@triton.jit
+def _split_product(p, w, PRODUCT_DOTS: tl.constexpr):
+    """p @ w for float32 p and w (a rank-sized inner dimension). PRODUCT_DOTS = 6: both split into bfloat16
+    parts, and every pair of parts down to 2^-16 of the leading one multiplied on the tensor cores (the three
+    pairs left out are below float32's own rounding: float32 accuracy); 3: the pairs down to 2^-8 (relative error
+    about 2^-16, far below a 16-bit output's rounding); 0: one float32 ``ieee`` dot (CUDA cores: exact products,
+    but at rank 16 it bounds the kernel, not memory)."""
+    if PRODUCT_DOTS == 0:
+        return tl.dot(p, w, input_precision="ieee")
+    p_high, p_middle, p_low = _bf16_parts(p)
+    w_high, w_middle, w_low = _bf16_parts(w)
+    acc = tl.zeros((p.shape[0], w.shape[1]), dtype=tl.float32)
+    if PRODUCT_DOTS == 6:  # smallest first
+        acc = _bf16_dot(p_low, w_high, acc)
+        acc = _bf16_dot(p_middle, w_middle, acc)
+        acc = _bf16_dot(p_high, w_low, acc)
+    acc = _bf16_dot(p_middle, w_high, acc)
+    acc = _bf16_dot(p_high, w_middle, acc)
+    return _bf16_dot(p_high, w_high, acc)
 
 
 @triton.jit
@@ -169,7 +213,8 @@ def _rows_times_small_kernel(X, stride_xm, stride_xk, W, stride_wk, stride_wr, O
 def _small_times_cols_kernel(P, stride_pm, stride_pr, W, stride_wr, stride_wn, BASE, stride_bm, stride_bn,
                              OUT, stride_om, stride_on, M, N, R, alpha,
                              HAS_BASE: tl.constexpr, ROUND_DELTA: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                             PRODUCT_DOTS: tl.constexpr):
     """OUT[M, N] = base + alpha * (P[M, R] @ W[R, N]), summed in float32 (or with the product first rounded to
     OUT's dtype: ROUND_DELTA), then rounded to OUT's dtype; without a base just the rounded product (dx)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -179,7 +224,7 @@ def _small_times_cols_kernel(P, stride_pm, stride_pr, W, stride_wr, stride_wn, B
                 mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(tl.float32)
     w = tl.load(W + ranks[:, None] * stride_wr + cols[None, :] * stride_wn,
                 mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0).to(tl.float32)
-    product = tl.dot(p, w, input_precision="ieee") * alpha
+    product = _split_product(p, w, PRODUCT_DOTS) * alpha
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     if HAS_BASE:
         base = tl.load(BASE + rows[:, None] * stride_bm + cols[None, :] * stride_bn, mask=inside,
@@ -274,7 +319,7 @@ def _arrival_counters(device: torch.device, blocks: int) -> Tensor:
 
 
 def _split_reduction(kernel, x: Tensor, w: Tensor, out: Tensor, alpha: float, blocks: int, length: int, step: int,
-                     **tiles: int) -> None:
+                     tiles: dict) -> None:
     """Launch one of the two reductions of ``x`` [rows, columns] against a small float32 ``w`` into ``out``
     [kept, rank] (also a transposed view): ``blocks`` programs along the kept dimension, ``length`` reduced in
     ``step``-sized steps, split when that fills the GPU better; the splits' float32 partials are summed in a fixed
@@ -288,13 +333,13 @@ def _split_reduction(kernel, x: Tensor, w: Tensor, out: Tensor, alpha: float, bl
     with device_guard(x):
         launch(kernel, (blocks, splits), x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1), out,
                out.stride(0), out.stride(1), parts, counters, x.shape[0], x.shape[1], rank, alpha, per_split,
-               R_PAD=_rank_pad(rank), BF16_PARTS=x.dtype == torch.bfloat16, SUM_SPLITS=summed,
-               num_warps=NUM_WARPS, **tiles)
+               R_PAD=_rank_pad(rank), BF16_PARTS=x.dtype == torch.bfloat16, SUM_SPLITS=summed, **tiles)
 
 
 def _rows_times_small(x: Tensor, w: Tensor, out: Tensor, alpha: float) -> None:
-    _split_reduction(_rows_times_small_kernel, x, w, out, alpha, _cdiv(x.shape[0], BLOCK_M), x.shape[1],
-                     BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    tiles = ROWS_TIMES_SMALL
+    _split_reduction(_rows_times_small_kernel, x, w, out, alpha, _cdiv(x.shape[0], tiles["BLOCK_M"]), x.shape[1],
+                     tiles["BLOCK_K"], tiles)
 
 
 def _small_times_cols(p: Tensor, w: Tensor, base: Optional[Tensor], out: Tensor, alpha: float,
@@ -302,20 +347,24 @@ def _small_times_cols(p: Tensor, w: Tensor, base: Optional[Tensor], out: Tensor,
     (m, r), n = p.shape, w.shape[1]
     b = base if base is not None else out  # unread without HAS_BASE
     with device_guard(p):
-        launch(_small_times_cols_kernel, (_cdiv(m, BLOCK_M), _cdiv(n, BLOCK_N)),
+        tiles = SMALL_TIMES_COLS
+        launch(_small_times_cols_kernel, (_cdiv(m, tiles["BLOCK_M"]), _cdiv(n, tiles["BLOCK_N"])),
                p, p.stride(0), p.stride(1), w, w.stride(0), w.stride(1), b, b.stride(0), b.stride(1),
                out, out.stride(0), out.stride(1), m, n, r, alpha, HAS_BASE=base is not None,
-               ROUND_DELTA=round_delta, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, R_PAD=_rank_pad(r), num_warps=NUM_WARPS)
+               ROUND_DELTA=round_delta, R_PAD=_rank_pad(r), **tiles)
 
 
 def _cols_reduced(x: Tensor, p: Tensor, out: Tensor, alpha: float) -> None:
-    _split_reduction(_cols_reduced_kernel, x, p, out, alpha, _cdiv(x.shape[1], BLOCK_N), x.shape[0], BLOCK_M,
-                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    tiles = COLS_REDUCED
+    _split_reduction(_cols_reduced_kernel, x, p, out, alpha, _cdiv(x.shape[1], tiles["BLOCK_N"]), x.shape[0],
+                     tiles["BLOCK_M"], tiles)
 
 
-def _forward_triton(base: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float, round_delta: bool,
-                    out: Tensor, xa: Tensor) -> None:
+def _project_triton(x: Tensor, a: Tensor, xa: Tensor) -> None:
     _rows_times_small(x, a.t(), xa, 1.0)
+
+
+def _apply_triton(base: Tensor, xa: Tensor, b: Tensor, scale: float, round_delta: bool, out: Tensor) -> None:
     _small_times_cols(xa, b.t(), base, out, scale, round_delta)
 
 
@@ -337,11 +386,15 @@ def _backward_triton(grad: Tensor, x: Tensor, xa: Tensor, a: Tensor, b: Tensor, 
 # ------------------------------------------------------------------------------------------------------------
 # Plain torch, in chunks of rows (CPU without the interpreter)
 # ------------------------------------------------------------------------------------------------------------
-def _forward_torch(base: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float, round_delta: bool,
-                   out: Tensor, xa: Tensor) -> None:
+def _project_torch(x: Tensor, a: Tensor, xa: Tensor) -> None:
     for start in range(0, x.shape[0], TORCH_CHUNK_ROWS):
         rows = slice(start, start + TORCH_CHUNK_ROWS)
         torch.mm(x[rows].to(a.dtype), a.t(), out=xa[rows])
+
+
+def _apply_torch(base: Tensor, xa: Tensor, b: Tensor, scale: float, round_delta: bool, out: Tensor) -> None:
+    for start in range(0, xa.shape[0], TORCH_CHUNK_ROWS):
+        rows = slice(start, start + TORCH_CHUNK_ROWS)
         delta = torch.mm(xa[rows], b.t()).mul_(scale)
         if round_delta:
             torch.add(base[rows], delta.to(out.dtype), out=out[rows])
@@ -387,6 +440,12 @@ _LIB.define("lora_linear_backward(Tensor grad, Tensor x, Tensor xa, Tensor lora_
 _LIB.define("lora_linear_backward_into(Tensor grad, Tensor x, Tensor xa, Tensor lora_a, Tensor lora_b, float scale, "
             "bool a_grad, bool b_grad, Tensor(a!) accumulate) -> (Tensor, Tensor)",
             tags=(torch.Tag.pt2_compliant_tag,))
+# The forward's two halves as ops of their own, for compiled joint graphs (``passes.lora.split_forward``): xa then
+# reads x alone, so a backward that needs only xa recomputes x @ A.T, not the base layer's matmul. No autograd:
+# they appear only after differentiation.
+_LIB.define("lora_project(Tensor x, Tensor lora_a) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.define("lora_apply(Tensor base, Tensor xa, Tensor lora_b, float scale, bool round_delta) -> Tensor",
+            tags=(torch.Tag.pt2_compliant_tag,))
 _LORA_LINEAR = torch.ops.memgraph.lora_linear.default
 _LORA_LINEAR_BACKWARD = torch.ops.memgraph.lora_linear_backward.default
 _LORA_LINEAR_BACKWARD_INTO = torch.ops.memgraph.lora_linear_backward_into.default
@@ -397,12 +456,47 @@ def _lora_linear_impl(base: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, s
     """(out, xa): ``out = base + scale * (x @ A.T @ B.T)`` rounded as the module docstring says; ``xa = x @ A.T``
     (float32, saved for the backward)."""
     _check(base, x, lora_a, lora_b)
-    flat_x, flat_base = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
-    out = torch.empty_like(flat_base)
+    xa = _lora_project_impl(x, lora_a)
+    return _lora_apply_impl(base, xa, lora_b, scale, round_delta), xa
+
+
+def _lora_project_impl(x: Tensor, lora_a: Tensor) -> Tensor:
+    """``xa = x.float() @ A.T`` (A's dtype, [..., R])."""
+    flat_x = x.reshape(-1, x.shape[-1])
     xa = flat_x.new_empty((flat_x.shape[0], lora_a.shape[0]), dtype=lora_a.dtype)
-    run = _forward_triton if use_triton(x, log) else _forward_torch
-    run(flat_base, flat_x, lora_a, lora_b, float(scale), bool(round_delta), out, xa)
-    return out.view(base.shape), xa.view(*x.shape[:-1], lora_a.shape[0])
+    (_project_triton if use_triton(x, log) else _project_torch)(flat_x, lora_a, xa)
+    return xa.view(*x.shape[:-1], lora_a.shape[0])
+
+
+def _lora_apply_impl(base: Tensor, xa: Tensor, lora_b: Tensor, scale: float, round_delta: bool) -> Tensor:
+    """``out = base + scale * (xa @ B.T)``, summed and rounded as the module docstring says."""
+    flat_base, flat_xa = base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1])
+    out = torch.empty_like(flat_base)
+    (_apply_triton if use_triton(base, log) else _apply_torch)(flat_base, flat_xa, lora_b, float(scale),
+                                                               bool(round_delta), out)
+    return out.view(base.shape)
+
+
+def _lora_project_checked(x: Tensor, lora_a: Tensor) -> Tensor:
+    _check_project(x, lora_a)
+    return _lora_project_impl(x, lora_a)
+
+
+def _lora_apply_checked(base: Tensor, xa: Tensor, lora_b: Tensor, scale: float, round_delta: bool) -> Tensor:
+    _check_apply(base, xa, lora_b)
+    return _lora_apply_impl(base, xa, lora_b, scale, round_delta)
+
+
+@torch.library.register_fake("memgraph::lora_project")
+def _(x, lora_a):
+    _check_project(x, lora_a)
+    return x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=lora_a.dtype)
+
+
+@torch.library.register_fake("memgraph::lora_apply")
+def _(base, xa, lora_b, scale, round_delta):
+    _check_apply(base, xa, lora_b)
+    return torch.empty_like(base)
 
 
 @torch.library.register_fake("memgraph::lora_linear")
@@ -478,6 +572,8 @@ def _(grad, x, xa, lora_a, lora_b, scale, a_grad, b_grad, accumulate):
 
 
 _LIB.impl("lora_linear", _lora_linear_impl, "CompositeExplicitAutograd")
+_LIB.impl("lora_project", _lora_project_checked, "CompositeExplicitAutograd")
+_LIB.impl("lora_apply", _lora_apply_checked, "CompositeExplicitAutograd")
 _LIB.impl("lora_linear_backward", _lora_linear_backward_impl, "CompositeExplicitAutograd")
 _LIB.impl("lora_linear_backward_into", _lora_linear_backward_into_impl, "CompositeExplicitAutograd")
 
@@ -590,14 +686,38 @@ def _check(base: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor) -> None:
         raise ValueError(f"lora_linear: need x [..., K] and base [..., N] for A [R, K], B [N, R]; got x "
                          f"{tuple(x.shape)}, base {tuple(base.shape)}, A {tuple(lora_a.shape)}, B "
                          f"{tuple(lora_b.shape)}")
-    if lora_a.dtype not in ADAPTER_DTYPES or lora_b.dtype != lora_a.dtype:
-        raise ValueError(f"lora_linear: A and B must share one dtype of {ADAPTER_DTYPES}; got {lora_a.dtype} and "
-                         f"{lora_b.dtype}")
-    if x.dtype not in ACTIVATION_DTYPES or base.dtype not in ACTIVATION_DTYPES:
-        raise ValueError(f"lora_linear: x and base must be one of {ACTIVATION_DTYPES}; got {x.dtype} and "
-                         f"{base.dtype}")
-    if lora_a.shape[0] > MAX_RANK:
-        raise ValueError(f"lora_linear: rank {lora_a.shape[0]} > MAX_RANK={MAX_RANK}")
+    _check_dtypes("lora_linear", {"A": lora_a, "B": lora_b}, {"x": x, "base": base}, lora_a.shape[0])
+
+
+def _check_project(x: Tensor, lora_a: Tensor) -> None:
+    if lora_a.dim() != 2 or x.shape[-1] != lora_a.shape[1]:
+        raise ValueError(f"lora_project: need x [..., K] and A [R, K]; got x {tuple(x.shape)}, A "
+                         f"{tuple(lora_a.shape)}")
+    _check_dtypes("lora_project", {"A": lora_a}, {"x": x}, lora_a.shape[0])
+
+
+def _check_apply(base: Tensor, xa: Tensor, lora_b: Tensor) -> None:
+    if lora_b.dim() != 2 or xa.shape[-1] != lora_b.shape[1] or base.shape[-1] != lora_b.shape[0] or \
+            base.shape[:-1] != xa.shape[:-1]:
+        raise ValueError(f"lora_apply: need base [..., N] and xa [..., R] for B [N, R]; got base "
+                         f"{tuple(base.shape)}, xa {tuple(xa.shape)}, B {tuple(lora_b.shape)}")
+    if xa.dtype != lora_b.dtype:
+        raise ValueError(f"lora_apply: xa must have B's dtype {lora_b.dtype}; got {xa.dtype}")
+    _check_dtypes("lora_apply", {"B": lora_b}, {"base": base}, lora_b.shape[1])
+
+
+def _check_dtypes(op: str, adapters: dict, activations: dict, rank: int) -> None:
+    """Adapter weights (by name) of one dtype of ADAPTER_DTYPES, activations of ACTIVATION_DTYPES, the rank at
+    most MAX_RANK."""
+    dtypes = {t.dtype for t in adapters.values()}
+    if len(dtypes) != 1 or not dtypes <= set(ADAPTER_DTYPES):
+        raise ValueError(f"{op}: {' and '.join(adapters)} must share one dtype of {ADAPTER_DTYPES}; got "
+                         f"{' and '.join(str(t.dtype) for t in adapters.values())}")
+    if any(t.dtype not in ACTIVATION_DTYPES for t in activations.values()):
+        raise ValueError(f"{op}: {' and '.join(activations)} must be one of {ACTIVATION_DTYPES}; got "
+                         f"{' and '.join(str(t.dtype) for t in activations.values())}")
+    if rank > MAX_RANK:
+        raise ValueError(f"{op}: rank {rank} > MAX_RANK={MAX_RANK}")
 
 
 def _register_flop_formulas() -> None:
@@ -616,7 +736,15 @@ def _register_flop_formulas() -> None:
     def backward_into_flops(grad, x, xa, lora_a, lora_b, scale, a_grad, b_grad, accumulate, **kwargs) -> int:
         return backward_flops(grad, x, xa, lora_a, lora_b, scale, True, a_grad, b_grad, accumulate, **kwargs)
 
+    def project_flops(x, lora_a, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x[:-1]) * lora_a[0] * lora_a[1]
+
+    def apply_flops(base, xa, lora_b, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(base[:-1]) * lora_b[1] * lora_b[0]
+
     for packet, formula in ((torch.ops.memgraph.lora_linear, forward_flops),
+                            (torch.ops.memgraph.lora_project, project_flops),
+                            (torch.ops.memgraph.lora_apply, apply_flops),
                             (torch.ops.memgraph.lora_linear_backward, backward_flops),
                             (torch.ops.memgraph.lora_linear_backward_into, backward_into_flops)):
         if packet not in flop_registry:
@@ -640,7 +768,8 @@ def _register_scratch_formulas() -> None:
 
     def partials_bytes(x, rank: int) -> int:  # a split reduction's float32 partials, at most
         processors = _multiprocessors(x.device) if x.is_cuda else PLANNED_MULTIPROCESSORS
-        return PROGRAMS_PER_MULTIPROCESSOR * processors * max(BLOCK_M, BLOCK_N) * rank * 4
+        kept = max(ROWS_TIMES_SMALL["BLOCK_M"], COLS_REDUCED["BLOCK_N"])  # rows or columns per program
+        return PROGRAMS_PER_MULTIPROCESSOR * processors * kept * rank * 4
 
     def forward(base, x, lora_a, lora_b, **_):
         return partials_bytes(x, lora_a.shape[0]) if _runs_triton(x) else chunk_bytes(x, lora_b.shape[0])
@@ -650,7 +779,18 @@ def _register_scratch_formulas() -> None:
             return math.prod(x.shape[:-1]) * lora_a.shape[0] * 4 + partials_bytes(x, lora_a.shape[0])
         return chunk_bytes(x, lora_b.shape[0])
 
+    def project(x, lora_a, **_):
+        if _runs_triton(x):
+            return partials_bytes(x, lora_a.shape[0])
+        return torch.sym_min(math.prod(x.shape[:-1]), TORCH_CHUNK_ROWS) * x.shape[-1] * 4  # a float32 chunk of x
+
+    def apply(base, xa, lora_b, **_):  # Triton: no temporary; torch: a float32 chunk of rows x N, and its sum
+        return 0 if _runs_triton(base) else 2 * torch.sym_min(math.prod(base.shape[:-1]), TORCH_CHUNK_ROWS) * \
+            base.shape[-1] * 4
+
     register_scratch(torch.ops.memgraph.lora_linear.default, forward)
+    register_scratch(torch.ops.memgraph.lora_project.default, project)
+    register_scratch(torch.ops.memgraph.lora_apply.default, apply)
     register_scratch(torch.ops.memgraph.lora_linear_backward.default, backward)
     register_scratch(torch.ops.memgraph.lora_linear_backward_into.default, backward)
 

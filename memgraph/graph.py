@@ -120,11 +120,14 @@ class TrainingGraph:
 
 
 def _fuse_joint(joint: fx.GraphModule) -> None:
-    """Joint-graph fusions every plan sees (today: LoRA's input-gradient sums). One that fails is logged and
-    skipped: it leaves the graph valid (it edits only once it has checked everything it needs)."""
-    from memgraph.passes.lora import accumulate_input_grads  # no-op without LoRA ops
+    """Joint-graph rewrites every plan sees (today: LoRA's forward in two halves, and its input-gradient sums).
+    One that fails is logged and skipped: it leaves the graph valid (it edits only once it has checked everything
+    it needs)."""
+    from memgraph.passes.lora import accumulate_input_grads, split_forward  # no-ops without LoRA ops
 
-    try:
-        accumulate_input_grads(joint)
-    except Exception as error:  # noqa: BLE001 - a fusion must never break compilation
-        log.warning("memgraph: joint-graph fusion of LoRA gradient sums skipped (%s: %s)", type(error).__name__, error)
+    for rewrite, what in ((split_forward, "split of LoRA forwards"),
+                          (accumulate_input_grads, "fusion of LoRA gradient sums")):
+        try:
+            rewrite(joint)
+        except Exception as error:  # noqa: BLE001 - a rewrite must never break compilation
+            log.warning("memgraph: joint-graph %s skipped (%s: %s)", what, type(error).__name__, error)

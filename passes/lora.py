@@ -38,7 +38,7 @@ from memgraph.passes._matching import ADD_TARGETS, MUL_TARGETS, Unsupported, cop
 
 log = logging.getLogger("memgraph.passes.lora")
 
-__all__ = ["rewrite_lora", "accumulate_input_grads", "sum_input_grads_in_place", "written_into"]
+__all__ = ["rewrite_lora", "split_forward", "accumulate_input_grads", "sum_input_grads_in_place", "written_into"]
 
 LINEAR_TARGETS = (_compat.LINEAR_FUNCTION, torch.nn.functional.linear)
 # An adapter's rank must be this much smaller than the layer's sides for the rewrite to pay (it always computes
@@ -211,6 +211,61 @@ def _install(gm: fx.GraphModule, match: _Match) -> str:
     a, b = example_value(match.lora_a), example_value(match.lora_b)
     return f"{match.out.name} (rank {a.shape[0]}, {a.shape[1]} -> {b.shape[0]}, scale {match.scale:g})"
 
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In the joint graph: the forward in two halves
+# ------------------------------------------------------------------------------------------------------------
+# node meta that describes one op's own arguments or outputs: not carried over to the ops replacing it
+_PER_ARGUMENT_META = ("val", "tensor_meta", "eager_input_vals")
+
+
+def split_forward(joint: fx.GraphModule) -> int:
+    """Replace each ``lora_linear`` (out, xa) by ``lora_project`` (xa, from x alone) and ``lora_apply`` (out, from
+    base and xa): the same kernels and values, but xa no longer depends on the base layer. A backward that needs
+    xa and not out (a layer's last projection, whose output only the next layer reads) then recomputes x @ A.T
+    instead of the base layer's matmul under it; planners may also keep xa ([tokens, R]) alone. Returns how
+    many were split; an op whose tuple is read whole is left as it is."""
+    op = torch.ops.memgraph.lora_linear.default
+    split = 0
+    for node in list(joint.graph.nodes):
+        if node.target is not op or node.kwargs or any(u.target is not operator.getitem for u in node.users):
+            continue
+        base, x, lora_a, lora_b, scale, round_delta = node.args
+        value = node.meta.get("val")
+        eager = _halves_eager_inputs(node.meta.get("eager_input_vals"), value)
+        with joint.graph.inserting_before(node):
+            xa = joint.graph.call_function(torch.ops.memgraph.lora_project.default, (x, lora_a))
+            out = joint.graph.call_function(torch.ops.memgraph.lora_apply.default,
+                                            (base, xa, lora_b, scale, round_delta))
+        for half, index in ((out, 0), (xa, 1)):
+            half.meta.update({k: v for k, v in node.meta.items() if k not in _PER_ARGUMENT_META})
+            if isinstance(value, (tuple, list)):
+                half.meta["val"] = value[index]
+        if eager is not None:
+            xa.meta["eager_input_vals"], out.meta["eager_input_vals"] = eager
+        for item in list(node.users):
+            item.replace_all_uses_with(xa if item.args[1] == 1 else out)
+            joint.graph.erase_node(item)
+        joint.graph.erase_node(node)
+        split += 1
+    if split:
+        joint.graph.lint()
+        joint.recompile()
+    return split
+
+
+def _halves_eager_inputs(eager: Any, value: Any) -> Optional[tuple]:
+    """The eager input values (Inductor matches a custom op's input strides to them) of lora_project and
+    lora_apply, from lora_linear's: None where lora_linear has none in the form expected (then neither half gets
+    any, and Inductor picks the strides)."""
+    if eager is None or not isinstance(value, (tuple, list)) or len(value) != 2:
+        return None
+    args, kwargs = eager
+    if kwargs or len(args) != 6:
+        return None
+    base, x, lora_a, lora_b, scale, round_delta = args
+    return ((x, lora_a), {}), ((base, value[1], lora_b, scale, round_delta), {})
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -130,13 +130,13 @@ def test_a_stale_arrival_counter_would_show():
     want = x.double() @ w.double()
     for stale in (False, True):
         out = torch.zeros(64, 4)
-        blocks = lora._cdiv(64, lora.BLOCK_M)
+        blocks = lora._cdiv(64, lora.ROWS_TIMES_SMALL["BLOCK_M"])
         counters = torch.zeros(lora.MIN_COUNTERS, dtype=torch.int32)
         counters[:blocks] = int(stale)
         parts = torch.zeros(3, 64, 4)
         lora.launch(lora._rows_times_small_kernel, (blocks, 3), x, x.stride(0), x.stride(1), w, w.stride(0),
                     w.stride(1), out, out.stride(0), out.stride(1), parts, counters, 64, 96, 4, 1.0, 32,
-                    R_PAD=16, BF16_PARTS=False, SUM_SPLITS=True, BLOCK_M=lora.BLOCK_M, BLOCK_K=lora.BLOCK_K)
+                    R_PAD=16, BF16_PARTS=False, SUM_SPLITS=True, **lora.ROWS_TIMES_SMALL)
         assert (rel(out, want) < 1e-6) != stale
 
 
@@ -209,6 +209,37 @@ def test_rank_above_the_register_limit_is_refused():
     base, x, a, b = (t.detach() for t in _inputs((2,), 600, 600, lora.MAX_RANK + 1, torch.float32, seed=0))
     with pytest.raises(ValueError, match="MAX_RANK"):
         lora.lora_linear(base, x, a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("round_delta", [False, True])
+def test_forward_halves_equal_the_fused_op(dtype, round_delta):
+    """lora_project and lora_apply (compiled joint graphs hold the forward as these two) give lora_linear's
+    (out, xa) bit for bit."""
+    base, x, a, b = (t.detach() for t in _inputs((2, 5), 24, 40, 4, dtype, seed=9))
+    out, xa = torch.ops.memgraph.lora_linear(base, x, a, b, 2.0, round_delta)
+    projected = torch.ops.memgraph.lora_project(x, a)
+    assert torch.equal(projected, xa)
+    assert torch.equal(torch.ops.memgraph.lora_apply(base, projected, b, 2.0, round_delta), out)
+    torch.library.opcheck(torch.ops.memgraph.lora_project.default, (x, a))
+    torch.library.opcheck(torch.ops.memgraph.lora_apply.default, (base, xa, b, 2.0, round_delta))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda base, x, xa, a, b: torch.ops.memgraph.lora_project(x, a[:, :3]), r"lora_project: need x \[..., K\]"),
+    (lambda base, x, xa, a, b: torch.ops.memgraph.lora_project(x, a.double()), "lora_project: A must share"),
+    (lambda base, x, xa, a, b: torch.ops.memgraph.lora_apply(base, xa[..., :1], b, 1.0, False),
+     r"lora_apply: need base \[..., N\] and xa \[..., R\]"),
+    (lambda base, x, xa, a, b: torch.ops.memgraph.lora_apply(base, xa.double(), b, 1.0, False),
+     "xa must have B's dtype"),
+    (lambda base, x, xa, a, b: torch.ops.memgraph.lora_apply(base.int(), xa, b, 1.0, False),
+     "lora_apply: base must be one of"),
+])
+def test_forward_halves_name_what_is_expected(call, message):
+    base, x, a, b = (t.detach() for t in _inputs((3,), 8, 12, 2, torch.float32, seed=0))
+    xa = torch.ops.memgraph.lora_project(x, a)
+    with pytest.raises(ValueError, match=message):
+        call(base, x, xa, a, b)
 
 
 def test_opcheck():

@@ -210,3 +210,36 @@ def test_in_place_sums_on_cuda_match_eager(weights):
     compiled = compare_to_eager(model, ids, {"rewrites": ["lora", "nf4"], "solver": "checkpoint"}, loss_rtol=1e-3,
                                 grad_rtol=2e-2)
     assert compiled is not None
+
+
+@pytest.mark.parametrize("solver", ["checkpoint", "offload-layers"])
+def test_forward_halves_let_backward_recompute_xa_without_the_base_layer(solver):
+    """The joint graph holds each adapter's forward as lora_project (xa = x @ A.T) and lora_apply (out = base +
+    xa @ B.T): down_proj's output is read by the next layer alone, so a backward that recomputes the layer
+    recomputes down_proj's xa from its input, not the base matmul under it nor lora_apply. The cost model's
+    simulation matches the partitioned graphs, and training matches eager."""
+    from memgraph import cost_model
+    from memgraph.capture import capture
+    from tests.helpers import compare_to_eager
+
+    model = peft_model(torch.float32)
+    ids = ids_for(model)
+    (captured,) = capture(model, options={"codegen": "eager", "rewrites": ["lora"]}, solvers=(solver,),
+                          input_ids=ids, labels=ids)
+    joint = [n.target for n in captured.graph.joint.graph.nodes]
+    assert LORA_LINEAR not in joint
+    assert joint.count(torch.ops.memgraph.lora_project.default) == LAYERS * len(PROJECTIONS)
+    assert joint.count(torch.ops.memgraph.lora_apply.default) == LAYERS * len(PROJECTIONS)
+    part = captured.partitions[solver]
+    backward = [n.target for n in part.bw.graph.nodes]
+    recomputed_xa = backward.count(torch.ops.memgraph.lora_project.default)
+    assert recomputed_xa > 0  # the solver recomputes layers
+    # at most down_proj per layer goes without lora_apply (the last layer's output feeds the head, which backward
+    # may recompute)
+    assert recomputed_xa - LAYERS <= backward.count(torch.ops.memgraph.lora_apply.default) < recomputed_xa
+    simulated = captured.costs.estimate(part.plan)
+    partitioned = cost_model.estimate_partitioned(part.graph, part.fw, part.bw, codegen="eager")
+    assert simulated.peak_bytes_hint == partitioned.peak_bytes_hint
+    model.zero_grad(set_to_none=True)  # capture ran a backward
+    compare_to_eager(model, ids, {"codegen": "inductor", "rewrites": ["lora"], "solver": solver},
+                     loss_rtol=1e-5, grad_rtol=1e-4)
