@@ -69,7 +69,8 @@ MAX_RANK = 256  # the rank lives in registers, padded to a power of two (tl.dot 
 MIN_DOT = 16  # tl.dot's smallest dimension
 # Tiles and launch options per kernel; the interpreter runs the same kernels on small tiles.
 # xa = x @ A.T and gxa = g @ B: BLOCK_M rows of X per program, reduced over K in BLOCK_K steps.
-# GPU tiles: the best of benchmarks/bench_lora_kernels.py --sweep on an H100 (benchmarks/results/lora_kernels.json).
+# GPU tiles of the two reductions: the best of benchmarks/bench_lora_kernels.py --sweep on an H100
+# (benchmarks/results/lora_kernels.json); the output kernel's tiles and PRODUCT_DOTS are not searched yet.
 ROWS_TIMES_SMALL = (dict(BLOCK_M=16, BLOCK_K=32) if INTERPRET else
                     dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3))
 # dB and dA: BLOCK_N columns of X per program, reduced over the rows in BLOCK_M steps.
@@ -112,10 +113,12 @@ def _rounded(x, dtype: tl.constexpr):
 
 @triton.jit
 def _bf16_parts(w):
-    """float32 w as three bfloat16 parts whose sum is exactly w (8 + 8 + 8 significant bits)."""
-    high = w.to(tl.bfloat16)
+    """float32 w as three bfloat16 parts whose sum is exactly w (8 + 8 + 8 significant bits), rounded to nearest
+    as on the GPU also under the interpreter. An infinite w (or one above bfloat16's largest) gives NaN parts: a
+    product with it is NaN, not inf (a step that overflowed either way)."""
+    high = _rounded(w, tl.bfloat16)
     rest = w - high.to(tl.float32)  # exact: the bits below high's last one
-    middle = rest.to(tl.bfloat16)
+    middle = _rounded(rest, tl.bfloat16)
     low = (rest - middle.to(tl.float32)).to(tl.bfloat16)  # the last 8 bits: exact in bfloat16
     return high, middle, low
 
@@ -148,6 +151,7 @@ def _split_product(p, w, PRODUCT_DOTS: tl.constexpr):
     pairs left out are below float32's own rounding: float32 accuracy); 3: the pairs down to 2^-8 (relative error
     about 2^-16, far below a 16-bit output's rounding); 0: one float32 ``ieee`` dot (CUDA cores: exact products,
     but at rank 16 it bounds the kernel, not memory)."""
+    tl.static_assert(PRODUCT_DOTS == 0 or PRODUCT_DOTS == 3 or PRODUCT_DOTS == 6, "PRODUCT_DOTS: 0, 3 or 6")
     if PRODUCT_DOTS == 0:
         return tl.dot(p, w, input_precision="ieee")
     p_high, p_middle, p_low = _bf16_parts(p)
@@ -496,13 +500,13 @@ def _(x, lora_a):
 @torch.library.register_fake("memgraph::lora_apply")
 def _(base, xa, lora_b, scale, round_delta):
     _check_apply(base, xa, lora_b)
-    return torch.empty_like(base)
+    return base.new_empty(base.shape)  # contiguous, as the implementation's
 
 
 @torch.library.register_fake("memgraph::lora_linear")
 def _(base, x, lora_a, lora_b, scale, round_delta):
     _check(base, x, lora_a, lora_b)
-    return torch.empty_like(base), x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=lora_a.dtype)
+    return base.new_empty(base.shape), x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=lora_a.dtype)
 
 
 def _weight_grads(lora_a: Tensor, lora_b: Tensor, a_grad: bool, b_grad: bool, triton_path: bool):
@@ -664,7 +668,24 @@ def _lora_linear_backward_into_inplace_or_view(keyset, *args):
     return _compat.redispatch_after_inplace_or_view(_LORA_LINEAR_BACKWARD_INTO, keyset, *args)
 
 
+def _forward_half_autograd(impl, op, name: str):
+    """The Autograd-key kernel of lora_project / lora_apply: they appear only in graphs already differentiated
+    (run with grad mode off), so a call that would need their derivative raises instead of autograd's fallback
+    warning and missing gradients."""
+    def kernel(*args):
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if builds_graph(*tensors):
+            raise RuntimeError(f"memgraph.{name} has no derivative (compiled graphs run it after differentiation): "
+                               "differentiate memgraph.lora_linear instead")
+        return _below_autograd(impl, op, direct_eager(*tensors), *args)
+    return kernel
+
+
 _LIB.impl("lora_linear", _lora_linear_autograd, "Autograd")
+_LIB.impl("lora_project", _forward_half_autograd(_lora_project_checked, torch.ops.memgraph.lora_project.default,
+                                                 "lora_project"), "Autograd")
+_LIB.impl("lora_apply", _forward_half_autograd(_lora_apply_checked, torch.ops.memgraph.lora_apply.default,
+                                               "lora_apply"), "Autograd")
 _LIB.impl("lora_linear_backward", _lora_linear_backward_autograd, "Autograd")
 _LIB.impl("lora_linear_backward_into", _lora_linear_backward_into_autograd, "Autograd")
 _LIB.impl("lora_linear_backward_into", _lora_linear_backward_into_inplace_or_view, "ADInplaceOrView",
@@ -701,9 +722,9 @@ def _check_apply(base: Tensor, xa: Tensor, lora_b: Tensor) -> None:
             base.shape[:-1] != xa.shape[:-1]:
         raise ValueError(f"lora_apply: need base [..., N] and xa [..., R] for B [N, R]; got base "
                          f"{tuple(base.shape)}, xa {tuple(xa.shape)}, B {tuple(lora_b.shape)}")
+    _check_dtypes("lora_apply", {"B": lora_b}, {"base": base}, lora_b.shape[1])
     if xa.dtype != lora_b.dtype:
         raise ValueError(f"lora_apply: xa must have B's dtype {lora_b.dtype}; got {xa.dtype}")
-    _check_dtypes("lora_apply", {"B": lora_b}, {"base": base}, lora_b.shape[1])
 
 
 def _check_dtypes(op: str, adapters: dict, activations: dict, rank: int) -> None:
@@ -711,7 +732,8 @@ def _check_dtypes(op: str, adapters: dict, activations: dict, rank: int) -> None
     most MAX_RANK."""
     dtypes = {t.dtype for t in adapters.values()}
     if len(dtypes) != 1 or not dtypes <= set(ADAPTER_DTYPES):
-        raise ValueError(f"{op}: {' and '.join(adapters)} must share one dtype of {ADAPTER_DTYPES}; got "
+        must = "must share one dtype of" if len(adapters) > 1 else "must be one of"
+        raise ValueError(f"{op}: {' and '.join(adapters)} {must} {ADAPTER_DTYPES}; got "
                          f"{' and '.join(str(t.dtype) for t in adapters.values())}")
     if any(t.dtype not in ACTIVATION_DTYPES for t in activations.values()):
         raise ValueError(f"{op}: {' and '.join(activations)} must be one of {ACTIVATION_DTYPES}; got "

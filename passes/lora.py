@@ -22,6 +22,7 @@ gradients (the base layer's and the adapter's) moves into the backward op, so th
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import operator
@@ -217,7 +218,7 @@ def _install(gm: fx.GraphModule, match: _Match) -> str:
 # In the joint graph: the forward in two halves
 # ------------------------------------------------------------------------------------------------------------
 # node meta that describes one op's own arguments or outputs: not carried over to the ops replacing it
-_PER_ARGUMENT_META = ("val", "tensor_meta", "eager_input_vals")
+_PER_ARGUMENT_META = ("val", "tensor_meta", "example_value", "eager_input_vals")
 
 
 def split_forward(joint: fx.GraphModule) -> int:
@@ -225,47 +226,57 @@ def split_forward(joint: fx.GraphModule) -> int:
     base and xa): the same kernels and values, but xa no longer depends on the base layer. A backward that needs
     xa and not out (a layer's last projection, whose output only the next layer reads) then recomputes x @ A.T
     instead of the base layer's matmul under it; planners may also keep xa ([tokens, R]) alone. Returns how
-    many were split; an op whose tuple is read whole is left as it is."""
+    many were split; an op whose tuple is read whole, or called with keyword arguments, is left as it is. Every
+    op is checked before the graph is edited."""
     op = torch.ops.memgraph.lora_linear.default
-    split = 0
-    for node in list(joint.graph.nodes):
-        if node.target is not op or node.kwargs or any(u.target is not operator.getitem for u in node.users):
-            continue
-        base, x, lora_a, lora_b, scale, round_delta = node.args
-        value = node.meta.get("val")
-        eager = _halves_eager_inputs(node.meta.get("eager_input_vals"), value)
-        with joint.graph.inserting_before(node):
-            xa = joint.graph.call_function(torch.ops.memgraph.lora_project.default, (x, lora_a))
-            out = joint.graph.call_function(torch.ops.memgraph.lora_apply.default,
-                                            (base, xa, lora_b, scale, round_delta))
-        for half, index in ((out, 0), (xa, 1)):
-            half.meta.update({k: v for k, v in node.meta.items() if k not in _PER_ARGUMENT_META})
-            if isinstance(value, (tuple, list)):
-                half.meta["val"] = value[index]
-        if eager is not None:
-            xa.meta["eager_input_vals"], out.meta["eager_input_vals"] = eager
-        for item in list(node.users):
-            item.replace_all_uses_with(xa if item.args[1] == 1 else out)
-            joint.graph.erase_node(item)
-        joint.graph.erase_node(node)
-        split += 1
-    if split:
+    splits = [(node, _halves_eager_inputs(node.meta.get("eager_input_vals"), node.meta.get("val")))
+              for node in joint.graph.nodes
+              if node.target is op and not node.kwargs and len(node.args) == 6 and
+              all(u.target is operator.getitem and u.args[1] in (0, 1) for u in node.users)]
+    for node, eager in splits:
+        _split_one(joint.graph, node, eager)
+    if splits:
         joint.graph.lint()
         joint.recompile()
-    return split
+    return len(splits)
 
 
-def _halves_eager_inputs(eager: Any, value: Any) -> Optional[tuple]:
-    """The eager input values (Inductor matches a custom op's input strides to them) of lora_project and
-    lora_apply, from lora_linear's: None where lora_linear has none in the form expected (then neither half gets
-    any, and Inductor picks the strides)."""
+def _split_one(graph: fx.Graph, node: fx.Node, eager: Optional[dict]) -> None:
+    """Install lora_project and, where out is read, lora_apply in place of ``node`` and its getitems."""
+    base, x, lora_a, lora_b, scale, round_delta = node.args
+    value = node.meta.get("val")
+    items = {0: [], 1: []}
+    for user in node.users:
+        items[user.args[1]].append(user)
+    with graph.inserting_before(node):
+        xa = graph.call_function(torch.ops.memgraph.lora_project.default, (x, lora_a))
+        out = graph.call_function(torch.ops.memgraph.lora_apply.default, (base, xa, lora_b, scale, round_delta)) \
+            if items[0] else None
+    for half, index in ((out, 0), (xa, 1)):
+        if half is None:
+            continue
+        half.meta.update({k: copy.copy(v) for k, v in node.meta.items() if k not in _PER_ARGUMENT_META})
+        if isinstance(value, (tuple, list)):
+            half.meta["val"] = value[index]
+        if eager is not None:
+            half.meta["eager_input_vals"] = eager[index]
+        for item in items[index]:
+            item.replace_all_uses_with(half)
+            graph.erase_node(item)
+    graph.erase_node(node)
+
+
+def _halves_eager_inputs(eager: Any, value: Any) -> Optional[dict]:
+    """The eager input values (Inductor matches a custom op's input strides to them) of lora_apply (0, for out)
+    and lora_project (1, for xa), from lora_linear's: None where lora_linear has none in the form expected (then
+    neither half gets any, and Inductor picks the strides)."""
     if eager is None or not isinstance(value, (tuple, list)) or len(value) != 2:
         return None
     args, kwargs = eager
     if kwargs or len(args) != 6:
         return None
     base, x, lora_a, lora_b, scale, round_delta = args
-    return ((x, lora_a), {}), ((base, value[1], lora_b, scale, round_delta), {})
+    return {0: ((base, value[1], lora_b, scale, round_delta), {}), 1: ((x, lora_a), {})}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -20,12 +20,21 @@ def tiny(monkeypatch):
         monkeypatch.setattr(lora, name, getattr(lora, name))  # restored after the sweep has set them
 
 
-def test_every_role_runs_and_matches_the_module(tiny):
+def test_every_role_runs_and_variants_are_checked_against_the_module(tiny, monkeypatch):
+    """Each role runs on every shape; a variant's results are compared with the module's own: another product
+    (one float32 dot) agrees within float32 rounding, a wrong kernel is refused."""
     b = bench._Bench([8], "cpu")
     for kernel, roles in bench.KERNELS.items():
         rows, _ = b.measure(kernel, "module")
         assert sorted(r["role"] for r in rows) == sorted(roles * len(bench.SHAPES))
-        assert all(r["rel_err"] == 0.0 for r in rows)
+    monkeypatch.setattr(lora, "SMALL_TIMES_COLS", {**lora.SMALL_TIMES_COLS, "PRODUCT_DOTS": 0})
+    rows, _ = b.measure("small_times_cols", "one float32 dot")
+    assert all(r["rel_err"] < 4e-3 for r in rows)
+    wrong = lora._small_times_cols
+    monkeypatch.setattr(lora, "_small_times_cols", lambda p, w, base, out, alpha, rd: wrong(p, w, base, out,
+                                                                                          2 * alpha, rd))
+    with pytest.raises(AssertionError, match="differs from the module's result"):
+        b.measure("small_times_cols", "twice the product")
 
 
 def test_the_sweep_keeps_only_faster_variants(tiny, monkeypatch):

@@ -221,13 +221,14 @@ def test_forward_halves_equal_the_fused_op(dtype, round_delta):
     projected = torch.ops.memgraph.lora_project(x, a)
     assert torch.equal(projected, xa)
     assert torch.equal(torch.ops.memgraph.lora_apply(base, projected, b, 2.0, round_delta), out)
+    assert rel(projected, x.double() @ a.double().T) < 1e-6
     torch.library.opcheck(torch.ops.memgraph.lora_project.default, (x, a))
     torch.library.opcheck(torch.ops.memgraph.lora_apply.default, (base, xa, b, 2.0, round_delta))
 
 
 @pytest.mark.parametrize("call, message", [
     (lambda base, x, xa, a, b: torch.ops.memgraph.lora_project(x, a[:, :3]), r"lora_project: need x \[..., K\]"),
-    (lambda base, x, xa, a, b: torch.ops.memgraph.lora_project(x, a.double()), "lora_project: A must share"),
+    (lambda base, x, xa, a, b: torch.ops.memgraph.lora_project(x, a.double()), "lora_project: A must be one of"),
     (lambda base, x, xa, a, b: torch.ops.memgraph.lora_apply(base, xa[..., :1], b, 1.0, False),
      r"lora_apply: need base \[..., N\] and xa \[..., R\]"),
     (lambda base, x, xa, a, b: torch.ops.memgraph.lora_apply(base, xa.double(), b, 1.0, False),
@@ -240,6 +241,20 @@ def test_forward_halves_name_what_is_expected(call, message):
     xa = torch.ops.memgraph.lora_project(x, a)
     with pytest.raises(ValueError, match=message):
         call(base, x, xa, a, b)
+
+
+def test_forward_halves_have_no_derivative():
+    """lora_project and lora_apply run in graphs already differentiated: a call that would need their derivative
+    raises (autograd's fallback would warn and leave A's and B's gradients missing); without grad they run."""
+    base, x, a, b = _inputs((3,), 8, 12, 2, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="lora_project has no derivative"):
+        torch.ops.memgraph.lora_project(x, a)
+    with torch.no_grad():
+        xa = torch.ops.memgraph.lora_project(x, a)
+    with pytest.raises(RuntimeError, match="lora_apply has no derivative"):
+        torch.ops.memgraph.lora_apply(base, xa, b, 1.0, False)
+    with torch.no_grad():
+        assert torch.ops.memgraph.lora_apply(base, xa, b, 1.0, False).shape == base.shape
 
 
 def test_opcheck():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 
 import pytest
 import torch
@@ -243,3 +244,31 @@ def test_forward_halves_let_backward_recompute_xa_without_the_base_layer(solver)
     model.zero_grad(set_to_none=True)  # capture ran a backward
     compare_to_eager(model, ids, {"codegen": "inductor", "rewrites": ["lora"], "solver": solver},
                      loss_rtol=1e-5, grad_rtol=1e-4)
+
+
+def test_split_forward_leaves_what_it_cannot_split_and_makes_only_the_halves_read():
+    """A lora_linear whose tuple is read whole stays fused; one whose out nobody reads becomes lora_project alone;
+    each half's value and eager input values are its own."""
+    from memgraph.passes.lora import split_forward
+
+    graph = torch.fx.Graph()
+    base, x, a, b = (graph.placeholder(name) for name in ("base", "x", "a", "b"))
+    whole = graph.call_function(LORA_LINEAR, (base, x, a, b, 2.0, False))
+    only_xa = graph.call_function(LORA_LINEAR, (base, x, a, b, 2.0, False))
+    xa = graph.call_function(operator.getitem, (only_xa, 1))
+    graph.output((whole, xa))
+    values = (torch.empty(3, 5), torch.empty(3, 4), torch.empty(2, 4), torch.empty(5, 2))
+    for node in (whole, only_xa):
+        node.meta["val"] = (torch.empty(3, 5), torch.empty(3, 2))
+        node.meta["eager_input_vals"] = ((*values, 2.0, False), {})
+        node.meta["stack_trace"] = "the adapter's line"
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert split_forward(gm) == 1
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(LORA_LINEAR) == 1 and torch.ops.memgraph.lora_apply.default not in targets
+    (project,) = [n for n in gm.graph.nodes if n.target is torch.ops.memgraph.lora_project.default]
+    assert project.meta["val"].shape == (3, 2) and project.meta["stack_trace"] == "the adapter's line"
+    assert project.meta["eager_input_vals"][0] == (values[1], values[2])
+    inputs = [torch.randn(3, 5), torch.randn(3, 4), torch.randn(2, 4), torch.randn(5, 2)]
+    (out, got_xa), want = gm(*inputs), torch.ops.memgraph.lora_linear(*inputs, 2.0, False)
+    assert torch.equal(got_xa, want[1]) and torch.equal(out[0], want[0])
