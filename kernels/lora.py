@@ -67,19 +67,21 @@ ADAPTER_DTYPES = (torch.float32,)  # PEFT's default for 16-bit models; 16-bit ad
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_RANK = 256  # the rank lives in registers, padded to a power of two (tl.dot needs >= 16)
 MIN_DOT = 16  # tl.dot's smallest dimension
-# Tiles and launch options per kernel; the interpreter runs the same kernels on small tiles.
+# Tiles and launch options per kernel; the interpreter runs the same kernels on small tiles. GPU tiles of the two
+# reductions: the best of benchmarks/bench_lora_kernels.py --sweep on an H100 (benchmarks/results/
+# lora_kernels.json); the output kernel's tiles and PRODUCT_DOTS are not searched yet.
 # xa = x @ A.T and gxa = g @ B: BLOCK_M rows of X per program, reduced over K in BLOCK_K steps.
-# GPU tiles of the two reductions: the best of benchmarks/bench_lora_kernels.py --sweep on an H100
-# (benchmarks/results/lora_kernels.json); the output kernel's tiles and PRODUCT_DOTS are not searched yet.
 ROWS_TIMES_SMALL = (dict(BLOCK_M=16, BLOCK_K=32) if INTERPRET else
                     dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3))
 # dB and dA: BLOCK_N columns of X per program, reduced over the rows in BLOCK_M steps.
 COLS_REDUCED = (dict(BLOCK_M=16, BLOCK_N=32) if INTERPRET else
                 dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4))
 # out = base + xa @ B.T and dx = gxa @ A: [BLOCK_M, BLOCK_N] tiles of the output, one pass over memory; the
-# rank-deep product runs on bfloat16 parts (PRODUCT_DOTS: see _split_product).
+# rank-deep product runs on bfloat16 parts (PRODUCT_DOTS: see _split_product), RANK_SLICE ranks at a time (a
+# power of two, at least MIN_DOT), so a large rank never holds all its parts at once.
 SMALL_TIMES_COLS = (dict(BLOCK_M=16, BLOCK_N=32, PRODUCT_DOTS=6) if INTERPRET else
                     dict(BLOCK_M=64, BLOCK_N=128, PRODUCT_DOTS=6, num_warps=4))
+RANK_SLICE = 64
 # The two reductions (over K for xa and gxa, over the rows for dA and dB) split their long dimension so that a
 # short other dimension still fills the GPU: 2048 rows are 32 row blocks, a quarter of an H100's 132
 # multiprocessors. The last program of each kept block adds up the splits' float32 partials in a fixed order.
@@ -145,18 +147,17 @@ def _exact_dot(x, w, acc, BF16_PARTS: tl.constexpr):
 
 
 @triton.jit
-def _split_product(p, w, PRODUCT_DOTS: tl.constexpr):
-    """p @ w for float32 p and w (a rank-sized inner dimension). PRODUCT_DOTS = 6: both split into bfloat16
+def _split_product(p, w, acc, PRODUCT_DOTS: tl.constexpr):
+    """acc + p @ w for float32 p and w (a rank-sized inner dimension). PRODUCT_DOTS = 6: both split into bfloat16
     parts, and every pair of parts down to 2^-16 of the leading one multiplied on the tensor cores (the three
     pairs left out are below float32's own rounding: float32 accuracy); 3: the pairs down to 2^-8 (relative error
     about 2^-16, far below a 16-bit output's rounding); 0: one float32 ``ieee`` dot (CUDA cores: exact products,
     but at rank 16 it bounds the kernel, not memory)."""
     tl.static_assert(PRODUCT_DOTS == 0 or PRODUCT_DOTS == 3 or PRODUCT_DOTS == 6, "PRODUCT_DOTS: 0, 3 or 6")
     if PRODUCT_DOTS == 0:
-        return tl.dot(p, w, input_precision="ieee")
+        return tl.dot(p, w, acc, input_precision="ieee")
     p_high, p_middle, p_low = _bf16_parts(p)
     w_high, w_middle, w_low = _bf16_parts(w)
-    acc = tl.zeros((p.shape[0], w.shape[1]), dtype=tl.float32)
     if PRODUCT_DOTS == 6:  # smallest first
         acc = _bf16_dot(p_low, w_high, acc)
         acc = _bf16_dot(p_middle, w_middle, acc)
@@ -218,17 +219,20 @@ def _small_times_cols_kernel(P, stride_pm, stride_pr, W, stride_wr, stride_wn, B
                              OUT, stride_om, stride_on, M, N, R, alpha,
                              HAS_BASE: tl.constexpr, ROUND_DELTA: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                             PRODUCT_DOTS: tl.constexpr):
+                             BLOCK_R: tl.constexpr, PRODUCT_DOTS: tl.constexpr):
     """OUT[M, N] = base + alpha * (P[M, R] @ W[R, N]), summed in float32 (or with the product first rounded to
     OUT's dtype: ROUND_DELTA), then rounded to OUT's dtype; without a base just the rounded product (dx)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ranks = tl.arange(0, R_PAD)
-    p = tl.load(P + rows[:, None] * stride_pm + ranks[None, :] * stride_pr,
-                mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(tl.float32)
-    w = tl.load(W + ranks[:, None] * stride_wr + cols[None, :] * stride_wn,
-                mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0).to(tl.float32)
-    product = _split_product(p, w, PRODUCT_DOTS) * alpha
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, R_PAD, BLOCK_R):  # the rank in slices: a large rank never holds all its parts at once
+        ranks = start + tl.arange(0, BLOCK_R)
+        p = tl.load(P + rows[:, None] * stride_pm + ranks[None, :] * stride_pr,
+                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(tl.float32)
+        w = tl.load(W + ranks[:, None] * stride_wr + cols[None, :] * stride_wn,
+                    mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0).to(tl.float32)
+        acc = _split_product(p, w, acc, PRODUCT_DOTS)
+    product = acc * alpha
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     if HAS_BASE:
         base = tl.load(BASE + rows[:, None] * stride_bm + cols[None, :] * stride_bn, mask=inside,
@@ -355,7 +359,7 @@ def _small_times_cols(p: Tensor, w: Tensor, base: Optional[Tensor], out: Tensor,
         launch(_small_times_cols_kernel, (_cdiv(m, tiles["BLOCK_M"]), _cdiv(n, tiles["BLOCK_N"])),
                p, p.stride(0), p.stride(1), w, w.stride(0), w.stride(1), b, b.stride(0), b.stride(1),
                out, out.stride(0), out.stride(1), m, n, r, alpha, HAS_BASE=base is not None,
-               ROUND_DELTA=round_delta, R_PAD=_rank_pad(r), **tiles)
+               ROUND_DELTA=round_delta, R_PAD=_rank_pad(r), BLOCK_R=min(_rank_pad(r), RANK_SLICE), **tiles)
 
 
 def _cols_reduced(x: Tensor, p: Tensor, out: Tensor, alpha: float) -> None:

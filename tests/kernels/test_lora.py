@@ -243,6 +243,40 @@ def test_forward_halves_name_what_is_expected(call, message):
         call(base, x, xa, a, b)
 
 
+@pytest.mark.parametrize("product_dots", [0, 3, 6])
+def test_output_kernel_sums_the_rank_in_slices(monkeypatch, product_dots):
+    """The [M, N] kernel multiplies RANK_SLICE ranks at a time (here 16 of a rank of 40, in 4 slices: the last one
+    partly padding) with each PRODUCT_DOTS setting, and gives the float32 product: float32 out and dx against
+    float64."""
+    monkeypatch.setattr(lora, "RANK_SLICE", 16)
+    monkeypatch.setattr(lora, "SMALL_TIMES_COLS", {**lora.SMALL_TIMES_COLS, "PRODUCT_DOTS": product_dots})
+    base, x, a, b = _inputs((2, 7), 24, 40, 40, torch.float32, seed=11)
+    tolerance = 1e-4 if product_dots == 3 else 1e-6  # 3: pairs of parts down to 2^-8 only
+    out = lora.lora_linear(base, x, a, b, 2.0)
+    exact = lora.reference_lora_linear(*(t.detach().double() for t in (base, x, a, b)), 2.0)
+    assert rel(out, exact) < tolerance
+    g = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, (x,), g)
+    assert rel(grad_x, (g.double() @ b.detach().double() * 2.0) @ a.detach().double()) < tolerance
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rank", [16, 64, 256])
+@pytest.mark.parametrize("product_dots", [0, 6])
+def test_gpu_output_kernel_is_float32_accurate_at_every_rank(monkeypatch, rank, product_dots):
+    """On the GPU the six bfloat16-part dots give a float32 product (the same accuracy as one ieee float32 dot),
+    up to MAX_RANK (256: four rank slices)."""
+    monkeypatch.setattr(lora, "SMALL_TIMES_COLS", {**lora.SMALL_TIMES_COLS, "PRODUCT_DOTS": product_dots})
+    generator = torch.Generator().manual_seed(rank)
+    p = torch.randn(1000, rank, generator=generator).cuda()
+    w = torch.randn(rank, 3000, generator=generator).cuda()
+    base = torch.randn(1000, 3000, generator=generator).cuda()
+    out = torch.empty_like(base)
+    lora._small_times_cols(p, w, base, out, 0.5, False)
+    exact = base.double() + 0.5 * (p.double() @ w.double())
+    assert rel(out, exact) < 3e-7
+
+
 def test_forward_halves_have_no_derivative():
     """lora_project and lora_apply run in graphs already differentiated: a call that would need their derivative
     raises (autograd's fallback would warn and leave A's and B's gradients missing); without grad they run."""
