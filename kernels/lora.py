@@ -749,10 +749,6 @@ def _check_dtypes(op: str, adapters: dict, activations: dict, rank: int) -> None
 def _register_flop_formulas() -> None:
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    def forward_flops(base, x, lora_a, lora_b, *args, out_shape=None, **kwargs) -> int:
-        rows, (rank, features), outputs = math.prod(x[:-1]), lora_a, lora_b[0]
-        return 2 * rows * rank * (features + outputs)
-
     def backward_flops(grad, x, xa, lora_a, lora_b, scale, x_grad, a_grad, b_grad, accumulate=None, *,
                        out_shape=None, **kwargs) -> int:
         rows, (rank, features), outputs = math.prod(x[:-1]), lora_a, lora_b[0]
@@ -767,6 +763,9 @@ def _register_flop_formulas() -> None:
 
     def apply_flops(base, xa, lora_b, *args, out_shape=None, **kwargs) -> int:
         return 2 * math.prod(base[:-1]) * lora_b[1] * lora_b[0]
+
+    def forward_flops(base, x, lora_a, lora_b, *args, out_shape=None, **kwargs) -> int:  # the two halves
+        return project_flops(x, lora_a) + apply_flops(base, None, lora_b)
 
     for packet, formula in ((torch.ops.memgraph.lora_linear, forward_flops),
                             (torch.ops.memgraph.lora_project, project_flops),
