@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="search each kernel's tiles and launch options")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop searching after this long")
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS),
+                        help="measure or search only these kernels")
     args = parser.parse_args()
     if args.device == "cpu":
         SHAPES.update({name: ((features // 128, outputs // 128), n)
@@ -222,7 +224,7 @@ def main() -> None:
     bench = _Bench(args.tokens, args.device)
     rows, summaries = [], []
     with exclusive_gpu_timing() if args.device == "cuda" else contextlib.nullcontext():
-        for kernel in KERNELS:
+        for kernel in args.kernels:
             if args.sweep:
                 kernel_rows, summary = _search(bench, kernel, args.rounds, deadline)
             else:

@@ -13,7 +13,8 @@ Everything is indexed by a node's position ``i`` in the joint graph (output node
   ``weight`` (bytes that saving or recomputing it keeps alive; 0 for views, tuples and inputs);
 * the decision space: ``forward`` (forward values and primals, graph order), ``backward``, ``frontier``
   (forward values backward reads directly), ``pinned`` (index -> why it may not be recomputed),
-  ``unsaveable`` (tuples of multi-output ops), ``views``, ``primals``, ``tangents``;
+  ``unsaveable`` (tuples of multi-output ops, and ``never_saved``: values recomputed wherever backward needs them,
+  ``policies.never_save``), ``views``, ``primals``, ``tangents``;
 * caches, explicit: ``simulations`` (saved set -> MemoryEstimate, least recently used dropped) and ``memo``
   (solver-owned results keyed by ``(solver name, ...)``, so solvers called in turn on one graph share work).
 
@@ -51,7 +52,7 @@ from memgraph.cost_model import runtime, transfers
 from memgraph.cost_model.blocks import Blocks, find_blocks
 from memgraph.cost_model.inductor import with_kernel
 from memgraph.cost_model.memory import MemoryEstimate, StepSemantics
-from memgraph.cost_model.policies import is_multi_output, never_recompute
+from memgraph.cost_model.policies import is_multi_output, never_recompute, never_save
 from memgraph.cost_model.runtime import DeviceSpec
 from memgraph.cost_model.step import StepGraphs, grad_clone_bytes, simulate_step
 from memgraph.cost_model.symbolic import Size, evaluate, rounded_allocation
@@ -149,7 +150,8 @@ class GraphCosts:
         self.frontier = frozenset(j for i in self.backward for j in self.inputs[i] if j in self.forward_set)
         self.pinned: dict[int, str] = {i: reason for i in self.forward
                                        if (reason := never_recompute(self.nodes[i])) is not None}
-        self.unsaveable = frozenset(tuples)
+        self.never_saved = frozenset(i for i in forward if i not in primals and never_save(self.nodes[i]))
+        self.unsaveable = frozenset(tuples) | self.never_saved
         self.views = frozenset(i for i in self.forward if i not in primals and i not in self.unsaveable
                                and self.allocated_bytes(i) == 0 and self.nodes[i].target is not operator.getitem)
         self.weight = np.zeros(len(self.nodes), dtype=np.int64)

@@ -3,6 +3,10 @@
 In the words of JAX's remat policies, over the AOTAutograd joint graph: a value may be *recomputed* in
 backward unless recomputing it would change the result or repeat an effect. Such a value is *pinned*: if
 backward needs it, it is saved. ``never_recompute(node)`` says why a node is pinned (or None).
+
+The dual: a value that saving never pays for is recomputed wherever backward needs it. ``never_save(node)`` says
+why (or None): an op registered with ``register_never_saved`` (a frozen weight's dequantized copy: four times the
+bytes it is read from, at one read of them) whose inputs are all graph inputs.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch.fx as fx
 
 from memgraph import _compat
 
-__all__ = ["never_recompute", "is_multi_output"]
+__all__ = ["never_recompute", "never_save", "register_never_saved", "is_multi_output"]
 
 _COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "_dtensor", "c10d")
 
@@ -43,6 +47,24 @@ def never_recompute(node: fx.Node) -> str | None:
         if target._schema.is_mutable:
             return "mutates an input"
     return None
+
+
+# op -> why its output is never saved (when computed from graph inputs alone)
+_NEVER_SAVED: dict[object, str] = {}
+
+
+def register_never_saved(op, reason: str) -> None:
+    """Declare an op whose output, computed from graph inputs (parameters) alone, is never worth saving for
+    backward: recomputing it reads less than keeping it holds (e.g. dequantizing a 4-bit weight)."""
+    _NEVER_SAVED[op] = reason
+
+
+def never_save(node: fx.Node) -> str | None:
+    """Why ``node`` is never saved (so backward recomputes it where it needs it), or None if it may be."""
+    reason = _NEVER_SAVED.get(node.target) if node.op == "call_function" else None
+    if reason is None or not all(i.op == "placeholder" for i in node.all_input_nodes):
+        return None
+    return reason
 
 
 def _is_impure(node: fx.Node) -> bool:

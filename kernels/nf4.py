@@ -22,7 +22,11 @@ cuBLAS matmul, and the workspace is released right after the matmul. The caching
 block to the next layer of equal shape, so it behaves as one reused workspace without pinning memory
 between layers (and stays visible to memory accounting as a transient; see
 ``nf4_linear_workspace_bytes``). Decode-sized M (< ~16) would favour a fused GEMV; training never runs there.
-Backward dequantizes again instead of saving the bf16 W: saving it would cost ~4x the NF4 bytes per layer.
+Backward dequantizes again instead of saving the bf16 W: saving it would cost ~4x the NF4 bytes per layer. In a
+compiled step the joint graph holds ``nf4_dequantize`` and the matmuls instead of these ops
+(``passes.nf4.expose_dequantized_weights``), so the planner sees the weight as a value: never saved (a policy,
+``cost_model.policies.never_save``), but a backward that recomputes a forward matmul may read its weight for dx too
+(``passes.shared_dequantize``).
 
 Host overhead: a 4096->1024 layer's whole fwd+bwd is ~0.1 ms of GPU time at M=2048, so the per-call Python
 matters as much as the kernels. The linear ops are registered with torch.library's low-level API (no
@@ -319,34 +323,54 @@ def _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, shape
 
 
 # --------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("memgraph::nf4_dequantize", mutates_args=())
-def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
-                   nested_code: Optional[torch.Tensor], nested_offset: Optional[torch.Tensor], shape: list[int],
-                   blocksize: int, nested_blocksize: int, dtype: torch.dtype) -> torch.Tensor:
-    """The dequantized weight of ``shape`` in ``dtype``."""
+# All three ops are registered with torch.library's low-level API (define / impl) rather than custom_op, whose
+# generic Python wrapper costs more host time per call than a dequantize of a small layer takes on the GPU (see
+# the linear ops below). The dequantize op runs once per NF4 weight and use in a compiled step
+# (``passes.nf4.expose_dequantized_weights``), so its call is as hot as theirs.
+_LIB = torch.library.Library("memgraph", "FRAGMENT")  # module-level: the registrations live as long as it does
+_LIB.define("nf4_dequantize(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+            "Tensor? nested_offset, SymInt[] shape, SymInt blocksize, SymInt nested_blocksize, ScalarType dtype) "
+            "-> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+nf4_dequantize = torch.ops.memgraph.nf4_dequantize
+_NF4_DEQUANTIZE = nf4_dequantize.default
+
+
+def _check_dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, shape, blocksize,
+                      nested_blocksize, dtype) -> None:
     _check_storage(packed, absmax, nested_absmax, nested_code, nested_offset, math.prod(shape), blocksize,
                    nested_blocksize)
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"NF4 dequantize dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+
+
+def _nf4_dequantize_impl(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                         nested_code: Optional[torch.Tensor], nested_offset: Optional[torch.Tensor],
+                         shape: Sequence[int], blocksize: int, nested_blocksize: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight of ``shape`` in ``dtype``."""
+    _check_dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, shape, blocksize,
+                      nested_blocksize, dtype)
     return _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, tuple(shape), blocksize,
                        nested_blocksize, dtype)
 
 
-@nf4_dequantize.register_fake
+# CompositeExplicitAutograd: every backend; the frozen storage never needs a gradient (autograd's fallback
+# raises if asked for one).
+_LIB.impl("nf4_dequantize", _nf4_dequantize_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("memgraph::nf4_dequantize")
 def _(packed, absmax, nested_absmax, nested_code, nested_offset, shape, blocksize, nested_blocksize, dtype):
-    _check_storage(packed, absmax, nested_absmax, nested_code, nested_offset, math.prod(shape), blocksize,
-                   nested_blocksize)
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"NF4 dequantize dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+    _check_dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, shape, blocksize,
+                      nested_blocksize, dtype)
     return packed.new_empty(shape, dtype=dtype)
 
 
-# The two linear ops run twice per layer per training step, so they are registered with torch.library's
+# The two linear ops run twice per layer per training step in eager, so they too are registered with the
 # low-level API (define / impl / an autograd kernel) instead of torch.library.custom_op. custom_op wraps every
 # call in generic Python (default-argument filling for setup_context, an output-aliasing check, a dynamo-disable
 # wrapper, a Metadata object, a Python redispatch): for a trivial op, 127 µs against 77 µs per fwd+bwd on a CPU
 # host. Schemas, tags, fake impls and autograd behave as they did under custom_op.
-_LIB = torch.library.Library("memgraph", "FRAGMENT")  # module-level: the registrations live as long as it does
 _STORAGE_ARGS = ("Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, "
                  "SymInt out_features, SymInt in_features, SymInt blocksize, SymInt nested_blocksize")
 _LIB.define(f"nf4_linear(Tensor x, {_STORAGE_ARGS}) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
@@ -512,6 +536,17 @@ def _register_scratch_formulas() -> None:
 
 
 _register_scratch_formulas()
+
+
+def _register_never_saved() -> None:
+    """A compiled step's dequantized weight (``passes.nf4.expose_dequantized_weights``) is recomputed wherever
+    backward needs it: saving it would hold 4x (bf16) its NF4 bytes per weight for the whole step."""
+    from memgraph.cost_model.policies import register_never_saved
+
+    register_never_saved(_NF4_DEQUANTIZE, "a frozen NF4 weight's dequantized copy (recomputed from its storage)")
+
+
+_register_never_saved()
 
 
 def nf4_storage_bytes(out_features: int, in_features: int, blocksize: int = NF4_BLOCKSIZE,

@@ -49,8 +49,8 @@ class CapturedGraph:
 
     graph: TrainingGraph
     costs: GraphCosts  # made before any solver touched the joint graph
-    # A partition's graph may be a changed copy of ``graph`` (a recomputed attention at 16 bits,
-    # ``pipeline.with_exact_recomputed_attention``): its plan's names are that graph's, not always ``costs``'.
+    # A partition's graph may be a changed copy of ``graph`` (a recomputed attention at 16 bits, recomputed NF4
+    # weights serving dx: ``pipeline.after_plan``): its plan's names are that graph's, not always ``costs``'.
     partitions: dict[str, Partitioned]
     rewrites: list[str] = dataclasses.field(default_factory=list)
     primals: list[Any] = dataclasses.field(default_factory=list)  # real forward inputs of the captured step
@@ -173,7 +173,7 @@ def _plan_functions(solvers: Sequence[str], plan_fn: PlanFunction | None, option
 def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction], rewrites: list[str],
                   options: Options | None = None, codegen: str | None = None, *, cudagraphs: bool = False):
     from memgraph.passes.partition import partition
-    from memgraph.pipeline import offload_setting, on_cuda, with_exact_recomputed_attention
+    from memgraph.pipeline import after_plan, offload_setting, on_cuda
 
     def partition_fn(joint, joint_inputs, **kwargs):
         graph = TrainingGraph.from_partition_args(joint, joint_inputs, **kwargs)
@@ -185,7 +185,7 @@ def _partition_fn(captured: list[CapturedGraph], plans: dict[str, PlanFunction],
         for name, plan_fn in plans.items():
             plan = plan_fn(graph, record.costs)
             # as the backend plans; a custom plan function's plan is taken as it is
-            own, plan, _ = (graph, plan, None) if name == "custom" else with_exact_recomputed_attention(
+            own, plan, _ = (graph, plan, None) if name == "custom" else after_plan(
                 graph, plan, record.costs, options,
                 lambda g: graph_costs(g, offload_budget=offload_budget, device=device, codegen=codegen,
                                       cudagraphs=graphed))

@@ -64,10 +64,10 @@ def _step_seconds(costs) -> float:
 
 def _as_the_backend_runs(graph: TrainingGraph, plan, costs, options: Mapping[str, Any]):
     from memgraph.options import resolve_options
-    from memgraph.pipeline import costs_under, with_exact_recomputed_attention
+    from memgraph.pipeline import after_plan, costs_under
 
     resolved = resolve_options({**options, "solver": plan.solver, "memory_budget": plan.budget_bytes})
-    return with_exact_recomputed_attention(graph, plan, costs, resolved, lambda g: costs_under(g, resolved))[1]
+    return after_plan(graph, plan, costs, resolved, lambda g: costs_under(g, resolved))[1]
 
 
 def _graph_budget(graph: TrainingGraph, solver: str, budget: int | None, options: Mapping[str, Any] | None):
@@ -88,7 +88,7 @@ def _graph_budget(graph: TrainingGraph, solver: str, budget: int | None, options
 def plan_row(graphs: Sequence[TrainingGraph], costs: Sequence[Any], solver: str,
              budget: int | None, options: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
     """One (solver, budget) cell: predicted peak and times, or why the solver gives up. With ``options``, each
-    plan is what the backend would run (``pipeline.with_exact_recomputed_attention``)."""
+    plan is what the backend would run (``pipeline.after_plan``)."""
     from memgraph.cost_model import solvers
     from memgraph.plan import Plan
 

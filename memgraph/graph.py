@@ -120,13 +120,15 @@ class TrainingGraph:
 
 
 def _fuse_joint(joint: fx.GraphModule) -> None:
-    """Joint-graph rewrites every plan sees (today: LoRA's forward in two halves, and its input-gradient sums).
-    One that fails is logged and skipped: it leaves the graph valid (it edits only once it has checked everything
-    it needs)."""
+    """Joint-graph rewrites every plan sees: LoRA's forward in two halves, its input-gradient sums, and each NF4
+    weight's dequantization as a value of its own. One that fails is logged and skipped: it leaves the graph valid
+    (it edits only once it has checked everything it needs)."""
     from memgraph.passes.lora import accumulate_input_grads, split_forward  # no-ops without LoRA ops
+    from memgraph.passes.nf4 import expose_dequantized_weights  # a no-op without NF4 ops
 
     for rewrite, what in ((split_forward, "split of LoRA forwards"),
-                          (accumulate_input_grads, "fusion of LoRA gradient sums")):
+                          (accumulate_input_grads, "fusion of LoRA gradient sums"),
+                          (expose_dequantized_weights, "exposure of NF4 dequantized weights")):
         try:
             rewrite(joint)
         except Exception as error:  # noqa: BLE001 - a rewrite must never break compilation

@@ -83,9 +83,40 @@ def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[Trainin
     plan.budget_bytes = budget
     if budget_note:
         plan.notes.append(budget_note)
-    graph, plan, costs = with_exact_recomputed_attention(graph, plan, costs, options,
-                                                         lambda g: costs_under(g, options))
+    graph, plan, costs = after_plan(graph, plan, costs, options, lambda g: costs_under(g, options))
     return graph, plan, costs.estimate(plan)
+
+
+def after_plan(graph: TrainingGraph, plan: Plan, costs, options: Options | None, make_costs):
+    """(graph, plan, costs) with the changes a solved plan allows, each kept only where the plan still fits:
+    recomputed attention at 16 bits (``with_exact_recomputed_attention``), then recomputed NF4 weights serving dx
+    (``with_shared_dequantize``). A plan without a budget may grow its peak by ``MAX_PEAK_GROWTH_WITHOUT_BUDGET``
+    over both."""
+    from memgraph.passes.recomputed_attention import MAX_PEAK_GROWTH_WITHOUT_BUDGET
+
+    solved_peak = plan.peak_bytes
+    graph, plan, costs = with_exact_recomputed_attention(graph, plan, costs, options, make_costs)
+    limit = plan.budget_bytes
+    if limit is None and solved_peak is not None:
+        limit = int(solved_peak * (1 + MAX_PEAK_GROWTH_WITHOUT_BUDGET))
+    return with_shared_dequantize(graph, plan, costs, options, make_costs, limit)
+
+
+def with_shared_dequantize(graph: TrainingGraph, plan: Plan, costs, options: Options | None, make_costs,
+                           limit: int | None):
+    """(graph, plan, costs) where the NF4 weights the plan recomputes also serve dx, as many as keep the peak within
+    ``limit`` (``passes.shared_dequantize``). Unchanged without ``options`` and when the change fails (logged: the
+    plan as solved trains correctly)."""
+    from memgraph.passes.shared_dequantize import shared_dequantize_where_recomputed
+
+    if options is None:
+        return graph, plan, costs
+    try:
+        shared = shared_dequantize_where_recomputed(graph, plan, costs, make_costs, limit)
+    except Exception as error:  # noqa: BLE001 - an optimisation must not cost the step
+        log.warning("memgraph: recomputed NF4 weights dequantize again for dx (%s: %s)", type(error).__name__, error)
+        return graph, plan, costs
+    return shared if shared is not None else (graph, plan, costs)
 
 
 def with_exact_recomputed_attention(graph: TrainingGraph, plan: Plan, costs, options: Options | None, make_costs):

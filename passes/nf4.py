@@ -363,3 +363,143 @@ def rewrite_bnb_linears(gm: fx.GraphModule, example_inputs: list, options: Any =
         rewriter.finish()
         log.info("memgraph nf4 pass: %d bitsandbytes 4-bit linear(s) -> memgraph.nf4_linear", rewriter.rewritten)
     return gm
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In the joint graph: the dequantized weight as a value of its own
+# ------------------------------------------------------------------------------------------------------------
+_PER_VALUE_META = ("val", "tensor_meta", "example_value", "eager_input_vals")
+
+
+def expose_dequantized_weights(joint: fx.GraphModule) -> int:
+    """Replace the ``nf4_linear`` (forward) and ``nf4_linear_grad_input`` (backward) calls of each NF4 weight by
+    ``nf4_dequantize`` nodes that plain matmuls read: one before the weight's first forward matmul, read by every
+    forward matmul of it, and one before each backward matmul. The same kernels, bits and memory as the ops (the
+    bf16 weight lives from its dequantize to its matmul), but the dequantized weight is now a value of the graph:
+    ``share_dequantized_weights`` lets a backward that recomputes a forward matmul reuse its weight for dx instead
+    of dequantizing again. Returns how many weights were exposed; a weight with an activation its matmul cannot
+    read as rows keeps its ops (logged)."""
+    uses: dict[tuple, list[fx.Node]] = {}
+    for node in joint.graph.nodes:
+        if node.target in (_NF4_LINEAR, _NF4_LINEAR_GRAD_INPUT) and len(node.args) == 10 and not node.kwargs:
+            uses.setdefault(tuple(node.args[1:]), []).append(node)
+    exposed = 0
+    for storage, nodes in uses.items():
+        try:
+            plan = _exposure(storage, nodes)
+        except _Skip as reason:
+            log.info("memgraph: NF4 weight of %s keeps its matmul ops: %s", nodes[0].name, reason)
+            continue
+        _expose(joint.graph, storage, plan)
+        exposed += 1
+    if exposed:
+        joint.graph.lint()
+        joint.recompile()
+    return exposed
+
+
+_NF4_LINEAR = torch.ops.memgraph.nf4_linear.default
+_NF4_LINEAR_GRAD_INPUT = torch.ops.memgraph.nf4_linear_grad_input.default
+_NF4_DEQUANTIZE = torch.ops.memgraph.nf4_dequantize.default
+
+
+def _exposure(storage: tuple, nodes: list[fx.Node]) -> list[tuple[fx.Node, torch.Tensor]]:
+    """(op node, its activation's fake value) for each use of one weight, checked before anything is edited."""
+    out_features, in_features = storage[5], storage[6]
+    if not all(isinstance(size, int) for size in (out_features, in_features, storage[7], storage[8])):
+        raise _Skip("symbolic weight shape or blocksize")
+    plan = []
+    for node in nodes:
+        value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(value, torch.Tensor) or not isinstance(node.meta.get("val"), torch.Tensor):
+            raise _Skip(f"{node.name} has no fake values")
+        features = in_features if node.target is _NF4_LINEAR else out_features
+        if value.dim() > 2:
+            try:
+                with _fake_mode(value):
+                    value.view(-1, features)
+            except Exception as error:  # noqa: BLE001 - the view's own refusal (strides), said in the log
+                raise _Skip(f"{node.args[0].name} cannot be read as rows ({error})") from None
+        elif value.dim() < 2:
+            raise _Skip(f"{node.args[0].name} is {value.dim()}-D")
+        plan.append((node, value))
+    if len({value.dtype for node, value in plan if node.target is _NF4_LINEAR}) > 1:
+        raise _Skip("forward activations of different dtypes")
+    return plan
+
+
+def _fake_mode(value: torch.Tensor):
+    mode = _compat.fake_mode_of([value])
+    if mode is None:
+        raise _Skip("no fake mode")
+    return mode
+
+
+def _expose(graph: fx.Graph, storage: tuple, plan: list[tuple[fx.Node, torch.Tensor]]) -> None:
+    """Install the dequantize nodes and a matmul in place of each op."""
+    forward_weight = None
+    for node, value in plan:
+        forward = node.target is _NF4_LINEAR
+        with graph.inserting_before(node), _fake_mode(value):
+            if forward and forward_weight is not None:
+                weight = forward_weight
+            else:
+                weight = _dequantize_node(graph, storage, value.dtype, node)
+                forward_weight = weight if forward else forward_weight
+            # permute, not t: Inductor decomposes t (and refuses a graph that still holds it)
+            operand = _node(graph, torch.ops.aten.permute.default, (weight, [1, 0]), node) if forward else weight
+            rows = _as_rows(graph, node.args[0], value, node)
+            product = _node(graph, torch.ops.aten.mm.default, (rows, operand), node)
+            result = _as_shape_of(graph, product, node.args[0], value, node)
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+
+
+def _dequantize_node(graph: fx.Graph, storage: tuple, dtype: torch.dtype, source: fx.Node) -> fx.Node:
+    packed, absmax, nested_absmax, nested_code, nested_offset, out_features, in_features, blocksize, nested = storage
+    arguments = (packed, absmax, nested_absmax, nested_code, nested_offset, [out_features, in_features], blocksize,
+                 nested, dtype)
+    weight = _node(graph, _NF4_DEQUANTIZE, arguments, source)
+    if "eager_input_vals" in source.meta:  # Inductor matches a custom op's input strides to them
+        weight.meta["eager_input_vals"] = (tuple(a.meta["val"] if isinstance(a, fx.Node) else a
+                                                 for a in arguments), {})
+    return weight
+
+
+def _copy_meta(source: fx.Node, target: fx.Node) -> None:
+    """Where the node came from (stack, module, backward tag), not what it holds."""
+    target.meta.update({k: v for k, v in source.meta.items() if k not in _PER_VALUE_META})
+
+
+def _node(graph: fx.Graph, op, args: tuple, source: fx.Node) -> fx.Node:
+    """``op(*args)`` as a node of ``graph``, with its fake value (run in the ambient fake mode) and ``source``'s
+    provenance."""
+    node = graph.call_function(op, args)
+    _copy_meta(source, node)
+    node.meta["val"] = op(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in args])
+    return node
+
+
+def _as_rows(graph: fx.Graph, activation: fx.Node, value: torch.Tensor, source: fx.Node) -> fx.Node:
+    """``activation`` viewed as [tokens, features] (as F.linear folds it)."""
+    if value.dim() == 2:
+        return activation
+    return _node(graph, torch.ops.aten.view.default, (activation, [-1, value.shape[-1]]), source)
+
+
+def _as_shape_of(graph: fx.Graph, product: fx.Node, activation: fx.Node, value: torch.Tensor,
+                 source: fx.Node) -> fx.Node:
+    """The [tokens, N] product viewed with the activation's leading dimensions: symbolic ones read from the
+    activation (the first as -1)."""
+    if value.dim() == 2:
+        return product
+    sizes: list = []
+    for dim, size in enumerate(value.shape[:-1]):
+        if isinstance(size, int):
+            sizes.append(size)
+        elif -1 not in sizes:
+            sizes.append(-1)
+        else:
+            sizes.append(_node(graph, torch.ops.aten.sym_size.int, (activation, dim), source))
+    sizes.append(product.meta["val"].shape[-1])
+    return _node(graph, torch.ops.aten.view.default, (product, sizes), source)

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from memgraph.graph import TrainingGraph
+from memgraph.passes._replan import carried_over, refreshed, resimulated
 from memgraph.plan import Plan
 from memgraph.units import gib
 
@@ -142,15 +143,9 @@ def exact_kv_where_recomputed(graph: TrainingGraph, plan: Plan, make_costs,
     own = graph.private_copy()
     for name in names:
         _to_exact(own.node(name))
-    own.joint.graph.lint()
-    own.joint.recompile()
-    # a fresh TrainingGraph: the copy's cached node tables predate the nodes added and erased above
-    own = TrainingGraph(own.joint, own.example_inputs, own.num_fwd_outputs, own.static_input_indices,
-                        canonical=True)
-    own_costs = make_costs(own)
+    own = refreshed(own)
     # only getitems of the packed codes left the graph, and a plan that keeps nothing of these ops names none
-    exact = own_costs.plan(plan.solver, own_costs.indices(plan.saved), None,
-                           offloaded=own_costs.indices(plan.offloaded))
+    exact, own_costs = resimulated(own, plan, make_costs)
     limit, what = budget, "budget"
     if limit is None and plan.peak_bytes is not None:
         limit, what = int(plan.peak_bytes * (1 + MAX_PEAK_GROWTH_WITHOUT_BUDGET)), f"plan's peak + {MAX_PEAK_GROWTH_WITHOUT_BUDGET:.0%}"
@@ -158,11 +153,7 @@ def exact_kv_where_recomputed(graph: TrainingGraph, plan: Plan, make_costs,
         log.info("memgraph: %d recomputed attentions keep %d-bit K/V: at 16 bits the plan would peak at %s, above "
                  "the %s %s", len(names), bits, gib(exact.peak_bytes), gib(limit), what)
         return None
-    exact.solve_seconds, exact.budget_bytes, exact.optimality_gap = (plan.solve_seconds, plan.budget_bytes,
-                                                                     plan.optimality_gap)
-    stale = {"transfers"}  # where the copies go: the re-simulated plan's own
-    exact.details = {**{k: v for k, v in plan.details.items() if k not in stale}, **exact.details}
-    exact.notes = [*plan.notes, f"recomputed attention at 16 bits: {len(names)} attention ops are recomputed, so "
-                                f"none keeps its {bits}-bit K/V between forward and backward; exact K/V, faster "
-                                f"backward (predicted peak {gib(plan.peak_bytes)} -> {gib(exact.peak_bytes)})"]
-    return own, exact, own_costs
+    return own, carried_over(plan, exact, f"recomputed attention at 16 bits: {len(names)} attention ops are "
+                                          f"recomputed, so none keeps its {bits}-bit K/V between forward and "
+                                          f"backward; exact K/V, faster backward (predicted peak "
+                                          f"{gib(plan.peak_bytes)} -> {gib(exact.peak_bytes)})"), own_costs

@@ -218,8 +218,8 @@ def _storage_owners(costs: GraphCosts) -> dict[int, int]:
     """Forward node -> the node whose decision decides its storage (itself, or the base of a view)."""
     owner: dict[int, int] = {}
     for i in costs.forward:
-        if i in costs.primals or i in costs.unsaveable:
-            continue
+        if i in costs.primals or (i in costs.unsaveable and i not in costs.never_saved):
+            continue  # a tuple owns no storage (its items do); a never-saved value is recomputed into its own
         if i in costs.views:
             base = next((j for j in costs.inputs[i] if j in owner or j in costs.primals), None)
             if base is not None and base in owner:

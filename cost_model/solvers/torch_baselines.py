@@ -20,7 +20,16 @@ def torch_partition_saved(costs: GraphCosts, partitioner) -> set[int]:
     fw, _ = partitioner(_compat.copy_graph_module(graph.joint), list(graph.example_inputs),
                         num_fwd_outputs=graph.num_fwd_outputs,
                         static_lifetime_input_indices=list(graph.static_input_indices))
-    return costs.indices(n for n in saved_nodes(graph, fw) if n in costs.index)
+    saved = costs.indices(n for n in saved_nodes(graph, fw) if n in costs.index)
+    return without_never_saved(costs, saved)
+
+
+def without_never_saved(costs: GraphCosts, saved: set[int]) -> set[int]:
+    """``saved`` with each value the policies never save (``policies.never_save``) replaced by the graph inputs it is
+    computed from: torch's partitioners save a dequantized weight that backward reads (four times its 4-bit
+    storage, every layer), where memgraph recomputes it."""
+    dropped = saved & costs.never_saved
+    return (saved - dropped) | {j for i in dropped for j in costs.inputs[i]}
 
 
 @register("none")

@@ -203,7 +203,8 @@ def test_qlora_recipe_through_memgraph_backend(caplog):
 
 def test_capture_step_applies_the_named_rewrites():
     """The planner's capture path (``capture_step(rewrites=("nf4",))``) plans the rewritten graph: the joint
-    graph holds memgraph.nf4_linear and no bitsandbytes op, and the planned step's loss equals eager's."""
+    graph holds memgraph.nf4_dequantize (the weights of memgraph.nf4_linear, ``expose_dequantized_weights``) and no
+    bitsandbytes op, and the planned step's loss equals eager's."""
     from memgraph.capture import capture
     from memgraph.cost_model.tracker import MemoryTracker, run_step
 
@@ -212,7 +213,7 @@ def test_capture_step_applies_the_named_rewrites():
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device=DEVICE)
     (captured,) = capture(model, solvers=("none",), options={"rewrites": ("nf4",)}, input_ids=ids, labels=ids)
     targets = {n.target for n in captured.graph.joint.graph.nodes if n.op == "call_function"}
-    assert torch.ops.memgraph.nf4_linear.default in targets
+    assert torch.ops.memgraph.nf4_dequantize.default in targets
     assert not [t for t in targets if isinstance(t, torch._ops.OpOverload) and t.namespace == "bitsandbytes"]
     part = captured.partitions["none"]
     step = run_step(part.fw, part.bw, captured.primals, part.graph.num_fwd_outputs, tracker=MemoryTracker())
