@@ -231,7 +231,10 @@ def _small_times_cols_kernel(P, stride_pm, stride_pr, W, stride_wr, stride_wn, B
                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(tl.float32)
         w = tl.load(W + ranks[:, None] * stride_wr + cols[None, :] * stride_wn,
                     mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0).to(tl.float32)
-        acc = _split_product(p, w, acc, PRODUCT_DOTS)
+        # Each slice from a zero accumulator, then one float32 add: the tensor cores' float32 accumulation
+        # truncates an addend against a large running sum, so the small parts' dots must not meet the slices
+        # before (measured on an H100 at rank 256: 24 against 1.3 x 2^-24 relative error).
+        acc += _split_product(p, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRODUCT_DOTS)
     product = acc * alpha
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     if HAS_BASE:
