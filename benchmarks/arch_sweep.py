@@ -319,6 +319,10 @@ def sweep_one(model_type: str, args) -> dict:
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+        if args.nf4:  # QLoRA: the frozen base layers to NF4 (eager and compiled both read the NF4 weights)
+            import memgraph
+
+            memgraph.quantize_(model, "nf4")
         vocab = int(getattr(model.config, "vocab_size", None) or getattr(model.config.get_text_config(), "vocab_size"))
         references = []
         for length in args.lengths:
@@ -359,6 +363,8 @@ def main() -> None:
     parser.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--lengths", default="32,48", help="sequence lengths (the second one recompiles)")
     parser.add_argument("--lora", action="store_true", help="PEFT LoRA on every linear layer")
+    parser.add_argument("--nf4", action="store_true", help="frozen linear layers to NF4 (memgraph.quantize_): with "
+                        "--lora, QLoRA")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="relative error (float32 eager vs memgraph)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per architecture")
     parser.add_argument("--only", default=None, help="comma-separated model types")
@@ -391,12 +397,13 @@ def main() -> None:
         import transformers
 
         note = (f"codegen={args.codegen!r}, batch 2 right-padded (the padding mask becomes the fused attention's "
-                f"segments), lengths {args.lengths}, LoRA {'on every linear' if args.lora else 'off'}. Gradients "
+                f"segments), lengths {args.lengths}, LoRA {'on every linear' if args.lora else 'off'}"
+                f"{', frozen linears in NF4' if args.nf4 else ''}. Gradients "
                 "that are zero in exact arithmetic are compared against 1e-3 of the model's largest gradient; "
                 "router jitter is zeroed like dropout. 'skipped' = the generic tiny config does not build or train "
                 "eagerly (not counted).")
         report = {"meta": meta(command=" ".join(sys.argv), codegen=args.codegen, lengths=args.lengths,
-                               lora=args.lora, tolerance=args.tolerance, transformers=transformers.__version__,
+                               lora=args.lora, nf4=args.nf4, tolerance=args.tolerance, transformers=transformers.__version__,
                                note=note),
                   "summary": summary, "rows": rows}
         Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")

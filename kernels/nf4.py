@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from memgraph import _compat
-from memgraph.kernels._dispatch import (HAS_TRITON, INTERPRET, device_guard, direct_eager, persistent_tensor,
-                                        use_triton)
+from memgraph.kernels._dispatch import (HAS_TRITON, INTERPRET, builds_graph, device_guard, direct_eager,
+                                        persistent_tensor, use_triton)
 from memgraph.kernels._launch import launch
 
 log = logging.getLogger("memgraph.kernels.nf4")
@@ -354,9 +354,20 @@ def _nf4_dequantize_impl(packed: torch.Tensor, absmax: torch.Tensor, nested_absm
                        nested_blocksize, dtype)
 
 
-# CompositeExplicitAutograd: every backend; the frozen storage never needs a gradient (autograd's fallback
-# raises if asked for one).
 _LIB.impl("nf4_dequantize", _nf4_dequantize_impl, "CompositeExplicitAutograd")
+
+
+def _nf4_dequantize_autograd(packed, absmax, nested_absmax, nested_code, nested_offset, *rest):
+    """The Autograd-key kernel: the NF4 storage is frozen, so a call that would need a derivative raises (autograd's
+    fallback would only warn, and return a wrong gradient)."""
+    if builds_graph(packed, absmax, nested_absmax, nested_code, nested_offset):
+        raise RuntimeError("memgraph.nf4_dequantize has no derivative: NF4 storage is frozen (call it on tensors that "
+                           "do not require grad)")
+    with _compat.below_autograd():
+        return _NF4_DEQUANTIZE(packed, absmax, nested_absmax, nested_code, nested_offset, *rest)
+
+
+_LIB.impl("nf4_dequantize", _nf4_dequantize_autograd, "Autograd")
 
 
 @torch.library.register_fake("memgraph::nf4_dequantize")

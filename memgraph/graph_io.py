@@ -32,7 +32,10 @@ def save_graph(graph: TrainingGraph, path: str | Path) -> Path:
     document = {"format": FORMAT, "torch": torch.__version__, "nodes": nodes,
                 "example_inputs": [_value_record(v) for v in graph.example_inputs],
                 "num_fwd_outputs": graph.num_fwd_outputs,
-                "static_input_indices": list(graph.static_input_indices)}
+                "static_input_indices": list(graph.static_input_indices),
+                # the joint as planned: already canonical and rewritten (a second CSE would merge each NF4 weight's
+                # backward dequantize into its forward one, which is the planner's choice to make)
+                "canonical": True}
     path = Path(path)
     with gzip.open(path, "wt", encoding="utf-8") as file:
         json.dump(document, file, separators=(",", ":"))
@@ -68,8 +71,9 @@ def load_graph(path: str | Path) -> TrainingGraph:
     flat = [x for part in example_inputs for x in (part if isinstance(part, list) else [part])]
     _compat.fake_tensor_prop(joint, flat)
     _check_shapes(document["nodes"], env, path)
+    # files saved before the flag hold a joint the current rewrites have not seen: canonicalize and rewrite it
     return TrainingGraph(joint, example_inputs, document["num_fwd_outputs"],
-                         tuple(document["static_input_indices"]))
+                         tuple(document["static_input_indices"]), canonical=bool(document.get("canonical")))
 
 
 # --- encoding -----------------------------------------------------------------------------------------------------

@@ -376,7 +376,7 @@ def expose_dequantized_weights(joint: fx.GraphModule) -> int:
     ``nf4_dequantize`` nodes that plain matmuls read: one before the weight's first forward matmul, read by every
     forward matmul of it, and one before each backward matmul. The same kernels, bits and memory as the ops (the
     bf16 weight lives from its dequantize to its matmul), but the dequantized weight is now a value of the graph:
-    ``share_dequantized_weights`` lets a backward that recomputes a forward matmul reuse its weight for dx instead
+    ``passes.shared_dequantize`` lets a backward that recomputes a forward matmul reuse its weight for dx instead
     of dequantizing again. Returns how many weights were exposed; a weight with an activation its matmul cannot
     read as rows keeps its ops (logged)."""
     uses: dict[tuple, list[fx.Node]] = {}
@@ -408,6 +408,9 @@ def _exposure(storage: tuple, nodes: list[fx.Node]) -> list[tuple[fx.Node, torch
     out_features, in_features = storage[5], storage[6]
     if not all(isinstance(size, int) for size in (out_features, in_features, storage[7], storage[8])):
         raise _Skip("symbolic weight shape or blocksize")
+    if not all(a.op == "placeholder" for a in storage[:5] if isinstance(a, fx.Node)):
+        # a weight made in the step (a constant, a gathered shard) would be an ordinary value, which plans may keep
+        raise _Skip("its storage is not a graph input")
     plan = []
     for node in nodes:
         value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
@@ -448,9 +451,10 @@ def _expose(graph: fx.Graph, storage: tuple, plan: list[tuple[fx.Node, torch.Ten
                 forward_weight = weight if forward else forward_weight
             # permute, not t: Inductor decomposes t (and refuses a graph that still holds it)
             operand = _node(graph, torch.ops.aten.permute.default, (weight, [1, 0]), node) if forward else weight
-            rows = _as_rows(graph, node.args[0], value, node)
+            features, outputs = (storage[6], storage[5]) if forward else (storage[5], storage[6])
+            rows = _as_rows(graph, node.args[0], value, features, node)
             product = _node(graph, torch.ops.aten.mm.default, (rows, operand), node)
-            result = _as_shape_of(graph, product, node.args[0], value, node)
+            result = _as_shape_of(graph, product, node.args[0], value, outputs, node)
         node.replace_all_uses_with(result)
         graph.erase_node(node)
 
@@ -476,20 +480,20 @@ def _node(graph: fx.Graph, op, args: tuple, source: fx.Node) -> fx.Node:
     provenance."""
     node = graph.call_function(op, args)
     _copy_meta(source, node)
-    node.meta["val"] = op(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in args])
+    node.meta["val"] = op(*fx.node.map_arg(args, lambda a: a.meta["val"]))  # also the sym_size nodes in a list
     return node
 
 
-def _as_rows(graph: fx.Graph, activation: fx.Node, value: torch.Tensor, source: fx.Node) -> fx.Node:
-    """``activation`` viewed as [tokens, features] (as F.linear folds it)."""
+def _as_rows(graph: fx.Graph, activation: fx.Node, value: torch.Tensor, features: int, source: fx.Node) -> fx.Node:
+    """``activation`` viewed as [tokens, features] (as F.linear folds it); ``features`` is the weight's static side."""
     if value.dim() == 2:
         return activation
-    return _node(graph, torch.ops.aten.view.default, (activation, [-1, value.shape[-1]]), source)
+    return _node(graph, torch.ops.aten.view.default, (activation, [-1, features]), source)
 
 
-def _as_shape_of(graph: fx.Graph, product: fx.Node, activation: fx.Node, value: torch.Tensor,
+def _as_shape_of(graph: fx.Graph, product: fx.Node, activation: fx.Node, value: torch.Tensor, outputs: int,
                  source: fx.Node) -> fx.Node:
-    """The [tokens, N] product viewed with the activation's leading dimensions: symbolic ones read from the
+    """The [tokens, outputs] product viewed with the activation's leading dimensions: symbolic ones read from the
     activation (the first as -1)."""
     if value.dim() == 2:
         return product
@@ -501,5 +505,5 @@ def _as_shape_of(graph: fx.Graph, product: fx.Node, activation: fx.Node, value: 
             sizes.append(-1)
         else:
             sizes.append(_node(graph, torch.ops.aten.sym_size.int, (activation, dim), source))
-    sizes.append(product.meta["val"].shape[-1])
+    sizes.append(outputs)
     return _node(graph, torch.ops.aten.view.default, (product, sizes), source)

@@ -484,3 +484,18 @@ def test_fwd_bwd_replays_from_a_cuda_graph():
         # cuBLAS may pick another algorithm inside a capture: compare at the linear's tolerance, not bitwise.
         assert rel_err(captured, expected) < LINEAR_TOLERANCE[torch.bfloat16]
 
+
+
+def test_dequantize_has_no_derivative():
+    """The NF4 storage is frozen: asking for a derivative through the dequantize raises (autograd's fallback would
+    only warn and return a wrong gradient); without one it runs."""
+    weight = NF4Weight.quantize(torch.randn(8, 16), double_quant=True)
+    storage, sizes = list(weight.storage()[:5]), weight.storage()[5:]
+    index = next(i for i, t in enumerate(storage) if t is not None and t.is_floating_point())
+    storage[index] = storage[index].clone().requires_grad_()
+    arguments = (*storage, list(sizes[:2]), sizes[2], sizes[3], torch.float32)
+    with pytest.raises(RuntimeError, match="nf4_dequantize has no derivative"):
+        torch.ops.memgraph.nf4_dequantize(*arguments)
+    with torch.no_grad():
+        out = torch.ops.memgraph.nf4_dequantize(*arguments)
+    assert torch.equal(out, weight.dequantize(torch.float32))
