@@ -6,7 +6,7 @@ backward needs it, it is saved. ``never_recompute(node)`` says why a node is pin
 
 The dual: a value that saving never pays for is recomputed wherever backward needs it. ``never_save(node)`` says
 why (or None): an op registered with ``register_never_saved`` (a frozen weight's dequantized copy: four times the
-bytes it is read from, at one read of them) whose inputs are all graph inputs.
+bytes it is read from, at one read of them) whose inputs are all graph inputs (or views of them).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch.fx as fx
 
 from memgraph import _compat
 
-__all__ = ["never_recompute", "never_save", "register_never_saved", "is_multi_output"]
+__all__ = ["never_recompute", "never_save", "register_never_saved", "is_graph_input_or_view_of_one",
+           "is_multi_output"]
 
 _COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "_dtensor", "c10d")
 
@@ -62,9 +63,23 @@ def register_never_saved(op, reason: str) -> None:
 def never_save(node: fx.Node) -> str | None:
     """Why ``node`` is never saved (so backward recomputes it where it needs it), or None if it may be."""
     reason = _NEVER_SAVED.get(node.target) if node.op == "call_function" else None
-    if reason is None or not all(i.op == "placeholder" for i in node.all_input_nodes):
+    if reason is None or not all(is_graph_input_or_view_of_one(i) for i in node.all_input_nodes):
         return None
     return reason
+
+
+def is_graph_input_or_view_of_one(node: fx.Node) -> bool:
+    """A placeholder, or a view of one through ops whose schema says they alias their input without writing it
+    (e.g. bitsandbytes' packed weight viewed as uint8)."""
+    while node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        returns = schema.returns if schema is not None else ()
+        alias = returns[0].alias_info if len(returns) == 1 else None
+        source = node.args[0] if node.args else None
+        if alias is None or alias.is_write or not isinstance(source, fx.Node):
+            return False
+        node = source
+    return node.op == "placeholder"
 
 
 def _is_impure(node: fx.Node) -> bool:

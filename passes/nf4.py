@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from memgraph import _compat
+from memgraph.cost_model.policies import is_graph_input_or_view_of_one  # what never_save accepts
 from memgraph.kernels.nf4 import FLOAT_DTYPES, NESTED_BLOCKSIZE  # importing it registers torch.ops.memgraph.nf4_*
 
 log = logging.getLogger("memgraph.passes.nf4")
@@ -408,7 +409,7 @@ def _exposure(storage: tuple, nodes: list[fx.Node]) -> list[tuple[fx.Node, torch
     out_features, in_features = storage[5], storage[6]
     if not all(isinstance(size, int) for size in (out_features, in_features, storage[7], storage[8])):
         raise _Skip("symbolic weight shape or blocksize")
-    if not all(a.op == "placeholder" for a in storage[:5] if isinstance(a, fx.Node)):
+    if not all(is_graph_input_or_view_of_one(a) for a in storage[:5] if isinstance(a, fx.Node)):
         # a weight made in the step (a constant, a gathered shard) would be an ordinary value, which plans may keep
         raise _Skip("its storage is not a graph input")
     plan = []

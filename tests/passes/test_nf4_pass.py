@@ -214,6 +214,10 @@ def test_capture_step_applies_the_named_rewrites():
     (captured,) = capture(model, solvers=("none",), options={"rewrites": ("nf4",)}, input_ids=ids, labels=ids)
     targets = {n.target for n in captured.graph.joint.graph.nodes if n.op == "call_function"}
     assert torch.ops.memgraph.nf4_dequantize.default in targets
+    assert torch.ops.memgraph.nf4_linear.default not in targets
+    # bitsandbytes' packed weight reaches the dequantize through a uint8 view of the parameter: still never saved
+    dequantized = [n for n in captured.graph.joint.graph.nodes if n.target is torch.ops.memgraph.nf4_dequantize.default]
+    assert len(captured.costs.never_saved) == sum(captured.graph.is_forward(n) for n in dequantized) > 0
     assert not [t for t in targets if isinstance(t, torch._ops.OpOverload) and t.namespace == "bitsandbytes"]
     part = captured.partitions["none"]
     step = run_step(part.fw, part.bw, captured.primals, part.graph.num_fwd_outputs, tracker=MemoryTracker())

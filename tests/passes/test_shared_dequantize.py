@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 pytest.importorskip("peft")
 
 import memgraph  # noqa: E402
-from memgraph.graph import TrainingGraph  # noqa: E402
 from memgraph.options import resolve_options  # noqa: E402
 from memgraph.passes.shared_dequantize import sharable_dequantizes, shared_dequantize_where_recomputed  # noqa: E402
 from memgraph.pipeline import costs_under  # noqa: E402
