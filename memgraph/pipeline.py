@@ -72,7 +72,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, options: Options) -> tuple
 def plan_training_graph(graph: TrainingGraph, options: Options) -> tuple[TrainingGraph, Plan, Any]:
     """The plan of ``options.solver`` under ``options.memory_budget``, the graph it is for and its predicted
     memory (the one estimate behind ``plan.peak_bytes``). The graph returned may be a changed copy: see
-    ``with_exact_recomputed_attention``."""
+    ``after_plan``."""
     from memgraph.cost_model import solvers
 
     costs = costs_under(graph, options)

@@ -39,6 +39,9 @@ def call_arguments(node: fx.Node, parameters: Sequence[str], defaults: Mapping[s
     return arguments
 
 
+# What describes a node's own value, never copied to a node a rewrite installs beside or in place of it.
+VALUE_META = ("val", "tensor_meta", "example_value", "eager_input_vals")
+
 # What a node installed in place of another inherits from it: where it came from, for errors, profiles and AOT.
 TRACE_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr")
 

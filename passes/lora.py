@@ -34,8 +34,8 @@ import torch.fx as fx
 from memgraph import _compat
 from memgraph.kernels import lora as kernel  # registers torch.ops.memgraph.lora_linear
 from memgraph.passes import REWRITE_NOTES
-from memgraph.passes._matching import ADD_TARGETS, MUL_TARGETS, Unsupported, copy_trace_meta, each_match, \
-    example_value, fake_run
+from memgraph.passes._matching import ADD_TARGETS, MUL_TARGETS, VALUE_META, Unsupported, copy_trace_meta, \
+    each_match, example_value, fake_run
 
 log = logging.getLogger("memgraph.passes.lora")
 
@@ -218,7 +218,6 @@ def _install(gm: fx.GraphModule, match: _Match) -> str:
 # In the joint graph: the forward in two halves
 # ------------------------------------------------------------------------------------------------------------
 # node meta that describes one op's own arguments or outputs: not carried over to the ops replacing it
-_PER_ARGUMENT_META = ("val", "tensor_meta", "example_value", "eager_input_vals")
 
 
 def split_forward(joint: fx.GraphModule) -> int:
@@ -255,7 +254,7 @@ def _split_one(graph: fx.Graph, node: fx.Node, eager: Optional[dict]) -> None:
     for half, index in ((out, 0), (xa, 1)):
         if half is None:
             continue
-        half.meta.update({k: copy.copy(v) for k, v in node.meta.items() if k not in _PER_ARGUMENT_META})
+        half.meta.update({k: copy.copy(v) for k, v in node.meta.items() if k not in VALUE_META})
         if isinstance(value, (tuple, list)):
             half.meta["val"] = value[index]
         if eager is not None:

@@ -31,6 +31,7 @@ import torch.fx as fx
 from memgraph import _compat
 from memgraph.cost_model.policies import is_graph_input_or_view_of_one  # what never_save accepts
 from memgraph.kernels.nf4 import FLOAT_DTYPES, NESTED_BLOCKSIZE  # importing it registers torch.ops.memgraph.nf4_*
+from memgraph.passes._matching import VALUE_META
 
 log = logging.getLogger("memgraph.passes.nf4")
 
@@ -369,9 +370,6 @@ def rewrite_bnb_linears(gm: fx.GraphModule, example_inputs: list, options: Any =
 # ------------------------------------------------------------------------------------------------------------
 # In the joint graph: the dequantized weight as a value of its own
 # ------------------------------------------------------------------------------------------------------------
-_PER_VALUE_META = ("val", "tensor_meta", "example_value", "eager_input_vals")
-
-
 def expose_dequantized_weights(joint: fx.GraphModule) -> int:
     """Replace the ``nf4_linear`` (forward) and ``nf4_linear_grad_input`` (backward) calls of each NF4 weight by
     ``nf4_dequantize`` nodes that plain matmuls read: one before the weight's first forward matmul, read by every
@@ -473,7 +471,7 @@ def _dequantize_node(graph: fx.Graph, storage: tuple, dtype: torch.dtype, source
 
 def _copy_meta(source: fx.Node, target: fx.Node) -> None:
     """Where the node came from (stack, module, backward tag), not what it holds."""
-    target.meta.update({k: v for k, v in source.meta.items() if k not in _PER_VALUE_META})
+    target.meta.update({k: v for k, v in source.meta.items() if k not in VALUE_META})
 
 
 def _node(graph: fx.Graph, op, args: tuple, source: fx.Node) -> fx.Node:
