@@ -336,12 +336,44 @@ def _is_host_copy(name: str) -> bool:
 
 def _covered_us(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of intervals (streams that overlap count once)."""
-    covered, reach = 0.0, float("-inf")
+    return sum(end - start for start, end in _merged(intervals))
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of intervals as disjoint sorted spans."""
+    merged: list[tuple[float, float]] = []
     for start, end in sorted(intervals):
-        if end > reach:
-            covered += end - max(start, reach)
-            reach = end
-    return covered
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def exposed_spans(copies: list[tuple[float, float, str]], compute: list[tuple[float, float]]
+                  ) -> list[tuple[float, float, str]]:
+    """The parts of each copy (start, end, direction) during which no compute kernel ran: (start, end, direction),
+    overlapping copies of one direction counted once."""
+    cover = _merged(compute)
+    found = []
+    for direction in sorted({d for _, _, d in copies}):
+        for start, end in _merged([(s, e) for s, e, d in copies if d == direction]):
+            at = start
+            for c_start, c_end in cover:
+                if c_end <= at or c_start >= end:
+                    continue
+                if c_start > at:
+                    found.append((at, c_start, direction))
+                at = max(at, c_end)
+                if at >= end:
+                    break
+            if at < end:
+                found.append((at, end, direction))
+    return found
+
+
+def _copy_direction(name: str) -> str:
+    return "DtoH" if "dtoh" in name.lower() else "HtoD"
 
 
 def profile_step(step, top: int = 40) -> dict:
@@ -356,13 +388,22 @@ def profile_step(step, top: int = 40) -> dict:
         torch.cuda.synchronize()
         wall_s = time.perf_counter() - started
     kernels: dict[str, list[float]] = {}
-    intervals, host_copies = [], []
+    intervals, host_copies, directed = [], [], []
     for event in profiler.events():
         if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.elapsed_us() > 0:
             kernels.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e6)
             span = (event.time_range.start, event.time_range.end)
-            (host_copies if _is_host_copy(event.name) else intervals).append(span)
+            if _is_host_copy(event.name):
+                host_copies.append(span)
+                directed.append((*span, _copy_direction(event.name)))
+            else:
+                intervals.append(span)
     busy_us = _covered_us(intervals + host_copies)
+    exposed = exposed_spans(directed, intervals)
+    begin = min((s for s, _ in intervals + host_copies), default=0.0)
+    by_direction: dict[str, float] = {}
+    for start, end, direction in exposed:
+        by_direction[direction] = by_direction.get(direction, 0.0) + (end - start) / 1e6
     compute_us = _covered_us(intervals)
     by_kind: dict[str, float] = {}
     for name, times in kernels.items():
@@ -376,6 +417,17 @@ def profile_step(step, top: int = 40) -> dict:
             # host<->device copies: their time, and the part of it no kernel ran beside (a transfer not hidden)
             "host_copy_s": sum(end - start for start, end in host_copies) / 1e6,
             "host_copy_exposed_s": (busy_us - compute_us) / 1e6,
+            # which direction's copies were exposed (DtoH: forward's offloads; HtoD: backward's reloads), and the
+            # longest exposed spans with their start in the step (ms after its first kernel): where a plan's
+            # predicted overlap did not happen
+            "host_copy_exposed_s_by_direction": by_direction,
+            "host_copy_exposed_spans": [{"start_ms": (start - begin) / 1e3, "ms": (end - start) / 1e3,
+                                         "direction": direction}
+                                        for start, end, direction in sorted(exposed, key=lambda x: x[0] - x[1])[:top]],
+            "first_host_copy_ms": {d: (min(s for s, _, dd in directed if dd == d) - begin) / 1e3
+                                   for d in sorted({d for _, _, d in directed})},
+            "last_host_copy_ms": {d: (max(e for _, e, dd in directed if dd == d) - begin) / 1e3
+                                  for d in sorted({d for _, _, d in directed})},
             "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
             "largest_kernels": [{"name": name[:160], "kind": kernel_kind(name), "calls": len(times),
                                  "total_s": sum(times)} for name, times in largest],

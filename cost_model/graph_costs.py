@@ -9,7 +9,8 @@ Everything is indexed by a node's position ``i`` in the joint graph (output node
 
 * per node: ``nodes``, ``names``, ``values`` (what it allocates and aliases), ``phase`` ("input", "forward",
   "backward": where it runs when nothing is recomputed), ``inputs`` / ``users`` (indices), ``kinds``
-  (``runtime.node_kind``), ``seconds`` (roofline time: the cost of recomputing it; 0 for views),
+  (``runtime.node_kind``), ``seconds`` (roofline time: the cost of recomputing it; 0 for views; under Inductor
+  the time of the kernel it is written by, 0 where it is computed inside its users' kernels),
   ``weight`` (bytes that saving or recomputing it keeps alive; 0 for views, tuples and inputs);
 * the decision space: ``forward`` (forward values and primals, graph order), ``backward``, ``frontier``
   (forward values backward reads directly), ``pinned`` (index -> why it may not be recomputed),
@@ -55,7 +56,7 @@ from memgraph.cost_model.memory import MemoryEstimate, StepSemantics
 from memgraph.cost_model.policies import is_multi_output, never_recompute, never_save
 from memgraph.cost_model.runtime import DeviceSpec
 from memgraph.cost_model.step import StepGraphs, grad_clone_bytes, simulate_step
-from memgraph.cost_model.symbolic import Size, evaluate, rounded_allocation
+from memgraph.cost_model.symbolic import Size, as_size, evaluate, rounded_allocation
 from memgraph.cost_model.values import NodeValue, Output, node_value
 from memgraph.errors import InfeasibleBudgetError
 from memgraph.plan import Plan
@@ -159,7 +160,54 @@ class GraphCosts:
             if i not in primals and i not in self.unsaveable and i not in self.views:
                 self.weight[i] = self.output_bytes(i)
         self.seconds = np.array([runtime.node_seconds(n, self.device, self.hints) for n in self.nodes])
+        if self.semantics.fuses:
+            self._fused_seconds()
         self.seconds[list(self.views)] = 0.0
+
+    def _fused_seconds(self) -> None:
+        """Node times for Inductor's code: a pointwise value computed inside its users' kernels takes no time of
+        its own, and a kernel Inductor writes out (pointwise or reduction) moves the bytes of the buffers it
+        reads and of its output, not those of each unfused op. Matmuls and custom ops keep their roofline.
+        Summing unfused ops counted Llama-3-8B's elementwise work (norms, rotary, SwiGLU) about 5x what its
+        fused kernels measure on an H100, so forward looked longer than it runs and planned copies meant to hide
+        behind it did not."""
+        from memgraph.cost_model.inductor import BUFFER, POINTWISE, kernel_reads
+
+        output = next(n for n in reversed(self.graph.joint.graph.nodes) if n.op == "output")
+        graph_outputs = {n.name for n in output.all_input_nodes}
+        placeholders = [self.names[i] for i, node in enumerate(self.nodes) if node.op == "placeholder"]
+        forward = [i for i in self.forward if i not in self.primals]
+        handed = {self.names[i] for i in self.frontier} | {self.names[i] for i in self.forward_outputs}
+        phases = ((forward, handed | graph_outputs, placeholders),
+                  (self.backward, graph_outputs, placeholders + [self.names[i] for i in forward]))
+        for order, outputs, given in phases:
+            reads = kernel_reads([self.values[i] for i in order], sorted(outputs & {self.names[i] for i in order}),
+                                 given=given)
+            for i in order:
+                info = self.values[i].kernel
+                if info is None or info.kind not in (POINTWISE, BUFFER) or runtime.is_view_like(self.nodes[i]):
+                    continue
+                buffers = reads.get(self.names[i])
+                if buffers is None:
+                    self.seconds[i] = 0.0
+                    continue
+                moved = self._kernel_bytes(i, [self.index[b] for b in buffers if b in self.index])
+                compute = runtime.node_flops(self.nodes[i], self.hints) / self.device.flops_per_s(
+                    runtime.node_dtype(self.nodes[i]))
+                self.seconds[i] = max(compute, moved / self.device.bandwidth_bytes_per_s) + self.device.launch_seconds
+
+    def _kernel_bytes(self, i: int, buffers: list[int]) -> int:
+        """Bytes a written kernel for node i moves: its output, and of each buffer it reads at most one element per
+        element of its loop (a gathered embedding row, not the whole table)."""
+        def tensors(j: int) -> list[torch.Tensor]:
+            return list(runtime.tensors_in(self.nodes[j].meta.get("val")))
+
+        def numel(tensor: torch.Tensor) -> int:
+            return evaluate(as_size(tensor.numel()), self.hints)
+
+        loop = max([numel(t) for j in [i, *self.inputs[i]] for t in tensors(j)], default=0)
+        read = sum(min(numel(t), loop) * t.element_size() for j in buffers for t in tensors(j))
+        return read + sum(numel(t) * t.element_size() for t in tensors(i))
 
     # --- storage ------------------------------------------------------------------------------------------
     def _storage_owners(self) -> list[list[tuple[int, Size] | None]]:

@@ -421,6 +421,18 @@ def inductor_kernels(nodes: Sequence[NodeValue], outputs: Sequence[str], *, give
     return _reuse_in_place(emitted, lowering.aligned, outputs, given_set, set(donated))
 
 
+
+def kernel_reads(nodes: Sequence[NodeValue], outputs: Sequence[str], *, given: Sequence[str] = ()
+                 ) -> dict[str, tuple[str, ...] | None]:
+    """Per value of one graph: the buffers the kernel that writes it reads (its inlined inputs replaced by what
+    they read), or None where Inductor computes it inside its users' kernels and never writes it."""
+    lowering = _Lowering(nodes, outputs, set(given))
+    for value in nodes:
+        lowering.lower(value)
+    emitted = {value.name: value.inputs for value in lowering.finish()}
+    return {value.name: None if value.name in lowering.inlined else emitted.get(value.name, value.inputs)
+            for value in nodes}
+
 # --- the scheduler's fusion ---------------------------------------------------------------------------
 # Inductor's scheduler (scheduler.py: fuse_nodes / can_fuse / topological_sort_schedule) fuses buffer
 # kernels that loop over the same elements and share a read (or where one reads the other) into one

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_e2e  # noqa: E402
@@ -108,3 +110,25 @@ def test_step_breakdown_pairs_a_plan_with_rows_whose_plan_saw_its_host_link(tmp_
     (tmp_path / "e2e_llama3-8b.json").write_text(json.dumps({"rows": [row("offload-layers", 1127.7, 240.0)]}))
     assert step_breakdown.measured("llama3-8b", 2048, "offload-layers", None, True, tmp_path, "",
                                    55e9)["measured_step_ms"] == 240.0
+
+
+def _covered(spans):
+    return bench_e2e._covered_us([(s, e) for s, e, *_ in spans])
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(1, 20), st.sampled_from(["DtoH", "HtoD"])), max_size=8),
+       st.lists(st.tuples(st.integers(0, 60), st.integers(1, 15)), max_size=8))
+def test_exposed_spans_are_the_copy_time_no_kernel_ran_beside(copies, kernels):
+    """Per direction, the exposed spans cover exactly what the copies add to the kernels' busy time, and each
+    lies inside the copies (touching ones merged) and outside every kernel."""
+    copies = [(s, s + d, direction) for s, d, direction in copies]
+    kernels = [(s, s + d) for s, d in kernels]
+    exposed = bench_e2e.exposed_spans(copies, kernels)
+    for direction in ("DtoH", "HtoD"):
+        mine = [(s, e) for s, e, d in copies if d == direction]
+        found = [(s, e) for s, e, d in exposed if d == direction]
+        assert _covered(found) == pytest.approx(_covered(mine + kernels) - _covered(kernels))
+        for s, e in found:
+            assert s < e
+            assert any(cs <= s and e <= ce for cs, ce in bench_e2e._merged(mine))
+            assert all(e <= ks or s >= ke for ks, ke in kernels)

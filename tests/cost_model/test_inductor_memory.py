@@ -18,7 +18,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from memgraph import cost_model, models
 from memgraph.cost_model import inductor
-from memgraph.cost_model.inductor import EXTERN, POINTWISE, inductor_kernels, with_kernel
+from memgraph.cost_model.inductor import EXTERN, POINTWISE, inductor_kernels, with_kernel, kernel_reads
 from memgraph.cost_model.values import node_value
 
 VOCAB, SEQ = 4096, 128
@@ -231,3 +231,37 @@ def test_a_kernel_cycle_is_reported_not_scheduled_forever():
     with pytest.raises(inductor._KernelCycle):
         inductor._schedule(members, group, producers)
     assert inductor._schedule({0: [0], 1: [1, 2]}, [0, 1, 1], [(), (0,), (0,)]) == [0, 1, 2]
+
+
+def test_kernel_reads_names_what_each_written_kernel_reads():
+    """A pointwise chain into a reduction: only the reduction is written, and it reads the chain's input."""
+    values, outputs = traced_values(lambda x: (torch.sin(x * 2 + 1) * x).sum(dim=-1), torch.randn(64, 256))
+    reads = kernel_reads(values, outputs, given=["x_1"])
+    assert reads[outputs[0]] == ("x_1",)
+    assert all(reads[v.name] is None for v in values if v.name not in ("x_1", outputs[0]))
+
+
+def test_node_times_follow_inductors_kernels():
+    """Under Inductor a value computed inside its users' kernels takes no time of its own, a written pointwise or
+    reduction kernel moves only the buffers it reads and its output, and matmuls keep their roofline."""
+    from memgraph.cost_model import runtime
+    from memgraph.cost_model.inductor import BUFFER
+
+    graph, *_ = compiled_step("llama", "none")
+    eager = cost_model.graph_costs(graph, codegen="eager")
+    fused = cost_model.graph_costs(graph, codegen="inductor")
+    kinds = [v.kernel.kind for v in fused.values]
+    assert any(kinds[i] == POINTWISE and fused.seconds[i] == 0 < eager.seconds[i] for i in range(len(kinds)))
+    for i, kind in enumerate(kinds):
+        if kind == EXTERN:
+            assert fused.seconds[i] == eager.seconds[i]
+        elif kind in (POINTWISE, BUFFER) and fused.seconds[i] > 0:  # written: at least its output
+            written = runtime.tensor_bytes(fused.nodes[i].meta["val"], fused.hints)
+            assert fused.seconds[i] * fused.device.bandwidth_bytes_per_s >= written
+    # the first norm's reduction reads the embedding table through the gather it inlines: only the gathered rows
+    table = next(n for n in fused.nodes
+                 if n.op == "placeholder" and n.meta["val"].dim() == 2 and n.meta["val"].shape[0] == VOCAB)
+    first_mean = next(i for i, n in enumerate(fused.nodes) if n.target == torch.ops.aten.mean.dim)
+    assert fused.seconds[first_mean] * fused.device.bandwidth_bytes_per_s < runtime.tensor_bytes(table.meta["val"])
+    pointwise = [i for i, kind in enumerate(kinds) if kind in (POINTWISE, BUFFER)]
+    assert fused.seconds[pointwise].sum() < 0.8 * eager.seconds[pointwise].sum()

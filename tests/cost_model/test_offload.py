@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -470,3 +471,28 @@ def test_cuda_graph_steps_issue_offloads_at_no_host_cost(captured, monkeypatch):
         _, more, _ = solver.offload_what_spares_recompute(costs, saved, offloaded, room)
         moved[graphed] = more - offloaded
     assert not moved[False] and moved[True]
+
+
+@pytest.mark.parametrize("headroom", [1.0, 1.25, 2.0])
+def test_copies_are_placed_with_headroom_as_on_a_slower_link(captured, headroom, monkeypatch):
+    """``TRANSFER_HEADROOM`` places every copy as a link that many times slower would: the same waits, reloads
+    and predicted stall."""
+    from memgraph.cost_model import transfers
+    from memgraph.cost_model.runtime import DeviceSpec
+
+    def placed(link: float, factor: float):
+        monkeypatch.setattr(transfers, "TRANSFER_HEADROOM", factor)
+        costs = cost_model.graph_costs(captured.graph, offload_budget=1 << 30,
+                                       device=DeviceSpec(host_link_bytes_per_s=link))
+        plan = get("offload-layers").function(captured.graph, costs, None)
+        estimate = costs.simulate(costs.indices(plan.saved), offloaded=costs.indices(plan.offloaded))
+        return estimate.transfers
+
+    link = 2e6  # slow enough that where a copy waits depends on its time
+    with_headroom, slower = placed(link, headroom), placed(link / headroom, 1.0)
+    assert [dataclasses.replace(t, seconds=0) for t in with_headroom.items] == \
+        [dataclasses.replace(t, seconds=0) for t in slower.items]
+    assert with_headroom.stall_seconds == pytest.approx(slower.stall_seconds)
+    assert [t.seconds for t in with_headroom.items] == pytest.approx([t.seconds / headroom for t in slower.items])
+    if headroom > 1:  # and it matters at this link: the copies take longer than some compute they hide behind
+        assert with_headroom.stall_seconds > placed(link, 1.0).stall_seconds
