@@ -414,24 +414,27 @@ def inductor_kernels(nodes: Sequence[NodeValue], outputs: Sequence[str], *, give
     inputs become the buffers its kernel reads; an in-place kernel's output becomes an alias of its input.
     """
     given_set = set(given)
-    lowering = _Lowering(nodes, outputs, given_set)
-    for value in nodes:
-        lowering.lower(value)
-    emitted = fuse_kernels(lowering.finish(), given_set)
-    return _reuse_in_place(emitted, lowering.aligned, outputs, given_set, set(donated))
-
+    lowering, emitted = _lowered(nodes, outputs, given_set)
+    return _reuse_in_place(fuse_kernels(emitted, given_set), lowering.aligned, outputs, given_set, set(donated))
 
 
 def kernel_reads(nodes: Sequence[NodeValue], outputs: Sequence[str], *, given: Sequence[str] = ()
                  ) -> dict[str, tuple[str, ...] | None]:
     """Per value of one graph: the buffers the kernel that writes it reads (its inlined inputs replaced by what
     they read), or None where Inductor computes it inside its users' kernels and never writes it."""
-    lowering = _Lowering(nodes, outputs, set(given))
+    lowering, emitted = _lowered(nodes, outputs, set(given))
+    reads = {value.name: value.inputs for value in emitted}
+    return {value.name: None if value.name in lowering.inlined else reads.get(value.name, value.inputs)
+            for value in nodes}
+
+
+def _lowered(nodes: Sequence[NodeValue], outputs: Sequence[str], given: set[str]) -> tuple[_Lowering, list[NodeValue]]:
+    """One graph lowered value by value: the lowering (what it inlined) and the buffers it emitted."""
+    lowering = _Lowering(nodes, outputs, given)
     for value in nodes:
         lowering.lower(value)
-    emitted = {value.name: value.inputs for value in lowering.finish()}
-    return {value.name: None if value.name in lowering.inlined else emitted.get(value.name, value.inputs)
-            for value in nodes}
+    return lowering, lowering.finish()
+
 
 # --- the scheduler's fusion ---------------------------------------------------------------------------
 # Inductor's scheduler (scheduler.py: fuse_nodes / can_fuse / topological_sort_schedule) fuses buffer
