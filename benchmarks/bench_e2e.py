@@ -388,16 +388,17 @@ def profile_step(step, top: int = 40) -> dict:
         torch.cuda.synchronize()
         wall_s = time.perf_counter() - started
     kernels: dict[str, list[float]] = {}
-    intervals, host_copies, directed = [], [], []
+    intervals, directed = [], []  # kernels' spans; host copies' spans with their direction
     for event in profiler.events():
         if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.elapsed_us() > 0:
             kernels.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e6)
             span = (event.time_range.start, event.time_range.end)
             if _is_host_copy(event.name):
-                host_copies.append(span)
                 directed.append((*span, _copy_direction(event.name)))
             else:
                 intervals.append(span)
+    host_copies = [(start, end) for start, end, _ in directed]
+    directions = sorted({d for _, _, d in directed})
     busy_us = _covered_us(intervals + host_copies)
     exposed = exposed_spans(directed, intervals)
     begin = min((s for s, _ in intervals + host_copies), default=0.0)
@@ -424,10 +425,8 @@ def profile_step(step, top: int = 40) -> dict:
             "host_copy_exposed_spans": [{"start_ms": (start - begin) / 1e3, "ms": (end - start) / 1e3,
                                          "direction": direction}
                                         for start, end, direction in sorted(exposed, key=lambda x: x[0] - x[1])[:top]],
-            "first_host_copy_ms": {d: (min(s for s, _, dd in directed if dd == d) - begin) / 1e3
-                                   for d in sorted({d for _, _, d in directed})},
-            "last_host_copy_ms": {d: (max(e for _, e, dd in directed if dd == d) - begin) / 1e3
-                                  for d in sorted({d for _, _, d in directed})},
+            "first_host_copy_ms": {d: (min(s for s, _, dd in directed if dd == d) - begin) / 1e3 for d in directions},
+            "last_host_copy_ms": {d: (max(e for _, e, dd in directed if dd == d) - begin) / 1e3 for d in directions},
             "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
             "largest_kernels": [{"name": name[:160], "kind": kernel_kind(name), "calls": len(times),
                                  "total_s": sum(times)} for name, times in largest],

@@ -192,9 +192,7 @@ class GraphCosts:
                     self.seconds[i] = 0.0
                     continue
                 moved = self._kernel_bytes(i, [self.index[b] for b in buffers if b in self.index])
-                compute = runtime.node_flops(self.nodes[i], self.hints) / self.device.flops_per_s(
-                    runtime.node_dtype(self.nodes[i]))
-                self.seconds[i] = max(compute, moved / self.device.bandwidth_bytes_per_s) + self.device.launch_seconds
+                self.seconds[i] = runtime.roofline_seconds(self.nodes[i], moved, self.device, self.hints)
 
     def _kernel_bytes(self, i: int, buffers: list[int]) -> int:
         """Bytes a written kernel for node i moves: its output, and of each buffer it reads at most one element per

@@ -184,9 +184,13 @@ def node_seconds(node: fx.Node, device: DeviceSpec = DeviceSpec(), hints=None) -
     """Roofline time of ``node`` on ``device``; 0 for views and placeholders."""
     if node.op != "call_function" or is_view_like(node):
         return 0.0
+    return roofline_seconds(node, node_bytes_moved(node, hints), device, hints)
+
+
+def roofline_seconds(node: fx.Node, bytes_moved: int, device: DeviceSpec, hints=None) -> float:
+    """Roofline time of ``node``'s FLOPs and of ``bytes_moved`` (its unfused traffic, or a fused kernel's)."""
     compute = node_flops(node, hints) / device.flops_per_s(node_dtype(node))
-    traffic = node_bytes_moved(node, hints) / device.bandwidth_bytes_per_s
-    return max(compute, traffic) + device.launch_seconds
+    return max(compute, bytes_moved / device.bandwidth_bytes_per_s) + device.launch_seconds
 
 
 # --- node kinds, for solvers --------------------------------------------------------------------------
